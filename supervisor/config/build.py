@@ -1,0 +1,483 @@
+"""Parse, validate and merge config sources into one frozen ``AgentConfig``.
+
+Order of work: each file is parsed and validated on its own (so problems name the file
+and key), the cleaned documents are merged (later files win for scalars, ``service`` and
+``services`` concatenate), legacy forms are translated, then rules that span files are
+checked (duplicate IDs, port clashes). Every problem found is reported in one
+ConfigError; nothing is returned unless the whole configuration is valid.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from supervisor.config.formats import parse_text
+from supervisor.config.keys import AGENT
+from supervisor.config.model import (
+    ACLConfig,
+    AgentConfig,
+    CAConfig,
+    CheckDef,
+    ConnectProxyDef,
+    ManagedProxyDef,
+    ProxyDefaults,
+    ServiceDef,
+    Upstream,
+    freeze,
+)
+from supervisor.config.schema import Context
+from supervisor.config.sources import Source, collect_sources
+from supervisor.errors import ConfigError, ConfigProblem
+
+COMMAND_LINE = "<command line>"
+_LOG_LEVEL_ALIASES = {"WARNING": "WARN", "ERROR": "ERR"}
+_UNSUPPORTED_CHECK_KEYS = (
+    "args",
+    "script",
+    "docker_container_id",
+    "grpc",
+    "alias_node",
+    "alias_service",
+)
+
+
+def load_config(
+    config_files: Sequence[str],
+    config_dirs: Sequence[str],
+    flags: Mapping[str, Any] | None = None,
+    *,
+    dev: bool = False,
+) -> AgentConfig:
+    """Read every source and build the configuration (raises ConfigError)."""
+    return build_config(collect_sources(config_files, config_dirs), flags, dev=dev)
+
+
+def build_config(
+    sources: Sequence[Source], flags: Mapping[str, Any] | None = None, *, dev: bool = False
+) -> AgentConfig:
+    """Build from already-read sources; ``flags`` is a config document from the command line."""
+    problems: list[ConfigProblem] = []
+    notices: list[ConfigProblem] = []
+    documents: list[dict[str, Any]] = []
+    named = [(source.name, _parse(source, problems)) for source in sources]
+    if flags:
+        named.append((COMMAND_LINE, dict(flags)))
+    for name, data in named:
+        if data is None:
+            continue
+        ctx = Context(name)
+        cleaned = AGENT.validate(data, "", ctx)
+        problems.extend(ctx.problems)
+        notices.extend(ctx.notices)
+        if isinstance(cleaned, dict):
+            documents.append(_tag_services(cleaned, data, name))
+    if problems:
+        raise ConfigError(problems)
+    return _Builder(_merge_documents(documents), tuple(notices), dev=dev).build()
+
+
+def _parse(source: Source, problems: list[ConfigProblem]) -> Any:
+    try:
+        data = parse_text(source.text, source.fmt, source.name)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return None
+    if data is None or data == "":
+        return {}
+    return data
+
+
+def _tag_services(cleaned: dict[str, Any], raw: Any, source: str) -> dict[str, Any]:
+    """Replace ``service``/``services`` by ``(source, key path, service)`` triples so later
+    messages can say where each service was defined."""
+    tagged = []
+    for key in ("service", "services"):
+        entries = cleaned.pop(key, None) or []
+        single = key == "service" and isinstance(raw, dict) and isinstance(raw.get(key), dict)
+        for index, entry in enumerate(entries):
+            tagged.append((source, key if single else f"{key}[{index}]", entry))
+    cleaned["__services__"] = tagged
+    return cleaned
+
+
+def _merge_documents(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"__services__": []}
+    for document in documents:
+        for key, value in document.items():
+            if key == "__services__":
+                merged[key].extend(value)
+            else:
+                merged[key] = _merge_values(merged.get(key), value)
+    return merged
+
+
+def _merge_values(old: Any, new: Any) -> Any:
+    if isinstance(old, dict) and isinstance(new, dict):
+        result = dict(old)
+        for key, value in new.items():
+            result[key] = _merge_values(result.get(key), value)
+        return result
+    return new
+
+
+class _Builder:
+    """Turns one merged, type-checked document into an AgentConfig (or a ConfigError)."""
+
+    def __init__(
+        self, doc: dict[str, Any], notices: tuple[ConfigProblem, ...], *, dev: bool
+    ) -> None:
+        self.doc = doc
+        self.dev = dev
+        self.notices = list(notices)
+        self.problems: list[ConfigProblem] = []
+
+    def problem(self, source: str, path: str, message: str) -> None:
+        self.problems.append(ConfigProblem(source, path, message))
+
+    def build(self) -> AgentConfig:
+        doc = self.doc
+        connect = doc.get("connect", {})
+        proxy_flags = connect.get("proxy", {})
+        ports = doc.get("ports", {})
+        defaults = self._proxy_defaults(connect.get("proxy_defaults", {}))
+        services = tuple(
+            service
+            for source, path, raw in doc["__services__"]
+            if (service := self._service(raw, source, path, defaults)) is not None
+        )
+        config = AgentConfig(
+            data_dir=doc.get("data_dir") or None,
+            dev=self.dev,
+            log_level=self._log_level(),
+            log_json=doc.get("log_json", False),
+            log_file=doc.get("log_file") or None,
+            node_name=doc.get("node_name") or socket.gethostname() or "localhost",
+            node_id=self._node_id(),
+            datacenter=doc.get("datacenter") or "dc1",
+            bind_addr=doc.get("bind_addr") or "0.0.0.0",
+            http_host=self._http_host(),
+            http_port=ports.get("http", 8500),
+            proxy_min_port=ports.get("proxy_min_port", 20000),
+            proxy_max_port=ports.get("proxy_max_port", 20255),
+            connect_enabled=connect.get("enabled", True),
+            allow_managed_root=proxy_flags.get("allow_managed_root", False),
+            allow_managed_api_registration=proxy_flags.get("allow_managed_api_registration", False),
+            proxy_defaults=defaults,
+            ca=self._ca(connect.get("ca_config", {})),
+            acl=self._acl(),
+            services=services,
+            sources=tuple(sorted({source for source, _, _ in doc["__services__"]})),
+            notices=tuple(self.notices),
+        )
+        self._check(config)
+        if self.problems:
+            raise ConfigError(self.problems)
+        return config
+
+    # -- agent-level keys -------------------------------------------------------------
+
+    def _log_level(self) -> str:
+        level = self.doc.get("log_level") or ("DEBUG" if self.dev else "INFO")
+        return _LOG_LEVEL_ALIASES.get(level, level)
+
+    def _node_id(self) -> str | None:
+        node_id = self.doc.get("node_id")
+        if not node_id:
+            return None
+        try:
+            return str(uuid.UUID(node_id))
+        except ValueError:
+            self.problem("", "node_id", f"{node_id!r} is not a UUID")
+            return None
+
+    def _http_host(self) -> str:
+        host = (
+            self.doc.get("addresses", {}).get("http") or self.doc.get("client_addr") or "127.0.0.1"
+        )
+        # Consul allowed a space-separated list; the API listens on the first address.
+        first = host.split()[0] if host.split() else "127.0.0.1"
+        return first.strip("[]")
+
+    def _proxy_defaults(self, raw: dict[str, Any]) -> ProxyDefaults:
+        command = raw.get("command")
+        daemon_command = raw.get("daemon_command")
+        if command is not None and daemon_command is not None and command != daemon_command:
+            self.problem(
+                "",
+                "connect.proxy_defaults",
+                "both command and daemon_command are set and differ; they are the same setting "
+                "(command is the documented spelling, daemon_command Consul's): keep one",
+            )
+        chosen = daemon_command if daemon_command is not None else command
+        return ProxyDefaults(
+            exec_mode=raw.get("exec_mode", "daemon"),
+            command=tuple(chosen) if chosen else None,
+            config=freeze(raw.get("config", {})),
+        )
+
+    def _ca(self, raw: dict[str, Any]) -> CAConfig:
+        private_key, root_cert = raw.get("private_key", ""), raw.get("root_cert", "")
+        if bool(private_key) != bool(root_cert):
+            self.problem(
+                "", "connect.ca_config", "private_key and root_cert must be given together"
+            )
+        ttl = raw.get("leaf_cert_ttl", 72 * 3600.0)
+        if ttl <= 0:
+            self.problem("", "connect.ca_config.leaf_cert_ttl", "must be longer than 0s")
+        return CAConfig(private_key=private_key, root_cert=root_cert, leaf_cert_ttl=ttl)
+
+    def _acl(self) -> ACLConfig:
+        acl = self.doc.get("acl", {})
+        enabled = acl.get("enabled", bool(self.doc.get("acl_datacenter")))
+        return ACLConfig(
+            enabled=enabled,
+            default_policy=acl.get("default_policy")
+            or self.doc.get("acl_default_policy")
+            or "allow",
+            master_token=acl.get("tokens", {}).get("master")
+            or self.doc.get("acl_master_token")
+            or "",
+        )
+
+    # -- services -----------------------------------------------------------------------
+
+    def _service(
+        self, raw: dict[str, Any], source: str, path: str, defaults: ProxyDefaults
+    ) -> ServiceDef | None:
+        name = raw.get("name")
+        if not name:
+            return None
+        service_id = raw.get("id") or name
+        kind = raw.get("kind", "")
+        connect = raw.get("connect", {})
+        managed = (
+            self._managed_proxy(connect["proxy"], source, f"{path}.connect.proxy", defaults)
+            if "proxy" in connect
+            else None
+        )
+        proxy = self._connect_proxy(raw, source, path) if kind == "connect-proxy" else None
+        if kind == "connect-proxy" and managed is not None:
+            self.problem(
+                source,
+                f"{path}.connect.proxy",
+                "a connect-proxy service cannot ask for a managed proxy",
+            )
+        if kind != "connect-proxy" and ("proxy" in raw or "proxy_destination" in raw):
+            self.problem(
+                source,
+                f"{path}.proxy",
+                'only services with kind "connect-proxy" take a proxy block',
+            )
+        weights = raw.get("weights", {})
+        return ServiceDef(
+            id=service_id,
+            name=name,
+            source=f"{source}: {path}",
+            kind=kind,
+            tags=tuple(raw.get("tags", ())),
+            address=raw.get("address", ""),
+            port=raw.get("port", 0),
+            meta=freeze(raw.get("meta", {})),
+            checks=self._checks(raw, service_id, name, source, path),
+            token=raw.get("token", ""),
+            enable_tag_override=raw.get("enable_tag_override", False),
+            weights=(weights.get("passing", 1), weights.get("warning", 1)),
+            native=connect.get("native", False),
+            proxy=proxy,
+            managed_proxy=managed,
+        )
+
+    def _upstreams(self, raw: list[dict[str, Any]]) -> tuple[Upstream, ...]:
+        return tuple(
+            Upstream(
+                destination_name=entry["destination_name"],
+                local_bind_port=entry["local_bind_port"],
+                destination_type=entry.get("destination_type", "service"),
+                destination_namespace=entry.get("destination_namespace", ""),
+                datacenter=entry.get("datacenter", ""),
+                local_bind_address=entry.get("local_bind_address") or "127.0.0.1",
+                config=freeze(entry.get("config", {})),
+            )
+            for entry in raw
+        )
+
+    def _split_legacy_upstreams(
+        self, raw: dict[str, Any], source: str, path: str
+    ) -> tuple[dict[str, Any], tuple[Upstream, ...]]:
+        """Consul 1.2 kept upstreams in ``config.upstreams``; 1.3+ in ``upstreams``. The old
+        place is used only when the new one is empty (as Consul's translation did)."""
+        config = dict(raw.get("config", {}))
+        legacy = config.pop("upstreams", None) or []
+        current = raw.get("upstreams") or []
+        if legacy and current:
+            self.notices.append(
+                ConfigProblem(
+                    source, f"{path}.config.upstreams", "ignored: upstreams is also set and wins"
+                )
+            )
+        return config, self._upstreams(current or legacy)
+
+    def _managed_proxy(
+        self, raw: dict[str, Any], source: str, path: str, defaults: ProxyDefaults
+    ) -> ManagedProxyDef:
+        config, upstreams = self._split_legacy_upstreams(raw, source, path)
+        command = raw.get("command")
+        return ManagedProxyDef(
+            exec_mode=raw.get("exec_mode", defaults.exec_mode),
+            command=tuple(command) if command else None,
+            config=freeze(config),
+            upstreams=upstreams,
+        )
+
+    def _connect_proxy(self, raw: dict[str, Any], source: str, path: str) -> ConnectProxyDef | None:
+        block = raw.get("proxy", {})
+        destination = block.get("destination_service_name") or raw.get("proxy_destination", "")
+        if not destination:
+            self.problem(
+                source,
+                f"{path}.proxy.destination_service_name",
+                "a connect-proxy service needs the service it represents "
+                "(proxy.destination_service_name, or the legacy proxy_destination)",
+            )
+            return None
+        if not raw.get("port"):
+            self.problem(
+                source,
+                f"{path}.port",
+                "a connect-proxy service needs a port for other services to reach it",
+            )
+        config, upstreams = self._split_legacy_upstreams(block, source, f"{path}.proxy")
+        return ConnectProxyDef(
+            destination_service_name=destination,
+            destination_service_id=block.get("destination_service_id", ""),
+            local_service_address=block.get("local_service_address", ""),
+            local_service_port=block.get("local_service_port", 0),
+            config=freeze(config),
+            upstreams=upstreams,
+        )
+
+    def _checks(
+        self, raw: dict[str, Any], service_id: str, name: str, source: str, path: str
+    ) -> tuple[CheckDef, ...]:
+        entries = [
+            ("check" if len(raw.get("check", [])) == 1 else f"check[{i}]", c)
+            for i, c in enumerate(raw.get("check", []))
+        ]
+        entries += [(f"checks[{i}]", c) for i, c in enumerate(raw.get("checks", []))]
+        checks = []
+        for number, (key, check) in enumerate(entries, start=1):
+            check_path = f"{path}.{key}"
+            default_id = (
+                f"service:{service_id}" if len(entries) == 1 else f"service:{service_id}:{number}"
+            )
+            built = self._check_def(check, default_id, name, source, check_path)
+            if built is not None:
+                checks.append(built)
+        return tuple(checks)
+
+    def _check_def(
+        self, raw: dict[str, Any], default_id: str, service_name: str, source: str, path: str
+    ) -> CheckDef | None:
+        unsupported = [key for key in _UNSUPPORTED_CHECK_KEYS if key in raw]
+        if unsupported:
+            self.notices.append(
+                ConfigProblem(
+                    source, path, f"ignored: {unsupported[0]} checks are not run by this tool"
+                )
+            )
+            return None
+        kinds = [kind for kind in ("tcp", "http", "ttl") if kind in raw]
+        if len(kinds) != 1:
+            self.problem(source, path, "a check needs exactly one of tcp, http or ttl")
+            return None
+        kind = kinds[0]
+        if kind != "ttl" and not raw.get("interval"):
+            self.problem(
+                source, f"{path}.interval", f'a {kind} check needs an interval such as "10s"'
+            )
+            return None
+        return CheckDef(
+            check_id=raw.get("id") or raw.get("check_id") or default_id,
+            name=raw.get("name") or f"Service '{service_name}' check",
+            kind=kind,
+            target=raw.get(kind, "") if kind != "ttl" else "",
+            interval=raw.get("interval", 10.0),
+            timeout=raw.get("timeout", 10.0),
+            ttl=raw.get("ttl", 0.0),
+            status=raw.get("status", "critical"),
+            notes=raw.get("notes", ""),
+            method=raw.get("method", "GET"),
+            header=freeze(raw.get("header", {})),
+            tls_skip_verify=raw.get("tls_skip_verify", False),
+            deregister_critical_service_after=raw.get("deregister_critical_service_after", 0.0),
+        )
+
+    # -- rules across the whole configuration -------------------------------------------
+
+    def _check(self, config: AgentConfig) -> None:
+        if config.data_dir is None and not config.dev:
+            self.problem(
+                "",
+                "data_dir",
+                "is required: set data_dir in a config file or pass -data-dir "
+                "(or run with -dev to keep nothing on disk)",
+            )
+        if config.proxy_max_port < config.proxy_min_port:
+            self.problem(
+                "",
+                "ports.proxy_max_port",
+                f"{config.proxy_max_port} is below proxy_min_port {config.proxy_min_port}",
+            )
+        managed = config.managed_services()
+        if managed and not config.connect_enabled:
+            self.problem(
+                managed[0].source, "connect.proxy", "managed proxies need connect.enabled = true"
+            )
+        self._check_ids(config)
+        self._check_ports(config)
+
+    def _check_ids(self, config: AgentConfig) -> None:
+        owners: dict[str, str] = {}
+        for service in config.services:
+            ids = [(service.id, f"{service.source}.id")]
+            if service.managed_proxy is not None:
+                ids.append((service.proxy_id, f"{service.source}.connect.proxy (its proxy ID)"))
+            for service_id, where in ids:
+                if service_id in owners:
+                    source, _, path = where.partition(": ")
+                    self.problem(
+                        source,
+                        path,
+                        f"duplicate service ID {service_id!r} "
+                        f"(also defined at {owners[service_id]})",
+                    )
+                else:
+                    owners[service_id] = where
+
+    def _check_ports(self, config: AgentConfig) -> None:
+        """Two listeners of our proxies on one port can never both run: refuse at load time."""
+        claimed: dict[int, str] = {}
+
+        def claim(port: int, owner: str) -> None:
+            if port in claimed:
+                source, _, path = owner.partition(": ")
+                self.problem(source, path, f"port {port} is also used by {claimed[port]}")
+            else:
+                claimed[port] = owner
+
+        for service in config.managed_services():
+            proxy = service.managed_proxy
+            assert proxy is not None
+            bind_port = proxy.config.get("bind_port") or config.proxy_defaults.config.get(
+                "bind_port"
+            )
+            if bind_port:
+                claim(int(bind_port), f"{service.source}.connect.proxy.config.bind_port")
+            for index, upstream in enumerate(proxy.upstreams):
+                claim(
+                    upstream.local_bind_port,
+                    f"{service.source}.connect.proxy.upstreams[{index}].local_bind_port",
+                )

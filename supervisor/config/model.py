@@ -1,0 +1,183 @@
+"""The parsed configuration as frozen value objects.
+
+Built only by ``supervisor.config.build``; everything else treats these as read-only
+facts. Opaque maps (proxy ``config``, ``meta``) are deep-frozen mappings; use
+``thaw`` to turn them back into plain dicts for JSON output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from supervisor.errors import ConfigProblem
+
+JSONMap = Mapping[str, Any]
+EMPTY_MAP: JSONMap = MappingProxyType({})
+
+BUILTIN_COMMAND = ("<builtin>",)
+"""The symbolic command of the built-in proxy. It is resolved at spawn time to
+``sys.executable -m builtin_proxy`` so that moving or upgrading the agent does not count
+as a command change (Consul stored an absolute path: issue 4625)."""
+
+
+def freeze(value: Any) -> Any:
+    """Deep-freeze JSON-like data: dicts become read-only mappings, lists become tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({str(key): freeze(item) for key, item in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(item) for item in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Undo ``freeze``: plain dicts and lists, ready for ``json.dumps``."""
+    if isinstance(value, Mapping):
+        return {key: thaw(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(item) for item in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Upstream:
+    destination_name: str
+    local_bind_port: int
+    destination_type: str = "service"
+    destination_namespace: str = ""
+    datacenter: str = ""
+    local_bind_address: str = "127.0.0.1"
+    config: JSONMap = field(default_factory=lambda: EMPTY_MAP)
+
+
+@dataclass(frozen=True)
+class CheckDef:
+    """A health check declared on a service. ``kind`` is tcp, http, ttl or unsupported."""
+
+    check_id: str
+    name: str
+    kind: str
+    target: str = ""
+    interval: float = 10.0
+    timeout: float = 10.0
+    ttl: float = 0.0
+    status: str = "critical"
+    notes: str = ""
+    method: str = "GET"
+    header: JSONMap = field(default_factory=lambda: EMPTY_MAP)
+    tls_skip_verify: bool = False
+    deregister_critical_service_after: float = 0.0
+
+
+@dataclass(frozen=True)
+class ManagedProxyDef:
+    """``connect.proxy`` on a service: the agent starts and supervises this proxy."""
+
+    exec_mode: str = "daemon"
+    command: tuple[str, ...] | None = None  # None: proxy_defaults, else the built-in proxy
+    config: JSONMap = field(default_factory=lambda: EMPTY_MAP)
+    upstreams: tuple[Upstream, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConnectProxyDef:
+    """The ``proxy`` block of a hand-registered ``kind: connect-proxy`` service (not supervised)."""
+
+    destination_service_name: str
+    destination_service_id: str = ""
+    local_service_address: str = ""
+    local_service_port: int = 0
+    config: JSONMap = field(default_factory=lambda: EMPTY_MAP)
+    upstreams: tuple[Upstream, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServiceDef:
+    id: str
+    name: str
+    source: str = ""
+    kind: str = ""
+    tags: tuple[str, ...] = ()
+    address: str = ""
+    port: int = 0
+    meta: JSONMap = field(default_factory=lambda: EMPTY_MAP)
+    checks: tuple[CheckDef, ...] = ()
+    token: str = ""
+    enable_tag_override: bool = False
+    weights: tuple[int, int] = (1, 1)
+    native: bool = False
+    proxy: ConnectProxyDef | None = None
+    managed_proxy: ManagedProxyDef | None = None
+
+    @property
+    def proxy_id(self) -> str:
+        """ID of the managed proxy's own service (Consul: ``<service-id>-proxy``)."""
+        return f"{self.id}-proxy"
+
+    @property
+    def proxy_name(self) -> str:
+        return f"{self.name}-proxy"
+
+
+@dataclass(frozen=True)
+class ProxyDefaults:
+    exec_mode: str = "daemon"
+    command: tuple[str, ...] | None = None
+    config: JSONMap = field(default_factory=lambda: EMPTY_MAP)
+
+
+@dataclass(frozen=True)
+class CAConfig:
+    private_key: str = ""
+    root_cert: str = ""
+    leaf_cert_ttl: float = 72 * 3600.0
+
+
+@dataclass(frozen=True)
+class ACLConfig:
+    enabled: bool = False
+    default_policy: str = "allow"
+    master_token: str = ""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    data_dir: str | None
+    dev: bool = False
+    log_level: str = "INFO"
+    log_json: bool = False
+    log_file: str | None = None
+    node_name: str = "localhost"
+    node_id: str | None = None
+    datacenter: str = "dc1"
+    bind_addr: str = "0.0.0.0"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8500
+    proxy_min_port: int = 20000
+    proxy_max_port: int = 20255
+    connect_enabled: bool = True
+    allow_managed_root: bool = False
+    allow_managed_api_registration: bool = False
+    proxy_defaults: ProxyDefaults = field(default_factory=ProxyDefaults)
+    ca: CAConfig = field(default_factory=CAConfig)
+    acl: ACLConfig = field(default_factory=ACLConfig)
+    services: tuple[ServiceDef, ...] = ()
+    sources: tuple[str, ...] = ()
+    notices: tuple[ConfigProblem, ...] = ()
+
+    def service(self, service_id: str) -> ServiceDef | None:
+        for service in self.services:
+            if service.id == service_id:
+                return service
+        return None
+
+    def managed_services(self) -> tuple[ServiceDef, ...]:
+        return tuple(service for service in self.services if service.managed_proxy is not None)
+
+    @property
+    def http_address(self) -> str:
+        """host:port of the HTTP API, bracketed for IPv6."""
+        host = f"[{self.http_host}]" if ":" in self.http_host else self.http_host
+        return f"{host}:{self.http_port}"
