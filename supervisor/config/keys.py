@@ -232,7 +232,7 @@ SERVICE = Obj(
             ignored={"sidecar_service": "sidecar service registrations are not supported yet"},
         ),
     },
-    required=("name"),
+    required=("name",),
     ignored={"tagged_addresses": "not used", "namespace": "namespaces are not supported"},
 )
 
@@ -328,7 +328,7 @@ CONNECT = Obj(
                 "cluster_id",
             ),
         ),
-        "ca_provider": Str("consul"),
+        "ca_provider": Str(("consul",)),
     },
     ignored={"enable_mesh_gateway_wan_federation": _NOT_USED},
 )
