@@ -79,17 +79,9 @@ def test_consul_1_4_hcl_agent_config_loads_unmodified() -> None:
     assert thaw(api.managed_proxy.upstreams[1].config) == {"connect_timeout_ms": 1500}
     assert thaw(api.meta) == {"version": "2.3"}
     worker = config.service("worker")
-    assert (
-        worker is not None
-        and worker.managed_proxy is not None
-        and worker.managed_proxy.command is None
-    )
+    assert worker is not None and worker.managed_proxy is not None and worker.managed_proxy.command is None
     sidecar = config.service("billing-sidecar")
-    assert (
-        sidecar is not None
-        and sidecar.proxy is not None
-        and sidecar.proxy.local_service_port == 7070
-    )
+    assert sidecar is not None and sidecar.proxy is not None and sidecar.proxy.local_service_port == 7070
 
 
 def test_repeated_hcl_blocks_keep_their_nested_blocks(tmp_path: Path) -> None:
@@ -117,9 +109,7 @@ def test_json_hcl_and_toml_drop_ins_merge_in_lexical_order(tmp_path: Path) -> No
         "10-agent.toml",
         'data_dir = "/first"\nlog_level = "debug"\n[ports]\nhttp = 8600\n',
     )
-    write(
-        tmp_path, "20-web.json", {"service": {"name": "web", "port": 80, "connect": {"proxy": {}}}}
-    )
+    write(tmp_path, "20-web.json", {"service": {"name": "web", "port": 80, "connect": {"proxy": {}}}})
     write(tmp_path, "30-db.hcl", 'data_dir = "/second"\nservices = [{ name = "db" }]\n')
     write(tmp_path, "README.md", "not config")
     write(tmp_path, ".#40-bad.json", "{ this is an editor lock file")
@@ -185,19 +175,13 @@ def test_every_agent_key_is_read(tmp_path: Path) -> None:
     assert config.http_address == "127.0.0.3:9500"
     assert (config.proxy_min_port, config.proxy_max_port) == (30000, 30010)
     assert config.allow_managed_root and config.allow_managed_api_registration
-    assert config.proxy_defaults.command == ("/bin/p",) and thaw(config.proxy_defaults.config) == {
-        "a": 1
-    }
+    assert config.proxy_defaults.command == ("/bin/p",) and thaw(config.proxy_defaults.config) == {"a": 1}
     assert (config.ca.private_key, config.ca.root_cert, config.ca.leaf_cert_ttl) == (
         "KEY",
         "CERT",
         5400,
     )
-    assert (
-        config.acl.enabled
-        and config.acl.default_policy == "deny"
-        and config.acl.master_token == "m"
-    )
+    assert config.acl.enabled and config.acl.default_policy == "deny" and config.acl.master_token == "m"
 
 
 def test_service_keys_and_camel_case_spellings(tmp_path: Path) -> None:
@@ -238,10 +222,7 @@ def test_service_keys_and_camel_case_spellings(tmp_path: Path) -> None:
     assert thaw(service.meta) == {"Owner": "team"}  # user keys are not renamed
     assert [check.kind for check in service.checks] == ["ttl", "tcp"]
     assert [check.check_id for check in service.checks] == ["service:web-1:1", "service:web-1:2"]
-    assert (
-        service.managed_proxy is not None
-        and service.managed_proxy.upstreams[0].local_bind_port == 9000
-    )
+    assert service.managed_proxy is not None and service.managed_proxy.upstreams[0].local_bind_port == 9000
     assert service.proxy_id == "web-1-proxy" and service.proxy_name == "web-proxy"
 
 
@@ -314,9 +295,7 @@ def test_upstreams_new_location_wins_over_legacy(tmp_path: Path) -> None:
                 "connect": {
                     "proxy": {
                         "upstreams": [{"destination_name": "new", "local_bind_port": 1000}],
-                        "config": {
-                            "upstreams": [{"destination_name": "old", "local_bind_port": 1001}]
-                        },
+                        "config": {"upstreams": [{"destination_name": "old", "local_bind_port": 1001}]},
                     }
                 },
             },
@@ -417,9 +396,7 @@ def test_upstreams_new_location_wins_over_legacy(tmp_path: Path) -> None:
         ("notobject.json", "[1, 2]", "notobject.json: expected an object, got a list"),
     ],
 )
-def test_bad_input_names_file_and_key(
-    tmp_path: Path, name: str, content: object, expected: str
-) -> None:
+def test_bad_input_names_file_and_key(tmp_path: Path, name: str, content: object, expected: str) -> None:
     path = write(tmp_path, name, content)
     with pytest.raises(ConfigError) as exc:
         load_config([str(path)], [])
@@ -434,9 +411,7 @@ def test_every_problem_of_every_file_is_reported_at_once(tmp_path: Path) -> None
         load_config([], [str(tmp_path)])
     found = problems_of(exc)
     assert len(found) == 3, found
-    assert any(
-        problem.startswith(str(tmp_path / "a.json") + ": bogus: unknown key") for problem in found
-    )
+    assert any(problem.startswith(str(tmp_path / "a.json") + ": bogus: unknown key") for problem in found)
     assert any("ports.http: -1 is below the minimum of 0" in problem for problem in found)
     assert any(problem.startswith(str(tmp_path / "b.hcl") + ": invalid HCL") for problem in found)
 
@@ -447,9 +422,7 @@ def test_duplicate_ids_across_files_name_both_places(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config([], [str(tmp_path)])
     (problem,) = problems_of(exc)
-    assert problem.startswith(
-        str(tmp_path / "b.json") + ": services[0].id: duplicate service ID 'web'"
-    )
+    assert problem.startswith(str(tmp_path / "b.json") + ": services[0].id: duplicate service ID 'web'")
     assert str(tmp_path / "a.json") in problem
 
 
@@ -478,9 +451,7 @@ def test_two_proxies_with_the_same_fixed_port_are_refused(tmp_path: Path) -> Non
                 {
                     "name": "b",
                     "connect": {
-                        "proxy": {
-                            "upstreams": [{"destination_name": "a", "local_bind_port": 21000}]
-                        }
+                        "proxy": {"upstreams": [{"destination_name": "a", "local_bind_port": 21000}]}
                     },
                 },
             ],

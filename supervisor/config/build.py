@@ -126,9 +126,7 @@ def _merge_values(old: Any, new: Any) -> Any:
 class _Builder:
     """Turns one merged, type-checked document into an AgentConfig (or a ConfigError)."""
 
-    def __init__(
-        self, doc: dict[str, Any], notices: tuple[ConfigProblem, ...], *, dev: bool
-    ) -> None:
+    def __init__(self, doc: dict[str, Any], notices: tuple[ConfigProblem, ...], *, dev: bool) -> None:
         self.doc = doc
         self.dev = dev
         self.notices = list(notices)
@@ -194,9 +192,7 @@ class _Builder:
             return None
 
     def _http_host(self) -> str:
-        host = (
-            self.doc.get("addresses", {}).get("http") or self.doc.get("client_addr") or "127.0.0.1"
-        )
+        host = self.doc.get("addresses", {}).get("http") or self.doc.get("client_addr") or "127.0.0.1"
         # Consul allowed a space-separated list; the API listens on the first address.
         first = host.split()[0] if host.split() else "127.0.0.1"
         return first.strip("[]")
@@ -221,9 +217,7 @@ class _Builder:
     def _ca(self, raw: dict[str, Any]) -> CAConfig:
         private_key, root_cert = raw.get("private_key", ""), raw.get("root_cert", "")
         if bool(private_key) != bool(root_cert):
-            self.problem(
-                "", "connect.ca_config", "private_key and root_cert must be given together"
-            )
+            self.problem("", "connect.ca_config", "private_key and root_cert must be given together")
         ttl = raw.get("leaf_cert_ttl", 72 * 3600.0)
         if ttl <= 0:
             self.problem("", "connect.ca_config.leaf_cert_ttl", "must be longer than 0s")
@@ -234,12 +228,8 @@ class _Builder:
         enabled = acl.get("enabled", bool(self.doc.get("acl_datacenter")))
         return ACLConfig(
             enabled=enabled,
-            default_policy=acl.get("default_policy")
-            or self.doc.get("acl_default_policy")
-            or "allow",
-            master_token=acl.get("tokens", {}).get("master")
-            or self.doc.get("acl_master_token")
-            or "",
+            default_policy=acl.get("default_policy") or self.doc.get("acl_default_policy") or "allow",
+            master_token=acl.get("tokens", {}).get("master") or self.doc.get("acl_master_token") or "",
         )
 
     # -- services -----------------------------------------------------------------------
@@ -314,9 +304,7 @@ class _Builder:
         current = raw.get("upstreams") or []
         if legacy and current:
             self.notices.append(
-                ConfigProblem(
-                    source, f"{path}.config.upstreams", "ignored: upstreams is also set and wins"
-                )
+                ConfigProblem(source, f"{path}.config.upstreams", "ignored: upstreams is also set and wins")
             )
         return config, self._upstreams(current or legacy)
 
@@ -370,9 +358,7 @@ class _Builder:
         checks = []
         for number, (key, check) in enumerate(entries, start=1):
             check_path = f"{path}.{key}"
-            default_id = (
-                f"service:{service_id}" if len(entries) == 1 else f"service:{service_id}:{number}"
-            )
+            default_id = f"service:{service_id}" if len(entries) == 1 else f"service:{service_id}:{number}"
             built = self._check_def(check, default_id, name, source, check_path)
             if built is not None:
                 checks.append(built)
@@ -384,9 +370,7 @@ class _Builder:
         unsupported = [key for key in _UNSUPPORTED_CHECK_KEYS if key in raw]
         if unsupported:
             self.notices.append(
-                ConfigProblem(
-                    source, path, f"ignored: {unsupported[0]} checks are not run by this tool"
-                )
+                ConfigProblem(source, path, f"ignored: {unsupported[0]} checks are not run by this tool")
             )
             return None
         kinds = [kind for kind in ("tcp", "http", "ttl") if kind in raw]
@@ -395,9 +379,7 @@ class _Builder:
             return None
         kind = kinds[0]
         if kind != "ttl" and not raw.get("interval"):
-            self.problem(
-                source, f"{path}.interval", f'a {kind} check needs an interval such as "10s"'
-            )
+            self.problem(source, f"{path}.interval", f'a {kind} check needs an interval such as "10s"')
             return None
         return CheckDef(
             check_id=raw.get("id") or raw.get("check_id") or default_id,
@@ -433,9 +415,7 @@ class _Builder:
             )
         managed = config.managed_services()
         if managed and not config.connect_enabled:
-            self.problem(
-                managed[0].source, "connect.proxy", "managed proxies need connect.enabled = true"
-            )
+            self.problem(managed[0].source, "connect.proxy", "managed proxies need connect.enabled = true")
         self._check_ids(config)
         self._check_ports(config)
 
@@ -451,8 +431,7 @@ class _Builder:
                     self.problem(
                         source,
                         path,
-                        f"duplicate service ID {service_id!r} "
-                        f"(also defined at {owners[service_id]})",
+                        f"duplicate service ID {service_id!r} (also defined at {owners[service_id]})",
                     )
                 else:
                     owners[service_id] = where
@@ -471,9 +450,7 @@ class _Builder:
         for service in config.managed_services():
             proxy = service.managed_proxy
             assert proxy is not None
-            bind_port = proxy.config.get("bind_port") or config.proxy_defaults.config.get(
-                "bind_port"
-            )
+            bind_port = proxy.config.get("bind_port") or config.proxy_defaults.config.get("bind_port")
             if bind_port:
                 claim(int(bind_port), f"{service.source}.connect.proxy.config.bind_port")
             for index, upstream in enumerate(proxy.upstreams):

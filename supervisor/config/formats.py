@@ -67,9 +67,7 @@ _hcl_lock = threading.Lock()
 _hcl_parser: Any = None
 
 
-def _keep_repeated_blocks(
-    _self: Any, items: list[tuple[Any, Any]], _replace: bool
-) -> dict[Any, Any]:
+def _keep_repeated_blocks(_self: Any, items: list[tuple[Any, Any]], _replace: bool) -> dict[Any, Any]:
     """Build an object from (key, value) items without losing repeated keys.
 
     pyhcl's own version shallow-merges a repeated block into the previous one, so two

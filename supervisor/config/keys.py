@@ -313,9 +313,7 @@ CONNECT = Obj(
                 "command": Custom(check_command),
                 "config": Custom(check_proxy_config),
             },
-            ignored={
-                "script_command": "script proxies are not supported (exec_mode must be daemon)"
-            },
+            ignored={"script_command": "script proxies are not supported (exec_mode must be daemon)"},
         ),
         "ca_config": Obj(
             {"private_key": Str(), "root_cert": Str(), "leaf_cert_ttl": Duration()},
@@ -344,9 +342,7 @@ AGENT = Obj(
         "datacenter": Str(),
         "bind_addr": Str(),
         "client_addr": Str(),
-        "addresses": Obj(
-            {"http": Str()}, ignored={"dns": _NOT_USED, "https": _NOT_USED, "grpc": _NOT_USED}
-        ),
+        "addresses": Obj({"http": Str()}, ignored={"dns": _NOT_USED, "https": _NOT_USED, "grpc": _NOT_USED}),
         "ports": Obj(
             {
                 "http": Int(0, 65535),

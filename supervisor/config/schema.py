@@ -171,20 +171,13 @@ class List(Node):
 
     def check(self, value: Any, path: str, ctx: Context) -> Any:
         if isinstance(value, RepeatedBlocks):
-            value = [
-                element
-                for part in value
-                for element in (part if isinstance(part, list) else [part])
-            ]
+            value = [element for part in value for element in (part if isinstance(part, list) else [part])]
         if not isinstance(value, list):
             if self.allow_single and not isinstance(value, dict):
                 value = [value]
             else:
                 raise Invalid(f"expected a list, got {describe(value)}")
-        return [
-            self.item.validate(element, f"{path}[{index}]", ctx)
-            for index, element in enumerate(value)
-        ]
+        return [self.item.validate(element, f"{path}[{index}]", ctx) for index, element in enumerate(value)]
 
 
 class Map(Node):
@@ -196,10 +189,7 @@ class Map(Node):
     def check(self, value: Any, path: str, ctx: Context) -> Any:
         if not isinstance(value, dict):
             raise Invalid(f"expected an object, got {describe(value)}")
-        return {
-            str(key): self.value.validate(item, join(path, str(key)), ctx)
-            for key, item in value.items()
-        }
+        return {str(key): self.value.validate(item, join(path, str(key)), ctx) for key, item in value.items()}
 
 
 def merge_repeated(blocks: list[Any]) -> Any:
@@ -285,7 +275,6 @@ class OneOrMany(Node):
             return [self.item.validate(value, path, ctx)]
         if isinstance(value, list):
             return [
-                self.item.validate(element, f"{path}[{index}]", ctx)
-                for index, element in enumerate(value)
+                self.item.validate(element, f"{path}[{index}]", ctx) for index, element in enumerate(value)
             ]
         raise Invalid(f"expected an object or a list of objects, got {describe(value)}")

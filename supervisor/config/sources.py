@@ -35,9 +35,7 @@ def files_in_dir(directory: str) -> list[str]:
     except FileNotFoundError:
         raise ConfigError.single(directory, "", "config directory does not exist") from None
     except NotADirectoryError:
-        raise ConfigError.single(
-            directory, "", "is not a directory (use -config-file for a file)"
-        ) from None
+        raise ConfigError.single(directory, "", "is not a directory (use -config-file for a file)") from None
     except OSError as exc:
         raise ConfigError.single(directory, "", f"cannot read directory: {exc.strerror}") from None
     paths = []
@@ -66,9 +64,7 @@ def read_source(path: str) -> Source:
     except FileNotFoundError:
         raise ConfigError.single(path, "", "config file does not exist") from None
     except IsADirectoryError:
-        raise ConfigError.single(
-            path, "", "is a directory (use -config-dir for a directory)"
-        ) from None
+        raise ConfigError.single(path, "", "is a directory (use -config-dir for a directory)") from None
     except OSError as exc:
         raise ConfigError.single(path, "", f"cannot read file: {exc.strerror}") from None
     if len(data) > MAX_CONFIG_BYTES:

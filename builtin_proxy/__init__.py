@@ -1,0 +1,1 @@
+"""The built-in Connect proxy, run by the agent as ``python -m builtin_proxy``."""

@@ -1,0 +1,1 @@
+"""Persistence in data_dir: atomic files, the supervision record, allocations, the lock."""

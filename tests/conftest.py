@@ -1,0 +1,48 @@
+"""Shared fixtures. Every process a test starts inherits a per-session tag in its
+environment; after each test anything still carrying the tag is killed, so a failing
+test cannot leak an agent or a proxy into the next one (or into CI's machine)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+import warnings
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers.processes import TEST_TAG_ENV, kill_tagged
+
+SESSION_TAG = uuid.uuid4().hex
+os.environ[TEST_TAG_ENV] = SESSION_TAG
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_processes() -> Iterator[None]:
+    yield
+    leaked = kill_tagged(SESSION_TAG)
+    if leaked:
+        # The test's own teardown should have stopped these; say so without failing
+        # the next test for it.
+        warnings.warn(f"killed {len(leaked)} process(es) left behind by the test: {leaked}", stacklevel=1)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An ephemeral port that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def free_port_range(size: int = 16) -> tuple[int, int]:
+    """A run of ``size`` consecutive ports around an OS-chosen ephemeral port."""
+    base = free_port()
+    low = max(1024, min(base, 65535 - size))
+    return low, low + size - 1

@@ -1,0 +1,86 @@
+"""A controllable stand-in for a proxy, started by the supervisor in tests.
+
+Usage: python fakeproxy.py MODE STATEFILE [ARGS]
+Every start appends one JSON line to STATEFILE (pid, selected env, argv); a graceful
+stop appends {"stopped": pid}. Modes:
+  run            print to stdout/stderr, then wait for SIGINT/SIGTERM
+  ignore-sigint  like run, but ignore SIGINT (only SIGKILL stops it)
+  exit CODE      exit immediately with CODE
+  worker         like run, plus a child process in the same session
+  double-fork    start a daemonised grandchild (new session) and exit 0
+  flood N        write N lines to stdout as fast as possible, then wait
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+KEYS = (
+    "CONNECT_PROXY_ID",
+    "CONNECT_PROXY_TOKEN",
+    "CONSUL_HTTP_ADDR",
+    "CONSUL_HTTP_SSL",
+    "PROXY_SUPERVISOR_MARKER",
+    "FAKEPROXY_AMBIENT",
+)
+
+
+def record(statefile: str, entry: dict[str, object]) -> None:
+    with open(statefile, "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+        handle.flush()
+
+
+def main() -> None:
+    mode, statefile = sys.argv[1], sys.argv[2]
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    # Handlers first: once the start is recorded, a SIGINT is always handled cleanly.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if mode == "ignore-sigint" else on_signal)
+    record(
+        statefile,
+        {
+            "pid": os.getpid(),
+            "mode": mode,
+            "argv": sys.argv[1:],
+            "env": {key: os.environ.get(key) for key in KEYS},
+            "time": time.time(),
+        },
+    )
+    if mode == "exit":
+        sys.exit(int(sys.argv[3]))
+    if mode == "double-fork":
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                record(statefile, {"daemon": os.getpid()})
+                time.sleep(3600)
+            os._exit(0)
+        sys.exit(0)
+    if mode == "worker":
+        if os.fork() == 0:
+            record(statefile, {"worker": os.getpid()})
+            time.sleep(3600)
+            os._exit(0)
+    print(f"hello stdout from {os.getpid()}", flush=True)
+    print(f"hello stderr from {os.getpid()}", file=sys.stderr, flush=True)
+    if mode == "flood":
+        for index in range(int(sys.argv[3])):
+            sys.stdout.write(f"line {index}\n")
+        sys.stdout.flush()
+    while not stopping:
+        signal.pause() if hasattr(signal, "pause") else time.sleep(1)
+    record(statefile, {"stopped": os.getpid()})
+
+
+if __name__ == "__main__":
+    main()
