@@ -48,6 +48,7 @@ class ProxyRecord:
     restarts: int
     command: tuple[str, ...] = ()
     started_at: float = 0.0  # wall clock, for display only
+    failures: int = 0  # quick exits in a row, so backoff continues across agent restarts
 
     @property
     def identity(self) -> ProcessIdentity | None:
@@ -161,6 +162,7 @@ class DataDir:
                     restarts=int(entry["Restarts"]),
                     command=tuple(str(part) for part in entry.get("Command", ())),
                     started_at=float(entry.get("StartedAt", 0.0)),
+                    failures=int(entry.get("Failures", 0)),
                 )
                 for proxy_id, entry in data["Proxies"].items()
             }
@@ -181,6 +183,7 @@ class DataDir:
                     "Restarts": record.restarts,
                     "Command": list(record.command),
                     "StartedAt": record.started_at,
+                    "Failures": record.failures,
                 }
                 for proxy_id, record in sorted(records.items())
             },

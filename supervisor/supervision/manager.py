@@ -371,6 +371,7 @@ class Supervisor:
             if seed is not None:  # counters never go backwards across agent restarts
                 machine.restarts = seed.restarts
                 machine.generation = seed.generation
+                machine.failures = seed.failures
             slot = Slot(proxy_id, machine)
             self._slots[proxy_id] = slot
         return slot
@@ -498,6 +499,7 @@ class Supervisor:
                 restarts=slot.machine.restarts,
                 command=slot.planned.spec.command if slot.planned else (),
                 started_at=slot.started_wall or 0.0,
+                failures=slot.machine.failures,
             )
         return records
 

@@ -9,6 +9,7 @@ stop appends {"stopped": pid}. Modes:
   worker         like run, plus a child process in the same session
   double-fork    start a daemonised grandchild (new session) and exit 0
   flood N        write N lines to stdout as fast as possible, then wait
+  tick           like run, plus a "tick N" line on stdout every 50 ms
 """
 
 from __future__ import annotations
@@ -77,8 +78,14 @@ def main() -> None:
         for index in range(int(sys.argv[3])):
             sys.stdout.write(f"line {index}\n")
         sys.stdout.flush()
+    ticks = 0
     while not stopping:
-        signal.pause() if hasattr(signal, "pause") else time.sleep(1)
+        if mode == "tick":
+            ticks += 1
+            print(f"tick {ticks}", flush=True)
+            time.sleep(0.05)
+        else:
+            signal.pause()
     record(statefile, {"stopped": os.getpid()})
 
 

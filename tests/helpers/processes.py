@@ -32,15 +32,25 @@ def tagged_pids(tag: str) -> list[int]:
     return found
 
 
-def kill_tagged(tag: str) -> list[int]:
-    """SIGKILL every process carrying ``tag``; return their PIDs."""
+def describe(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        return f"{pid} ({command})"
+    except OSError:
+        return str(pid)
+
+
+def kill_tagged(tag: str) -> list[str]:
+    """SIGKILL every process carrying ``tag``; return descriptions of them."""
     pids = tagged_pids(tag)
+    described = [describe(pid) for pid in pids]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return pids
+    return described
 
 
 def wait_until(

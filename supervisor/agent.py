@@ -1,0 +1,149 @@
+"""``proxy-supervisor agent``: wire config, data_dir, the HTTP API, the config watcher and
+the supervision loop together, and run until told to stop.
+
+Start-up order matters: the configuration is validated first (nothing starts on a bad
+config), then data_dir is locked (one agent per data_dir), the API address is bound (a
+taken port stops the agent before any proxy is touched), survivors of an earlier run
+are adopted, and only then are missing proxies started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from supervisor.api.server import ApiServer, bind_listener
+from supervisor.config import load_config
+from supervisor.config.model import AgentConfig
+from supervisor.logsetup import configure_logging, set_level
+from supervisor.state.datadir import DataDir
+from supervisor.state.lock import AgentLock
+from supervisor.supervision.desired import address_for_proxies
+from supervisor.supervision.manager import (
+    FilesChanged,
+    ReloadRequested,
+    ShutdownRequested,
+    Supervisor,
+    SupervisorOptions,
+)
+from supervisor.supervision.view import AgentView, ViewBoard
+from supervisor.watch import ConfigWatcher
+
+log = logging.getLogger("supervisor.agent")
+
+# Settings read once at start: a reload cannot move the agent, so changing them is only noted.
+_RESTART_ONLY = ("data_dir", "http_host", "http_port", "node_name", "datacenter", "log_file", "log_json")
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    config_files: tuple[str, ...] = ()
+    config_dirs: tuple[str, ...] = ()
+    flags: Mapping[str, Any] = field(default_factory=dict)
+    dev: bool = False
+
+
+class Agent:
+    def __init__(self, options: AgentOptions) -> None:
+        self.options = options
+        self.config = self.load()
+        self.lock: AgentLock | None = None
+        self.data_dir: DataDir | None = None
+
+    def load(self) -> AgentConfig:
+        return load_config(
+            self.options.config_files, self.options.config_dirs, self.options.flags, dev=self.options.dev
+        )
+
+    def run(self) -> int:
+        config = self.config
+        configure_logging(config.log_level, json_lines=config.log_json, log_file=config.log_file)
+        for notice in config.notices:
+            log.info("config: %s", notice)
+        node_id = self._prepare_data_dir(config)
+        sock = bind_listener(config.http_host, config.http_port)
+        host, port = sock.getsockname()[:2]
+        api_address = address_for_proxies(config.http_host, int(port))
+        board = ViewBoard(AgentView(config=config, node_id=node_id, api_address=api_address))
+        supervisor = Supervisor(
+            SupervisorOptions(
+                data_dir=self.data_dir, node_id=node_id, api_address=api_address, load_config=self.load
+            ),
+            board,
+        )
+        board.subscribe(self._on_view_change)
+        api = ApiServer(sock, board, supervisor)
+        api.start()
+        log.info("HTTP API listening on %s", _format_address(str(host), int(port)))
+        watcher = ConfigWatcher(
+            self.options.config_dirs,
+            self.options.config_files,
+            lambda path: supervisor.post(FilesChanged(path)),
+        )
+        watcher.start()
+        self._install_signal_handlers(supervisor, stop_proxies=config.data_dir is None)
+        try:
+            supervisor.start(config)
+            statuses = board.current.statuses.values()
+            log.info(
+                "agent started: node %s, %d managed prox%s (%d adopted), data_dir %s",
+                config.node_name,
+                len(statuses),
+                "y" if len(statuses) == 1 else "ies",
+                sum(1 for status in statuses if status.adopted),
+                config.data_dir or "none (-dev: proxies stop with the agent)",
+            )
+            supervisor.run()
+        finally:
+            watcher.stop()
+            api.stop()
+            supervisor.close()
+            if self.lock is not None:
+                self.lock.release()
+        log.info("agent stopped")
+        return 0
+
+    def _prepare_data_dir(self, config: AgentConfig) -> str:
+        if config.data_dir is None:
+            return config.node_id or str(uuid.uuid4())
+        self.data_dir = DataDir(config.data_dir)
+        removed = self.data_dir.prepare()
+        self.lock = self.data_dir.lock()
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted write", len(removed))
+        return self.data_dir.node_id()
+
+    def _install_signal_handlers(self, supervisor: Supervisor, *, stop_proxies: bool) -> None:
+        def on_reload(signum: int, _frame: FrameType | None) -> None:
+            supervisor.post(ReloadRequested(signal.Signals(signum).name))
+
+        def on_stop(signum: int, _frame: FrameType | None) -> None:
+            supervisor.post(ShutdownRequested(stop_proxies=stop_proxies, reason=signal.Signals(signum).name))
+
+        signal.signal(signal.SIGHUP, on_reload)
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+
+    def _on_view_change(self, view: AgentView) -> None:
+        if view.config is self.config:
+            return
+        previous, self.config = self.config, view.config
+        if previous.log_level != view.config.log_level:
+            set_level(view.config.log_level)
+        for name in _RESTART_ONLY:
+            if getattr(previous, name) != getattr(view.config, name):
+                log.warning("config: %s changed; restart the agent for it to take effect", name)
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def running_as_root() -> bool:
+    return os.geteuid() == 0

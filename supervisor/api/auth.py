@@ -1,0 +1,89 @@
+"""Who is calling, and what they may do.
+
+Tokens come from ``X-Consul-Token``, ``?token=`` or ``Authorization: Bearer`` (Consul's
+three places). A proxy's token (CONNECT_PROXY_TOKEN) grants read-only Connect access to
+its own service only -- even without ACLs, presenting a proxy token restricts the caller
+to that proxy's scope. Without ``acl.enabled``, other callers on the API are trusted as
+in Consul; with it, operator calls need the master token unless the default policy is
+``allow``. Tokens are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from supervisor.api.http import HttpError, Request
+from supervisor.supervision.view import AgentView
+
+
+@dataclass(frozen=True)
+class Caller:
+    kind: str  # "anonymous" | "master" | "proxy" | "unknown"
+    proxy_id: str = ""
+    service_id: str = ""
+    service_name: str = ""
+
+    @property
+    def is_proxy(self) -> bool:
+        return self.kind == "proxy"
+
+
+def token_of(request: Request) -> str:
+    token = request.arg("token") or request.headers.get("x-consul-token", "")
+    if not token:
+        authorization = request.headers.get("authorization", "")
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            token = value.strip()
+    return token
+
+
+def identify(request: Request, view: AgentView) -> Caller:
+    token = token_of(request)
+    if not token:
+        return Caller("anonymous")
+    master = view.config.acl.master_token
+    if master and hmac.compare_digest(token.encode(), master.encode()):
+        return Caller("master")
+    for proxy_id, planned in view.proxies.items():
+        if hmac.compare_digest(token.encode(), planned.spec.token.encode()):
+            return Caller(
+                "proxy", proxy_id=proxy_id, service_id=planned.service.id, service_name=planned.service.name
+            )
+    return Caller("unknown")
+
+
+def _denied() -> HttpError:
+    return HttpError(403, "Permission denied")
+
+
+def require_operator(caller: Caller, view: AgentView) -> None:
+    """Calls that change or reveal the agent itself (reload, leave, supervision state)."""
+    if caller.kind == "master":
+        return
+    if caller.is_proxy:
+        raise _denied()
+    acl = view.config.acl
+    if acl.enabled and acl.default_policy == "deny":
+        raise _denied()
+
+
+def require_service_read(caller: Caller, view: AgentView, service_id: str, service_name: str) -> None:
+    """Reading one service's registration (or its managed proxy's configuration)."""
+    if caller.is_proxy:
+        if service_name in (caller.service_name, f"{caller.service_name}-proxy") or service_id in (
+            caller.service_id,
+            caller.proxy_id,
+        ):
+            return
+        raise _denied()
+    require_operator(caller, view)
+
+
+def may_read_service(caller: Caller, view: AgentView, service_id: str, service_name: str) -> bool:
+    try:
+        require_service_read(caller, view, service_id, service_name)
+    except HttpError:
+        return False
+    return True

@@ -1,0 +1,101 @@
+"""Consul's blocking queries: hold a request until the answer changes or ``wait`` passes.
+
+``?hash=`` (agent-local endpoints, header ``X-Consul-ContentHash``) and ``?index=``
+(header ``X-Consul-Index``). ``wait`` defaults to 5 minutes, is capped at 10, and gets up
+to wait/16 of random jitter as Consul does, so many clients do not return in lockstep.
+A change wakes every waiter through one shared asyncio event: thousands of waiters cost
+one set() call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from supervisor.api.http import HttpError, Request
+from supervisor.config.durations import parse_duration
+
+DEFAULT_WAIT = 300.0
+MAX_WAIT = 600.0
+
+T = TypeVar("T")
+
+
+class ChangeSignal:
+    """Wakes waiters when the agent's state changes. Lives on the API's event loop."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.count = 0
+
+    def fire(self) -> None:
+        """Must run on the event loop (use ``loop.call_soon_threadsafe`` from elsewhere)."""
+        self.count += 1
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def current(self) -> asyncio.Event:
+        """The event the *next* change will set; take it before reading state."""
+        return self._event
+
+
+def parse_wait(request: Request) -> float:
+    text = request.arg("wait")
+    if text is None or text == "":
+        wait = DEFAULT_WAIT
+    else:
+        try:
+            wait = parse_duration(text) if not text.isdigit() else float(text)
+        except ValueError:
+            raise HttpError(400, f"Invalid wait time {text!r}: use a duration such as 30s or 5m") from None
+    wait = min(wait, MAX_WAIT)
+    return wait + random.uniform(0, wait / 16)
+
+
+def parse_index(request: Request) -> int | None:
+    text = request.arg("index")
+    if text is None or text == "":
+        return None
+    if not text.isdigit():
+        raise HttpError(400, f"Invalid index {text!r}: it must be a non-negative integer")
+    return int(text)
+
+
+def content_hash(data: Any) -> str:
+    """A short stable hash of a JSON-able value (Consul printed a 64-bit hash as hex)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+async def block_until_changed(
+    request: Request,
+    changes: ChangeSignal,
+    compute: Callable[[], T],
+    key: Callable[[T], str | int],
+    *,
+    param: str,
+) -> T:
+    """Return ``compute()`` once ``key`` of it differs from the request's ``param`` (hash or
+    index), or when the wait time is over. Without the parameter, return at once."""
+    given_index = parse_index(request)  # validated everywhere, as Consul does
+    given = request.arg(param)
+    if param == "index":
+        given = None if given_index is None else str(given_index)
+    if given is None or given == "":
+        return compute()
+    deadline = time.monotonic() + parse_wait(request)
+    while True:
+        event = changes.current()
+        result = compute()
+        remaining = deadline - time.monotonic()
+        if str(key(result)) != given or remaining <= 0:
+            return result
+        try:
+            await asyncio.wait_for(event.wait(), remaining)
+        except TimeoutError:
+            return compute()

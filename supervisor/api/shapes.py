@@ -1,0 +1,205 @@
+"""Consul 1.5's JSON shapes for the agent endpoints, built from an ``AgentView``.
+
+Pure functions: the handlers in ``agent_endpoints`` only pick the view, check access
+and call these. Field names and nesting follow Consul's ``api`` package so that Consul
+clients decode our answers unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from supervisor.api.blocking import content_hash
+from supervisor.config.model import ServiceDef, Upstream, thaw
+from supervisor.supervision.desired import PlannedProxy
+from supervisor.supervision.view import AgentView, ProxyStatus
+from supervisor.version import __version__
+
+CONSUL_COMPATIBLE_VERSION = "1.5.3"
+
+
+def upstream_json(upstream: Upstream) -> dict[str, Any]:
+    return {
+        "DestinationType": upstream.destination_type,
+        "DestinationNamespace": upstream.destination_namespace,
+        "DestinationName": upstream.destination_name,
+        "Datacenter": upstream.datacenter,
+        "LocalBindAddress": upstream.local_bind_address,
+        "LocalBindPort": upstream.local_bind_port,
+        "Config": thaw(upstream.config),
+    }
+
+
+def _base_service(service: ServiceDef) -> dict[str, Any]:
+    return {
+        "Kind": service.kind,
+        "ID": service.id,
+        "Service": service.name,
+        "Tags": list(service.tags),
+        "Meta": thaw(service.meta),
+        "Port": service.port,
+        "Address": service.address,
+        "Weights": {"Passing": service.weights[0], "Warning": service.weights[1]},
+        "EnableTagOverride": service.enable_tag_override,
+    }
+
+
+def service_json(service: ServiceDef, planned: PlannedProxy | None) -> dict[str, Any]:
+    """A service as ``/v1/agent/services`` lists it (with its managed proxy, if any)."""
+    data = _base_service(service)
+    if service.proxy is not None:  # a hand-registered connect-proxy
+        proxy = service.proxy
+        data["ProxyDestination"] = proxy.destination_service_name
+        data["Proxy"] = {
+            "DestinationServiceName": proxy.destination_service_name,
+            "DestinationServiceID": proxy.destination_service_id,
+            "LocalServiceAddress": proxy.local_service_address,
+            "LocalServicePort": proxy.local_service_port,
+            "Config": thaw(proxy.config),
+            "Upstreams": [upstream_json(upstream) for upstream in proxy.upstreams],
+        }
+    if planned is not None:
+        data["Connect"] = {
+            "Proxy": {
+                "ExecMode": planned.spec.exec_mode,
+                "Command": list(planned.spec.command),
+                "Config": thaw(planned.config),
+                "Upstreams": [upstream_json(upstream) for upstream in planned.upstreams],
+            }
+        }
+    elif service.native:
+        data["Connect"] = {"Native": True}
+    data["ContentHash"] = content_hash(data)
+    return data
+
+
+def managed_proxy_service_json(planned: PlannedProxy) -> dict[str, Any]:
+    """The ``<service>-proxy`` registration the agent makes for a managed proxy."""
+    service = planned.service
+    local_address, _, local_port = str(planned.config.get("local_service_address", "")).rpartition(":")
+    bind = planned.bind_address if planned.bind_address not in ("0.0.0.0", "::", "[::]") else ""
+    data: dict[str, Any] = {
+        "Kind": "connect-proxy",
+        "ID": service.proxy_id,
+        "Service": service.proxy_name,
+        "Tags": [],
+        "Meta": {},
+        "Port": planned.port,
+        "Address": bind,
+        "Weights": {"Passing": 1, "Warning": 1},
+        "EnableTagOverride": False,
+        "ProxyDestination": service.name,
+        "Proxy": {
+            "DestinationServiceName": service.name,
+            "DestinationServiceID": service.id,
+            "LocalServiceAddress": local_address.strip("[]"),
+            "LocalServicePort": int(local_port) if local_port.isdigit() else service.port,
+            "Config": thaw(planned.config),
+            "Upstreams": [upstream_json(upstream) for upstream in planned.upstreams],
+        },
+    }
+    data["ContentHash"] = content_hash(data)
+    return data
+
+
+def agent_services(view: AgentView) -> dict[str, dict[str, Any]]:
+    """Every service registered on this agent, keyed by ID (managed proxies included)."""
+    services: dict[str, dict[str, Any]] = {}
+    for service in view.config.services:
+        planned = view.proxies.get(service.proxy_id) if service.managed_proxy is not None else None
+        services[service.id] = service_json(service, planned)
+        if planned is not None:
+            services[planned.proxy_id] = managed_proxy_service_json(planned)
+    return services
+
+
+def proxy_config_json(planned: PlannedProxy) -> dict[str, Any]:
+    """``GET /v1/agent/connect/proxy/:id``: the managed proxy's effective configuration."""
+    service = planned.service
+    data: dict[str, Any] = {
+        "ProxyServiceID": planned.proxy_id,
+        "TargetServiceID": service.id,
+        "TargetServiceName": service.name,
+        "ContentHash": "",
+        "ExecMode": planned.spec.exec_mode,
+        "Command": list(planned.spec.command),
+        "Config": thaw(planned.config),
+        "Upstreams": [upstream_json(upstream) for upstream in planned.upstreams],
+    }
+    data["ContentHash"] = content_hash(data)
+    return data
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def proxy_status_json(status: ProxyStatus, now_monotonic: float) -> dict[str, Any]:
+    """One entry of ``GET /v1/agent/connect/proxies`` (ours, not Consul's)."""
+    uptime = now_monotonic - status.started_monotonic if status.started_monotonic is not None else None
+    next_in = (
+        max(0.0, status.next_attempt_monotonic - now_monotonic)
+        if status.next_attempt_monotonic is not None
+        else None
+    )
+    return {
+        "ProxyServiceID": status.proxy_id,
+        "TargetServiceID": status.service_id,
+        "State": status.state,
+        "Pid": status.pid,
+        "Generation": status.generation,
+        "Restarts": status.restarts,
+        "Adopted": status.adopted,
+        "LastExit": status.last_exit,
+        "StartedAt": _iso(status.started_wall),
+        "UptimeSeconds": round(uptime, 3) if uptime is not None else None,
+        "NextAttemptInSeconds": round(next_in, 3) if next_in is not None else None,
+        "BlockedReason": status.blocked_reason,
+        "Port": status.port,
+        "Command": list(status.command),
+        "StdoutLog": status.stdout_log,
+        "StderrLog": status.stderr_log,
+    }
+
+
+def agent_self_json(view: AgentView) -> dict[str, Any]:
+    config = view.config
+    return {
+        "Config": {
+            "Datacenter": config.datacenter,
+            "NodeName": config.node_name,
+            "NodeID": view.node_id,
+            "Revision": "",
+            "Server": False,
+            "Version": CONSUL_COMPATIBLE_VERSION,
+        },
+        "DebugConfig": {
+            "DataDir": config.data_dir or "",
+            "ConnectEnabled": config.connect_enabled,
+            "ConnectProxyAllowManagedRoot": config.allow_managed_root,
+            "ConnectProxyAllowManagedAPIRegistration": config.allow_managed_api_registration,
+            "ConnectProxyBindMinPort": config.proxy_min_port,
+            "ConnectProxyBindMaxPort": config.proxy_max_port,
+            "ACLsEnabled": config.acl.enabled,
+            "LogLevel": config.log_level,
+        },
+        "Member": {
+            "Name": config.node_name,
+            "Addr": config.bind_addr,
+            "Port": 0,
+            "Tags": {"dc": config.datacenter, "role": "node", "id": view.node_id},
+            "Status": 1,
+        },
+        "Meta": {"consul-network-segment": ""},
+        "Stats": {
+            "agent": {"managed_proxies": str(len(view.proxies))},
+            "proxy-supervisor": {
+                "version": __version__,
+                "reload_error": view.reload_error or "",
+                "api_address": view.api_address,
+            },
+        },
+    }

@@ -1,0 +1,215 @@
+"""The operator commands (everything but ``agent``): validate, proxies, logs, reload, leave."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from supervisor.cli.client import AgentClient
+from supervisor.config import load_config
+from supervisor.errors import AgentRequestError, UsageError
+
+
+def validate(paths: Sequence[str], quiet: bool, out: TextIO) -> int:
+    """Load every given file or directory exactly as the agent would; raises ConfigError."""
+    if not paths:
+        raise UsageError("validate needs at least one config file or directory")
+    files = [path for path in paths if not os.path.isdir(path)]
+    dirs = [path for path in paths if os.path.isdir(path)]
+    config = load_config(
+        files, dirs, {"data_dir": "/validate"} if not _mentions_data_dir(files, dirs) else None
+    )
+    if not quiet:
+        for notice in config.notices:
+            out.write(f"note: {notice}\n")
+        managed = len(config.managed_services())
+        out.write(
+            f"Configuration is valid! {len(config.services)} service(s), {managed} managed prox"
+            f"{'y' if managed == 1 else 'ies'}.\n"
+        )
+    return 0
+
+
+def _mentions_data_dir(files: Sequence[str], dirs: Sequence[str]) -> bool:
+    """``validate`` checks drop-ins that may leave data_dir to another file; only supply a
+    placeholder when no given source sets it."""
+    try:
+        load_config(files, dirs)
+    except Exception:  # noqa: BLE001 - any failure is reported by the real load that follows
+        return False
+    return True
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def _note(entry: dict[str, Any]) -> str:
+    state = entry["State"]
+    if state == "blocked":
+        return str(entry.get("BlockedReason") or "blocked")
+    if state == "backoff":
+        next_in = entry.get("NextAttemptInSeconds")
+        when = f"next attempt in {next_in:.1f}s" if next_in is not None else "waiting"
+        return f"{when}; last: {entry.get('LastExit') or 'unknown'}"
+    if entry.get("Adopted"):
+        return "adopted from an earlier agent run"
+    if entry.get("LastExit") and entry.get("Restarts"):
+        return f"last exit: {entry['LastExit']}"
+    return ""
+
+
+def proxies(client: AgentClient, as_json: bool, out: TextIO) -> int:
+    data = client.get("/v1/agent/connect/proxies")
+    if as_json:
+        out.write(json.dumps(data, indent=2) + "\n")
+        return 0
+    if not data:
+        out.write("No managed proxies.\n")
+        return 0
+    header = ("PROXY", "SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "PORT", "NOTE")
+    rows = [
+        (
+            entry["ProxyServiceID"],
+            entry["TargetServiceID"],
+            entry["State"],
+            str(entry["Pid"] or "-"),
+            _duration(entry.get("UptimeSeconds")),
+            str(entry["Restarts"]),
+            str(entry["Port"] or "-"),
+            _note(entry),
+        )
+        for entry in data.values()
+    ]
+    widths = [max(len(row[index]) for row in [header, *rows]) for index in range(len(header) - 1)]
+    for row in [header, *rows]:
+        cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
+        out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
+    return 0
+
+
+def log_path(client: AgentClient | None, data_dir: str | None, name: str, stderr: bool) -> str:
+    """Find a proxy's log by proxy ID or service ID, through the agent or in a data_dir."""
+    candidates = [name, f"{name}-proxy"] if not name.endswith("-proxy") else [name]
+    suffix = "stderr" if stderr else "stdout"
+    if data_dir is not None:
+        for candidate in candidates:
+            path = os.path.join(data_dir, "proxy", "logs", f"{candidate}-{suffix}.log")
+            if os.path.exists(path):
+                return path
+        raise UsageError(f"no {suffix} log for {name!r} in {os.path.join(data_dir, 'proxy', 'logs')}")
+    assert client is not None
+    data = client.get("/v1/agent/connect/proxies")
+    for candidate in candidates:
+        entry = data.get(candidate)
+        if entry is None:
+            matches = [e for e in data.values() if e["TargetServiceID"] == name]
+            entry = matches[0] if matches else None
+        if entry is not None:
+            path = entry["StderrLog" if stderr else "StdoutLog"]
+            if not path:
+                raise AgentRequestError(
+                    f"proxy {entry['ProxyServiceID']} has no log file: the agent runs without a "
+                    "data_dir (-dev), so proxy output goes to the agent's terminal"
+                )
+            return str(path)
+    known = ", ".join(sorted(data)) or "none"
+    raise UsageError(f"no managed proxy for {name!r} (known proxies: {known})")
+
+
+def show_log(path: str, lines: int, follow: bool, out: TextIO) -> int:
+    try:
+        handle = open(path, "rb")  # kept open while following
+    except PermissionError:
+        raise AgentRequestError(
+            f"cannot read {path}: permission denied; proxy logs are readable only by the agent's user"
+        ) from None
+    except FileNotFoundError:
+        raise AgentRequestError(f"{path} does not exist (the proxy has not written anything yet?)") from None
+    with handle:
+        for line in _tail(handle, lines):
+            out.write(line)
+        out.flush()
+        if follow:
+            _follow(handle, path, out)
+    return 0
+
+
+def _tail(handle: Any, count: int) -> list[str]:
+    if count <= 0:
+        handle.seek(0, os.SEEK_END)
+        return []
+    handle.seek(0, os.SEEK_END)
+    end = handle.tell()
+    block = 64 * 1024
+    data = b""
+    position = end
+    while position > 0 and data.count(b"\n") <= count:
+        position = max(0, position - block)
+        handle.seek(position)
+        data = handle.read(end - position)
+    handle.seek(end)
+    text = data.decode("utf-8", "replace")
+    kept = text.splitlines(keepends=True)[-count:]
+    return kept
+
+
+def _follow(handle: Any, path: str, out: TextIO) -> None:
+    """Like ``tail -F``: survive truncation (copytruncate) and replacement (rename rotation)."""
+    inode = os.fstat(handle.fileno()).st_ino
+    try:
+        while True:
+            chunk = handle.read()
+            if chunk:
+                out.write(chunk.decode("utf-8", "replace"))
+                out.flush()
+                continue
+            time.sleep(0.2)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if current.st_ino != inode:
+                handle.close()
+                handle = open(path, "rb")
+                inode = current.st_ino
+            elif current.st_size < handle.tell():
+                handle.seek(0)
+    except KeyboardInterrupt:
+        return
+    finally:
+        handle.close()
+
+
+def reload(client: AgentClient, out: TextIO) -> int:
+    client.put("/v1/agent/reload", timeout=90)
+    out.write("Configuration reload triggered\n")
+    return 0
+
+
+def leave(client: AgentClient, out: TextIO) -> int:
+    out.write("Stopping all managed proxies, then the agent...\n")
+    out.flush()
+    client.put("/v1/agent/leave", timeout=180)
+    out.write("Graceful leave complete\n")
+    return 0
+
+
+def print_error(message: str) -> None:
+    sys.stderr.write(f"Error: {message}\n")
