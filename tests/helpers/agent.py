@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -247,10 +246,8 @@ class AgentProcess:
 
 
 def wait_for_line(path: Path, needle: str, timeout: float = 10.0) -> str:
-    return wait_until(
-        lambda: path.exists() and needle in path.read_text() and path.read_text(), timeout, message=needle
-    )
+    def found() -> str:
+        text = path.read_text() if path.exists() else ""
+        return text if needle in text else ""
 
-
-def now() -> float:
-    return time.monotonic()
+    return wait_until(found, timeout, message=needle)
