@@ -119,6 +119,10 @@ class HttpServer:
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        except asyncio.CancelledError:
+            # Only the server's shutdown cancels a connection; this task is the outermost
+            # frame, and asyncio's start_server callback would log a cancelled task as an error.
+            return
         finally:
             writer.close()
 

@@ -87,9 +87,11 @@ class ApiServer:
         async with server:
             await self._stop.wait()
             server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            # Held blocking queries are cut off; let each connection task finish closing.
+            pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def stop(self) -> None:
         if self._thread is None:

@@ -72,6 +72,7 @@ class AgentProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = root / "agent.log"
         self.runs = 0
+        self._node_id: str | None = None  # learnt from the API (dev mode has no node-id file)
 
     # -- config -------------------------------------------------------------------------
 
@@ -133,6 +134,10 @@ class AgentProcess:
             return "agent started" in self.log().split(f"--- run {self.runs} ---")[-1]
 
         wait_until(ready, timeout, message="the agent to start")
+        try:
+            self._node_id = self.get("/v1/agent/self")["Config"]["NodeID"]
+        except (OSError, AssertionError):
+            pass  # an agent whose API refuses us (ACLs): fall back to the node-id file
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -169,10 +174,11 @@ class AgentProcess:
             wait_until(lambda: not find_marked(node_id), timeout=10, message="killed proxies to exit")
 
     def node_id(self) -> str | None:
-        if self.data_dir is None:
-            return None
-        path = self.data_dir / "node-id"
-        return path.read_text().strip() if path.exists() else None
+        if self.data_dir is not None:
+            path = self.data_dir / "node-id"
+            if path.exists():
+                return path.read_text().strip()
+        return self._node_id
 
     # -- API --------------------------------------------------------------------------------
 
