@@ -16,6 +16,7 @@ import queue
 import random
 import selectors
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -81,6 +82,14 @@ class FilesChanged:
 
 
 @dataclass(frozen=True)
+class SweepScanned:
+    """The /proc scan for leftovers of exited proxies finished (posted by the scan thread)."""
+
+    proxy_ids: frozenset[str]
+    found: tuple[MarkedProcess, ...]
+
+
+@dataclass(frozen=True)
 class ShutdownRequested:
     """Stop the loop. ``stop_proxies``: stop every proxy first (``leave``, ``-dev``)."""
 
@@ -89,7 +98,7 @@ class ShutdownRequested:
     reply: concurrent.futures.Future[None] | None = None
 
 
-Event = ReloadRequested | FilesChanged | ShutdownRequested
+Event = ReloadRequested | FilesChanged | ShutdownRequested | SweepScanned
 
 
 @dataclass
@@ -165,6 +174,8 @@ class Supervisor:
         self._restarts_seed: dict[str, ProxyRecord] = {}
         self._written_records: dict[str, ProxyRecord] | None = None
         self._sweep_needed: set[str] = set()
+        self._sweep_thread: threading.Thread | None = None
+        self._closed = False
         self._reload_error: str | None = None
         self._view_version = 0
         self._shutdown: ShutdownRequested | None = None
@@ -176,10 +187,19 @@ class Supervisor:
     def post(self, event: Event) -> None:
         """Hand an event to the loop (safe from any thread and from signal handlers)."""
         self._events.put(event)
+        # No lock here: a signal handler may interrupt close() on the same thread. The
+        # flag is set before the fds close; a post racing a close may still hit a closed
+        # fd (EBADF), which is ignored, but never writes into a reused fd number, because
+        # close() waits for the scan thread -- the only other late poster.
+        if self._closed:
+            return
         try:
             os.write(self._wake_write, b"\0")
         except BlockingIOError:
             pass  # the pipe is full: the loop is awake anyway
+        except OSError:
+            if not self._closed:
+                raise
 
     @property
     def wake_fd(self) -> int:
@@ -260,6 +280,9 @@ class Supervisor:
 
     def close(self) -> None:
         """Release fds; proxies keep running (they are re-adopted by the next agent)."""
+        if self._sweep_thread is not None:
+            self._sweep_thread.join(timeout=10)
+        self._closed = True
         for slot in self._slots.values():
             if slot.handle is not None:
                 slot.handle.close()
@@ -270,6 +293,10 @@ class Supervisor:
     # -- events -------------------------------------------------------------------------------
 
     def _handle(self, event: Event) -> None:
+        if isinstance(event, SweepScanned):
+            self._sweep_thread = None
+            self._kill_leftovers(event)
+            return
         if self._shutdown is not None and not isinstance(event, ShutdownRequested):
             if isinstance(event, ReloadRequested) and event.reply is not None:
                 event.reply.set_exception(SupervisorError("the agent is shutting down"))
@@ -321,6 +348,17 @@ class Supervisor:
             return
         if self._shutdown.stop_proxies and any(slot.machine.alive for slot in self._slots.values()):
             return
+        if self._shutdown.stop_proxies:
+            # Every proxy is gone; anything still carrying our marker is a leftover (a
+            # double-forked daemon) that no later agent would know to clean up.
+            for process in self.options.scan_marked(self.options.node_id):
+                if kill_marked(process):
+                    log.warning(
+                        "killed leftover process %d (%s) of proxy %s",
+                        process.pid,
+                        process.stat.comm,
+                        process.marker.proxy_id,
+                    )
         self._stopped = True
         if self._shutdown.reply is not None:
             self._shutdown.reply.set_result(None)
@@ -456,8 +494,8 @@ class Supervisor:
     # -- persistence and publishing -----------------------------------------------------------
 
     def _flush(self) -> None:
-        if self._sweep_needed:
-            self._sweep(self._sweep_needed)
+        if self._sweep_needed and self._sweep_thread is None:
+            self._start_sweep(frozenset(self._sweep_needed))
             self._sweep_needed = set()
         for proxy_id, slot in list(self._slots.items()):
             if slot.machine.finished:
@@ -469,14 +507,29 @@ class Supervisor:
         self._write_records()
         self._publish()
 
-    def _sweep(self, proxy_ids: set[str]) -> None:
-        """Kill marked processes of these proxies that are not in their current process's
-        session: leftovers of a dead generation (a double-forked daemon, say)."""
-        if self.options.data_dir is None:
-            return
+    def _start_sweep(self, proxy_ids: frozenset[str]) -> None:
+        """Look for leftovers of exited proxies (a double-forked daemon, say) off the loop:
+        reading every process's environment takes milliseconds that must not delay the
+        handling of the next exit."""
+
+        def scan() -> None:
+            try:
+                found = tuple(self.options.scan_marked(self.options.node_id))
+            except OSError as exc:
+                log.warning("cannot scan /proc for leftover proxy processes: %s", exc)
+                found = ()
+            self.post(SweepScanned(proxy_ids, found))
+
+        self._sweep_thread = threading.Thread(target=scan, name="sweep-scan", daemon=True)
+        self._sweep_thread.start()
+
+    def _kill_leftovers(self, scanned: SweepScanned) -> None:
+        """Kill marked processes of these proxies outside their current process's session.
+        Decided here, on the loop, against the sessions that exist *now*; ``kill_marked``
+        re-checks each process's identity through a pidfd before signalling it."""
         current_sessions = {slot.handle.pid for slot in self._slots.values() if slot.handle is not None}
-        for process in self.options.scan_marked(self.options.node_id):
-            if process.marker.proxy_id in proxy_ids and process.stat.session not in current_sessions:
+        for process in scanned.found:
+            if process.marker.proxy_id in scanned.proxy_ids and process.stat.session not in current_sessions:
                 if kill_marked(process):
                     log.warning(
                         "proxy %s: killed leftover process %d (%s) of an exited generation",
