@@ -16,6 +16,7 @@ from supervisor.supervision.machine import (
     Spawn,
     State,
 )
+from supervisor.supervision.manager import Debounce
 
 POLICY = RestartPolicy()
 
@@ -207,3 +208,19 @@ def test_spawn_failure_counts_as_a_quick_exit() -> None:
     assert m.spawn_failed(spawn.generation, 0.0, "command not found") == []
     assert m.state is State.BACKOFF and m.retry_at == 2.0
     assert m.last_exit == "failed to start: command not found"
+
+
+def test_debounce_waits_for_quiet_but_not_forever() -> None:
+    debounce = Debounce(quiet=0.2, cap=2.0)
+    debounce.poke(10.0)
+    assert not debounce.fire(10.19)
+    assert debounce.fire(10.2)
+    assert not debounce.fire(20.0)  # fired once per burst
+    # an editor that keeps saving every 100 ms: applied at the cap, 2 s after the first event
+    now = 30.0
+    while now < 32.5:
+        debounce.poke(now)
+        if debounce.fire(now):
+            break
+        now = round(now + 0.1, 3)
+    assert now == pytest.approx(32.0)

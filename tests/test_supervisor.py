@@ -62,8 +62,14 @@ class Harness:
     """A Supervisor on a thread, plus helpers to change its config and wait for states."""
 
     def __init__(
-        self, tmp_path: Path, policy: RestartPolicy = FAST, is_root: bool = False, reuse_config: bool = False
+        self,
+        tmp_path: Path,
+        policy: RestartPolicy = FAST,
+        is_root: bool = False,
+        reuse_config: bool = False,
+        ambient_env: dict[str, str] | None = None,
     ) -> None:
+        self.ambient_env = ambient_env
         self.tmp_path = tmp_path
         self.config_dir = tmp_path / "conf.d"
         self.config_dir.mkdir(exist_ok=True)
@@ -108,6 +114,7 @@ class Harness:
             load_config=self.load,
             is_root=self.is_root,
             policy=self.policy,
+            ambient_env=self.ambient_env if self.ambient_env is not None else dict(os.environ),
         )
         self.supervisor = Supervisor(options, self.board)
         started = threading.Event()
@@ -543,6 +550,28 @@ def test_ports_and_tokens_persist_across_restarts(tmp_path: Path) -> None:
         assert low <= planned.port <= high
         allocations = Path(first.data_dir.allocations_path)
         assert os.stat(allocations).st_mode & 0o777 == 0o600
+    finally:
+        first.stop(stop_proxies=True)
+        second.stop(stop_proxies=True)
+
+
+def test_a_different_agent_environment_restarts_nothing(tmp_path: Path) -> None:
+    # Consul compared the whole environment, so a changed agent env restarted every proxy.
+    first = Harness(tmp_path, ambient_env={**os.environ, "AGENT_SETTING": "one"})
+    state = tmp_path / "web.state"
+    first.write("web.json", {"service": service("web", proxy_command("run", state))})
+    second = Harness(
+        tmp_path, reuse_config=True, ambient_env={**os.environ, "AGENT_SETTING": "two", "NEW": "x"}
+    )
+    try:
+        first.start()
+        web = first.wait_state("web-proxy", "running")
+        first.stop(stop_proxies=False)
+        second.start()
+        adopted = second.wait_state("web-proxy", "running")
+        assert adopted.pid == web.pid and adopted.adopted
+        time.sleep(0.3)
+        assert len(starts(state)) == 1
     finally:
         first.stop(stop_proxies=True)
         second.stop(stop_proxies=True)
