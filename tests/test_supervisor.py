@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,28 +33,13 @@ from supervisor.supervision.manager import (
 from supervisor.supervision.view import AgentView, ProxyStatus, ViewBoard
 from tests.conftest import free_port_range
 from tests.helpers.processes import pid_alive, wait_until
+from tests.helpers.statefile import fake_proxy, first_value, read_state, starts
 
-FAKEPROXY = str(Path(__file__).parent / "helpers" / "fakeproxy.py")
 FAST = RestartPolicy(stop_timeout=0.5, startup_grace=0.2)
 
 
 def proxy_command(mode: str, statefile: Path, *extra: str) -> list[str]:
-    return [sys.executable, FAKEPROXY, mode, str(statefile), *extra]
-
-
-def read_state(statefile: Path) -> list[dict[str, Any]]:
-    if not statefile.exists():
-        return []
-    return [json.loads(line) for line in statefile.read_text().splitlines() if line.strip()]
-
-
-def first_value(statefile: Path, key: str) -> int:
-    """The first recorded value of ``key`` (a PID) in the state file, 0 if none yet."""
-    return next((int(entry[key]) for entry in read_state(statefile) if key in entry), 0)
-
-
-def starts(statefile: Path) -> list[dict[str, Any]]:
-    return [entry for entry in read_state(statefile) if "mode" in entry]
+    return fake_proxy(mode, statefile, *extra)
 
 
 class Harness:
@@ -192,6 +176,16 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
     h = Harness(tmp_path)
     yield h
     h.stop(stop_proxies=True)
+
+
+@pytest.fixture
+def two_agents(tmp_path: Path) -> Iterator[tuple[Harness, Harness]]:
+    """Two supervisor runs on one data_dir and config dir: the second one adopts."""
+    first = Harness(tmp_path)
+    second = Harness(tmp_path, reuse_config=True)
+    yield first, second
+    first.stop(stop_proxies=True)
+    second.stop(stop_proxies=True)
 
 
 def service(name: str, command: list[str], **proxy: Any) -> dict[str, Any]:
@@ -383,35 +377,32 @@ def test_root_without_allow_managed_root_starts_nothing(
         h.stop(stop_proxies=True)
 
 
-def test_proxies_survive_the_supervisor_and_are_adopted_without_restart(tmp_path: Path) -> None:
-    first = Harness(tmp_path)
+def test_proxies_survive_the_supervisor_and_are_adopted_without_restart(
+    two_agents: tuple[Harness, Harness], tmp_path: Path
+) -> None:
+    first, second = two_agents
     web_state, db_state = tmp_path / "web.state", tmp_path / "db.state"
     first.write("web.json", {"service": service("web", proxy_command("run", web_state))})
     first.write("db.json", {"service": service("db", proxy_command("run", db_state))})
-    second = Harness(tmp_path, reuse_config=True)
-    try:
-        first.start()
-        web = first.wait_state("web-proxy", "running")
-        db = first.wait_state("db-proxy", "running")
-        first.stop(stop_proxies=False)  # the agent goes away; proxies stay
-        assert web.pid is not None and db.pid is not None
-        assert pid_alive(web.pid) and pid_alive(db.pid)
+    first.start()
+    web = first.wait_state("web-proxy", "running")
+    db = first.wait_state("db-proxy", "running")
+    first.stop(stop_proxies=False)  # the agent goes away; proxies stay
+    assert web.pid is not None and db.pid is not None
+    assert pid_alive(web.pid) and pid_alive(db.pid)
 
-        second.start()
-        adopted_web = second.wait_state("web-proxy", "running")
-        adopted_db = second.wait_state("db-proxy", "running")
-        assert (adopted_web.pid, adopted_db.pid) == (web.pid, db.pid)
-        assert adopted_web.adopted and adopted_web.restarts == 0
-        assert len(starts(web_state)) == 1 and len(starts(db_state)) == 1
+    second.start()
+    adopted_web = second.wait_state("web-proxy", "running")
+    adopted_db = second.wait_state("db-proxy", "running")
+    assert (adopted_web.pid, adopted_db.pid) == (web.pid, db.pid)
+    assert adopted_web.adopted and adopted_web.restarts == 0
+    assert len(starts(web_state)) == 1 and len(starts(db_state)) == 1
 
-        # an adopted process that dies is restarted at once (its exit is seen via its pidfd)
-        os.kill(web.pid, signal.SIGKILL)
-        restarted = second.wait_status("web-proxy", lambda s: s.pid not in (None, web.pid))
-        assert restarted.restarts == 1 and restarted.last_exit is not None
-        assert "status unknown" in restarted.last_exit
-    finally:
-        first.stop(stop_proxies=True)
-        second.stop(stop_proxies=True)
+    # an adopted process that dies is restarted at once (its exit is seen via its pidfd)
+    os.kill(web.pid, signal.SIGKILL)
+    restarted = second.wait_status("web-proxy", lambda s: s.pid not in (None, web.pid))
+    assert restarted.restarts == 1 and restarted.last_exit is not None
+    assert "status unknown" in restarted.last_exit
 
 
 def test_record_whose_pid_is_another_process_is_neither_adopted_nor_signalled(tmp_path: Path) -> None:
@@ -469,90 +460,78 @@ def test_record_pointing_at_a_thread_of_the_agent_is_not_adopted(tmp_path: Path)
         h.stop(stop_proxies=True)
 
 
-def test_unrecorded_marked_proxy_is_adopted_not_duplicated(tmp_path: Path) -> None:
-    first = Harness(tmp_path)
+def test_unrecorded_marked_proxy_is_adopted_not_duplicated(
+    two_agents: tuple[Harness, Harness], tmp_path: Path
+) -> None:
+    first, second = two_agents
     state = tmp_path / "web.state"
     first.write("web.json", {"service": service("web", proxy_command("run", state))})
-    second = Harness(tmp_path, reuse_config=True)
-    try:
-        first.start()
-        web = first.wait_state("web-proxy", "running")
-        first.stop(stop_proxies=False)
-        # Simulate an agent that died between spawning and recording: no snapshot at all.
-        os.unlink(first.data_dir.snapshot_path)
-        second.start()
-        adopted = second.wait_state("web-proxy", "running")
-        assert adopted.pid == web.pid and adopted.adopted
-        time.sleep(0.3)
-        assert len(starts(state)) == 1
-        assert second.data_dir.load_records().records["web-proxy"].pid == web.pid
-    finally:
-        first.stop(stop_proxies=True)
-        second.stop(stop_proxies=True)
+    first.start()
+    web = first.wait_state("web-proxy", "running")
+    first.stop(stop_proxies=False)
+    # Simulate an agent that died between spawning and recording: no snapshot at all.
+    os.unlink(first.data_dir.snapshot_path)
+    second.start()
+    adopted = second.wait_state("web-proxy", "running")
+    assert adopted.pid == web.pid and adopted.adopted
+    time.sleep(0.3)
+    assert len(starts(state)) == 1
+    assert second.data_dir.load_records().records["web-proxy"].pid == web.pid
 
 
-def test_corrupt_snapshot_is_set_aside_and_proxies_are_still_found(tmp_path: Path) -> None:
-    first = Harness(tmp_path)
+def test_corrupt_snapshot_is_set_aside_and_proxies_are_still_found(
+    two_agents: tuple[Harness, Harness], tmp_path: Path
+) -> None:
+    first, second = two_agents
     state = tmp_path / "web.state"
     first.write("web.json", {"service": service("web", proxy_command("run", state))})
-    second = Harness(tmp_path, reuse_config=True)
-    try:
-        first.start()
-        web = first.wait_state("web-proxy", "running")
-        first.stop(stop_proxies=False)
-        Path(first.data_dir.snapshot_path).write_text('{"Version": 2, "Proxies": {"web-pr')
-        second.start()
-        adopted = second.wait_state("web-proxy", "running")
-        assert adopted.pid == web.pid
-        aside = [
-            name for name in os.listdir(first.data_dir.proxy_dir) if name.startswith("snapshot.json.corrupt-")
-        ]
-        assert len(aside) == 1
-    finally:
-        first.stop(stop_proxies=True)
-        second.stop(stop_proxies=True)
+    first.start()
+    web = first.wait_state("web-proxy", "running")
+    first.stop(stop_proxies=False)
+    Path(first.data_dir.snapshot_path).write_text('{"Version": 2, "Proxies": {"web-pr')
+    second.start()
+    adopted = second.wait_state("web-proxy", "running")
+    assert adopted.pid == web.pid
+    aside = [
+        name for name in os.listdir(first.data_dir.proxy_dir) if name.startswith("snapshot.json.corrupt-")
+    ]
+    assert len(aside) == 1
 
 
-def test_changed_spec_while_down_replaces_the_adopted_proxy(tmp_path: Path) -> None:
-    first = Harness(tmp_path)
+def test_changed_spec_while_down_replaces_the_adopted_proxy(
+    two_agents: tuple[Harness, Harness], tmp_path: Path
+) -> None:
+    first, second = two_agents
     state = tmp_path / "web.state"
     first.write("web.json", {"service": service("web", proxy_command("run", state))})
-    second = Harness(tmp_path, reuse_config=True)
-    try:
-        first.start()
-        web = first.wait_state("web-proxy", "running")
-        first.stop(stop_proxies=False)
-        second.write("web.json", {"service": service("web", proxy_command("run", state, "--new"))})
-        second.start()
-        wait_until(lambda: len(starts(state)) == 2)
-        assert {"stopped": web.pid} in read_state(state)
-        assert starts(state)[1]["argv"][-1] == "--new"
-    finally:
-        first.stop(stop_proxies=True)
-        second.stop(stop_proxies=True)
+    first.start()
+    web = first.wait_state("web-proxy", "running")
+    first.stop(stop_proxies=False)
+    second.write("web.json", {"service": service("web", proxy_command("run", state, "--new"))})
+    second.start()
+    wait_until(lambda: len(starts(state)) == 2)
+    assert {"stopped": web.pid} in read_state(state)
+    assert starts(state)[1]["argv"][-1] == "--new"
 
 
-def test_ports_and_tokens_persist_across_restarts(tmp_path: Path) -> None:
-    first = Harness(tmp_path)
+def test_ports_and_tokens_persist_across_restarts(
+    two_agents: tuple[Harness, Harness], tmp_path: Path
+) -> None:
+    first, second = two_agents
     state = tmp_path / "web.state"
     first.write("web.json", {"service": service("web", proxy_command("run", state))})
-    second = Harness(tmp_path, reuse_config=True)
-    try:
-        first.start()
-        first.wait_state("web-proxy", "running")
-        planned = first.view.proxies["web-proxy"]
-        first.stop(stop_proxies=True)  # proxies stopped too: the next start spawns afresh
-        second.start()
-        second.wait_state("web-proxy", "running")
-        again = second.view.proxies["web-proxy"]
-        assert (again.port, again.spec.token) == (planned.port, planned.spec.token)
-        low, high = first.base["ports"]["proxy_min_port"], first.base["ports"]["proxy_max_port"]
-        assert low <= planned.port <= high
-        allocations = Path(first.data_dir.allocations_path)
-        assert os.stat(allocations).st_mode & 0o777 == 0o600
-    finally:
-        first.stop(stop_proxies=True)
-        second.stop(stop_proxies=True)
+    first.start()
+    first.wait_state("web-proxy", "running")
+    planned = first.view.proxies["web-proxy"]
+    first.stop(stop_proxies=True)  # proxies stopped too: the next start spawns afresh
+    second.start()
+    second.wait_state("web-proxy", "running")
+    again = second.view.proxies["web-proxy"]
+    assert (again.port, again.spec.token) == (planned.port, planned.spec.token)
+    low, high = first.base["ports"]["proxy_min_port"], first.base["ports"]["proxy_max_port"]
+    assert low <= planned.port <= high
+    allocations = Path(first.data_dir.allocations_path)
+    assert os.stat(allocations).st_mode & 0o777 == 0o600
 
 
 def test_a_different_agent_environment_restarts_nothing(tmp_path: Path) -> None:

@@ -20,22 +20,9 @@ from typing import Any
 from supervisor.process.marker import find_marked, kill_marked
 from tests.conftest import free_port, free_port_range
 from tests.helpers.processes import wait_until
+from tests.helpers.statefile import fake_proxy, read_state, starts
 
-FAKEPROXY = str(Path(__file__).parent / "fakeproxy.py")
-
-
-def fake_proxy(mode: str, statefile: Path | str, *extra: str, python: str = sys.executable) -> list[str]:
-    return [python, FAKEPROXY, mode, str(statefile), *extra]
-
-
-def read_state(statefile: Path) -> list[dict[str, Any]]:
-    if not statefile.exists():
-        return []
-    return [json.loads(line) for line in statefile.read_text().splitlines() if line.strip()]
-
-
-def starts(statefile: Path) -> list[dict[str, Any]]:
-    return [entry for entry in read_state(statefile) if "mode" in entry]
+__all__ = ["AgentProcess", "fake_proxy", "read_state", "starts", "wait_for_line"]
 
 
 class AgentProcess:
