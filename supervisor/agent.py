@@ -19,8 +19,12 @@ from types import FrameType
 from typing import Any
 
 from supervisor.api.server import ApiServer, bind_listener
+from supervisor.catalog.index import Index
+from supervisor.catalog.registry import Registry
 from supervisor.config import load_config
 from supervisor.config.model import AgentConfig
+from supervisor.connect.ca import validate_ca_config
+from supervisor.controlplane import ControlPlane
 from supervisor.logsetup import configure_logging, set_level
 from supervisor.state.datadir import DataDir
 from supervisor.state.lock import AgentLock
@@ -28,6 +32,7 @@ from supervisor.supervision.desired import address_for_proxies
 from supervisor.supervision.manager import (
     FilesChanged,
     ReloadRequested,
+    ServicesChanged,
     ShutdownRequested,
     Supervisor,
     SupervisorOptions,
@@ -57,9 +62,10 @@ class Agent:
         self.data_dir: DataDir | None = None
 
     def load(self) -> AgentConfig:
-        return load_config(
-            self.options.config_files, self.options.config_dirs, self.options.flags, dev=self.options.dev
-        )
+        options = self.options
+        config = load_config(options.config_files, options.config_dirs, options.flags, dev=options.dev)
+        validate_ca_config(config.ca)  # a bad operator CA fails the load (or the reload) as a whole
+        return config
 
     def run(self) -> int:
         config = self.config
@@ -71,14 +77,22 @@ class Agent:
         host, port = sock.getsockname()[:2]
         api_address = address_for_proxies(config.http_host, int(port))
         board = ViewBoard(AgentView(config=config, node_id=node_id, api_address=api_address))
+        registry = Registry(os.path.join(self.data_dir.root, "services") if self.data_dir else None)
+        registry.load(config.proxy_defaults)
         supervisor = Supervisor(
             SupervisorOptions(
-                data_dir=self.data_dir, node_id=node_id, api_address=api_address, load_config=self.load
+                data_dir=self.data_dir,
+                node_id=node_id,
+                api_address=api_address,
+                load_config=self.load,
+                registered_services=lambda: registry.services,
             ),
             board,
         )
+        plane = ControlPlane(self.data_dir, registry, Index(), lambda: supervisor.post(ServicesChanged()))
+        plane.load_stores()
         board.subscribe(self._on_view_change)
-        api = ApiServer(sock, board, supervisor)
+        api = ApiServer(sock, board, supervisor, plane)
         api.start()
         log.info("HTTP API listening on %s", _format_address(str(host), int(port)))
         watcher = ConfigWatcher(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor.api.auth import identify, may_read_service, require_operator, require_service_read
-from supervisor.api.blocking import ChangeSignal, block_until_changed
+from supervisor.api.blocking import block_until_changed
 from supervisor.api.http import HttpError, Request, Response
 from supervisor.api.router import READ, WRITE, Router
 from supervisor.api.shapes import (
@@ -22,9 +22,19 @@ from supervisor.api.shapes import (
     proxy_config_json,
     proxy_status_json,
 )
+from supervisor.catalog.checks import CRITICAL, PASSING, WARNING
+from supervisor.config.build import build_service
+from supervisor.config.model import ServiceDef
+from supervisor.controlplane import ControlPlane
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.supervision.manager import ReloadRequested, ShutdownRequested, Supervisor
-from supervisor.supervision.view import ViewBoard
+from supervisor.supervision.view import AgentView, ViewBoard
+
+MANAGED_API_DISALLOWED = "Managed proxy registration via the API is disallowed."
+MANAGED_DEREGISTER = (
+    "Managed proxy service cannot be deregistered directly. "
+    "Deregister the service that has a managed proxy instead."
+)
 
 RELOAD_TIMEOUT = 60.0
 LEAVE_TIMEOUT = 120.0
@@ -34,7 +44,14 @@ LEAVE_TIMEOUT = 120.0
 class AgentEndpoints:
     board: ViewBoard
     supervisor: Supervisor
-    changes: ChangeSignal
+    plane: ControlPlane
+
+    @property
+    def changes(self) -> Any:
+        return self.plane.changes
+
+    def _services(self, view: AgentView) -> dict[str, dict[str, Any]]:
+        return agent_services(view, self.plane.registry.services)
 
     def register(self, router: Router) -> None:
         router.add(READ, "/v1/agent/self", self.agent_self)
@@ -44,6 +61,13 @@ class AgentEndpoints:
         router.add(READ, "/v1/agent/connect/proxies", self.proxies)
         router.add(WRITE, "/v1/agent/reload", self.reload)
         router.add(WRITE, "/v1/agent/leave", self.leave)
+        router.add(READ, "/v1/agent/checks", self.checks)
+        router.add(WRITE, "/v1/agent/check/pass/:id", self.check_pass)
+        router.add(WRITE, "/v1/agent/check/warn/:id", self.check_warn)
+        router.add(WRITE, "/v1/agent/check/fail/:id", self.check_fail)
+        router.add(WRITE, "/v1/agent/check/update/:id", self.check_update)
+        router.add(WRITE, "/v1/agent/service/register", self.register_service)
+        router.add(WRITE, "/v1/agent/service/deregister/:id", self.deregister_service)
 
     async def agent_self(self, request: Request) -> Response:
         view = self.board.current
@@ -53,7 +77,7 @@ class AgentEndpoints:
     async def services(self, request: Request) -> Response:
         view = self.board.current
         caller = identify(request, view)
-        services = agent_services(view)
+        services = self._services(view)
         if caller.is_proxy:  # a proxy sees its own service and its own proxy registration
             services = {
                 service_id: data
@@ -72,7 +96,7 @@ class AgentEndpoints:
         require_service_read(caller, view, service_id, service_name)
 
         def compute() -> dict[str, Any]:
-            data = agent_services(self.board.current).get(service_id)
+            data = self._services(self.board.current).get(service_id)
             if data is None:
                 raise HttpError(404, f"unknown service ID: {service_id}")
             return data
@@ -133,7 +157,112 @@ class AgentEndpoints:
         return Response.json(None)
 
     def _service_name(self, service_id: str) -> str:
-        data = agent_services(self.board.current).get(service_id)
+        data = self._services(self.board.current).get(service_id)
         if data is None:
             raise HttpError(404, f"unknown service ID: {service_id}")
         return str(data["Service"])
+
+    # -- checks ---------------------------------------------------------------------------
+
+    async def checks(self, request: Request) -> Response:
+        view = self.board.current
+        require_operator(identify(request, view), view)
+        return Response.json(self.plane.catalog.checks_json())
+
+    def _ttl_update(self, request: Request, status: str, output: str) -> Response:
+        view = self.board.current
+        require_operator(identify(request, view), view)
+        check_id = request.params["id"]
+        try:
+            self.plane.catalog.update_ttl(check_id, status, output)
+        except KeyError:
+            raise HttpError(404, f"Unknown check ID {check_id!r}") from None
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        return Response()
+
+    async def check_pass(self, request: Request) -> Response:
+        return self._ttl_update(request, PASSING, request.arg("note") or "")
+
+    async def check_warn(self, request: Request) -> Response:
+        return self._ttl_update(request, WARNING, request.arg("note") or "")
+
+    async def check_fail(self, request: Request) -> Response:
+        return self._ttl_update(request, CRITICAL, request.arg("note") or "")
+
+    async def check_update(self, request: Request) -> Response:
+        body = request.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "Request decode failed: expected a JSON object with Status and Output")
+        fields = {key.lower(): value for key, value in body.items()}
+        unknown = set(fields) - {"status", "output"}
+        if unknown:
+            raise HttpError(400, f"Request decode failed: unknown field(s) {sorted(unknown)}")
+        status, output = fields.get("status"), fields.get("output", "")
+        if status not in (PASSING, WARNING, CRITICAL):
+            raise HttpError(400, f"Invalid check status {status!r}: use passing, warning or critical")
+        if not isinstance(output, str):
+            raise HttpError(400, "Output must be a string")
+        return self._ttl_update(request, status, output)
+
+    # -- registration ---------------------------------------------------------------------
+
+    async def register_service(self, request: Request) -> Response:
+        view = self.board.current
+        require_operator(identify(request, view), view)
+        body = request.json()
+        try:
+            service = build_service(body, "request body", view.config.proxy_defaults)
+        except ConfigError as exc:
+            raise HttpError(
+                400, "Invalid service registration: " + "; ".join(str(p) for p in exc.problems)
+            ) from None
+        if service.managed_proxy is not None:
+            if not view.config.allow_managed_api_registration:
+                raise HttpError(400, MANAGED_API_DISALLOWED)
+            if not view.config.connect_enabled:
+                raise HttpError(400, "Managed proxies need connect.enabled = true")
+        self._check_clashes(view, service)
+        registry = self.plane.registry
+        previous = registry.get(service.id)
+        registry.register(service, body)
+        self.plane.catalog.update(view, registry.services)
+        if service.managed_proxy is not None or (previous is not None and previous.managed_proxy is not None):
+            self.plane.services_changed()
+        return Response()
+
+    def _check_clashes(self, view: AgentView, service: ServiceDef) -> None:
+        owned: dict[str, str] = {}
+        for configured in view.config.services:
+            owned[configured.id] = f"in {configured.source}"
+            if configured.managed_proxy is not None:
+                owned[configured.proxy_id] = f"as the managed proxy of {configured.id} ({configured.source})"
+        for registered in self.plane.registry.services:
+            if registered.id != service.id and registered.managed_proxy is not None:
+                owned[registered.proxy_id] = f"as the managed proxy of registered service {registered.id}"
+        ids = [service.id] + ([service.proxy_id] if service.managed_proxy is not None else [])
+        for service_id in ids:
+            if service_id in owned:
+                raise HttpError(
+                    409, f"service ID {service_id!r} is already defined {owned[service_id]}; use another ID"
+                )
+
+    async def deregister_service(self, request: Request) -> Response:
+        view = self.board.current
+        require_operator(identify(request, view), view)
+        service_id = request.params["id"]
+        if service_id in view.proxies:
+            raise HttpError(400, MANAGED_DEREGISTER)
+        configured = view.config.service(service_id)
+        if configured is not None:
+            raise HttpError(
+                400, f"service {service_id!r} is defined in {configured.source}; remove it there and reload"
+            )
+        registry = self.plane.registry
+        previous = registry.get(service_id)
+        if not registry.deregister(service_id):
+            raise HttpError(404, f"Unknown service ID {service_id!r}")
+        self.plane.catalog.update(view, registry.services)
+        if previous is not None and previous.managed_proxy is not None:
+            self.plane.services_changed()
+        return Response()

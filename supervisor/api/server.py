@@ -9,9 +9,13 @@ import socket
 import threading
 
 from supervisor.api.agent_endpoints import AgentEndpoints
-from supervisor.api.blocking import ChangeSignal
+from supervisor.api.catalog_endpoints import CatalogEndpoints
+from supervisor.api.connect_endpoints import ConnectEndpoints
 from supervisor.api.http import MAX_HEADER_BYTES, HttpServer
+from supervisor.api.intention_endpoints import IntentionEndpoints
+from supervisor.api.query_endpoints import QueryEndpoints
 from supervisor.api.router import Router
+from supervisor.controlplane import ControlPlane
 from supervisor.errors import ListenError
 from supervisor.supervision.manager import Supervisor
 from supervisor.supervision.view import AgentView, ViewBoard
@@ -41,15 +45,18 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 class ApiServer:
-    def __init__(self, sock: socket.socket, board: ViewBoard, supervisor: Supervisor) -> None:
+    def __init__(
+        self, sock: socket.socket, board: ViewBoard, supervisor: Supervisor, plane: ControlPlane
+    ) -> None:
         self.sock = sock
         self.board = board
         self.supervisor = supervisor
+        self.plane = plane
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
-        self._changes: ChangeSignal | None = None
+        self._error: BaseException | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -57,30 +64,49 @@ class ApiServer:
         return str(host), int(port)
 
     def start(self) -> None:
+        """Start serving; raises what the control plane's start-up raised (a bad CA file)."""
         self._thread = threading.Thread(target=self._run, name="http-api", daemon=True)
         self._thread.start()
-        self._ready.wait(10)
+        self._ready.wait(30)
+        if self._error is not None:
+            self._thread.join(5)
+            raise self._error
         self.board.subscribe(self._on_view)
 
-    def _on_view(self, _view: AgentView) -> None:
+    def _on_view(self, view: AgentView) -> None:
         # Called on the supervision thread: only hand the news to the API's loop.
-        changes = self._changes
-        if changes is not None and not self._loop.is_closed():
+        if not self._loop.is_closed():
             try:
-                self._loop.call_soon_threadsafe(changes.fire)
+                self._loop.call_soon_threadsafe(self._apply_view, view)
             except RuntimeError:
                 pass  # the loop is shutting down
 
+    def _apply_view(self, view: AgentView) -> None:
+        if self.board.current is not view:
+            return  # a newer view is already queued behind this one
+        self.plane.on_view(view)
+        self.plane.changes.fire()
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
-        self._loop.close()
+        try:
+            self._loop.run_until_complete(self._serve())
+        except BaseException as exc:  # noqa: BLE001 - handed to start() on the main thread
+            self._error = exc
+            self._ready.set()
+        finally:
+            self.plane.close()
+            self._loop.close()
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        self._changes = ChangeSignal()
+        self.plane.start(self.board.current)
         router = Router()
-        AgentEndpoints(self.board, self.supervisor, self._changes).register(router)
+        AgentEndpoints(self.board, self.supervisor, self.plane).register(router)
+        ConnectEndpoints(self.plane).register(router)
+        CatalogEndpoints(self.plane).register(router)
+        IntentionEndpoints(self.plane).register(router)
+        QueryEndpoints(self.plane).register(router)
         http = HttpServer(router)
         server = await asyncio.start_server(http.serve_connection, sock=self.sock, limit=MAX_HEADER_BYTES)
         self._ready.set()

@@ -8,6 +8,7 @@ clients decode our answers unchanged.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from typing import Any
 
 from supervisor.api.blocking import content_hash
@@ -103,10 +104,10 @@ def managed_proxy_service_json(planned: PlannedProxy) -> dict[str, Any]:
     return data
 
 
-def agent_services(view: AgentView) -> dict[str, dict[str, Any]]:
+def agent_services(view: AgentView, registered: Sequence[ServiceDef] = ()) -> dict[str, dict[str, Any]]:
     """Every service registered on this agent, keyed by ID (managed proxies included)."""
     services: dict[str, dict[str, Any]] = {}
-    for service in view.config.services:
+    for service in (*view.config.services, *registered):
         planned = view.proxies.get(service.proxy_id) if service.managed_proxy is not None else None
         services[service.id] = service_json(service, planned)
         if planned is not None:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from supervisor.cli import commands
+from supervisor.cli import commands, connect_commands
 from supervisor.cli.client import AgentClient
 from supervisor.errors import ConfigError, SupervisorError, UsageError
 from supervisor.version import __version__
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         _client_flags(sub.add_parser(name, help=text))
 
+    connect_commands.add_parsers(sub, _flag, _client_flags)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -138,6 +139,10 @@ def run(argv: Sequence[str]) -> int:
         return commands.reload(client, out)
     if args.command == "leave":
         return commands.leave(client, out)
+    if args.command == "intention":
+        return connect_commands.intention(args, client, out)
+    if args.command == "query":
+        return connect_commands.query(args, client, out)
     raise UsageError(f"unknown command {args.command!r}")
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from supervisor.config.formats import parse_text
-from supervisor.config.keys import AGENT
+from supervisor.config.keys import AGENT, SERVICE
 from supervisor.config.model import (
     ACLConfig,
     AgentConfig,
@@ -28,7 +28,7 @@ from supervisor.config.model import (
     Upstream,
     freeze,
 )
-from supervisor.config.schema import Context
+from supervisor.config.schema import Context, join
 from supervisor.config.sources import Source, collect_sources
 from supervisor.errors import ConfigError, ConfigProblem
 
@@ -77,6 +77,23 @@ def build_config(
     if problems:
         raise ConfigError(problems)
     return _Builder(_merge_documents(documents), tuple(notices), dev=dev).build()
+
+
+def build_service(raw: Any, source: str, defaults: ProxyDefaults) -> ServiceDef:
+    """Validate and build one service definition (an API registration), as config files are.
+
+    Accepts Consul's API spellings (``ID``, ``Name``, ``Connect.Proxy`` …); raises
+    ConfigError naming ``source`` and the key for anything invalid.
+    """
+    ctx = Context(source)
+    cleaned = SERVICE.validate(raw, "", ctx)
+    if ctx.problems:
+        raise ConfigError(ctx.problems)
+    builder = _Builder({"__services__": []}, (), dev=False)
+    service = builder._service(cleaned, source, "", defaults) if isinstance(cleaned, dict) else None
+    if builder.problems or service is None:
+        raise ConfigError(builder.problems or [ConfigProblem(source, "", "not a service definition")])
+    return service
 
 
 def _parse(source: Source, problems: list[ConfigProblem]) -> Any:
@@ -219,8 +236,8 @@ class _Builder:
         if bool(private_key) != bool(root_cert):
             self.problem("", "connect.ca_config", "private_key and root_cert must be given together")
         ttl = raw.get("leaf_cert_ttl", 72 * 3600.0)
-        if ttl <= 0:
-            self.problem("", "connect.ca_config.leaf_cert_ttl", "must be longer than 0s")
+        if not 10 <= ttl <= 8760 * 3600:
+            self.problem("", "connect.ca_config.leaf_cert_ttl", "must be between 10s and 8760h (one year)")
         return CAConfig(private_key=private_key, root_cert=root_cert, leaf_cert_ttl=ttl)
 
     def _acl(self) -> ACLConfig:
@@ -244,7 +261,7 @@ class _Builder:
         kind = raw.get("kind", "")
         connect = raw.get("connect", {})
         managed = (
-            self._managed_proxy(connect["proxy"], source, f"{path}.connect.proxy", defaults)
+            self._managed_proxy(connect["proxy"], source, join(path, "connect.proxy"), defaults)
             if "proxy" in connect
             else None
         )
@@ -252,13 +269,13 @@ class _Builder:
         if kind == "connect-proxy" and managed is not None:
             self.problem(
                 source,
-                f"{path}.connect.proxy",
+                join(path, "connect.proxy"),
                 "a connect-proxy service cannot ask for a managed proxy",
             )
         if kind != "connect-proxy" and ("proxy" in raw or "proxy_destination" in raw):
             self.problem(
                 source,
-                f"{path}.proxy",
+                join(path, "proxy"),
                 'only services with kind "connect-proxy" take a proxy block',
             )
         weights = raw.get("weights", {})
@@ -304,7 +321,9 @@ class _Builder:
         current = raw.get("upstreams") or []
         if legacy and current:
             self.notices.append(
-                ConfigProblem(source, f"{path}.config.upstreams", "ignored: upstreams is also set and wins")
+                ConfigProblem(
+                    source, join(path, "config.upstreams"), "ignored: upstreams is also set and wins"
+                )
             )
         return config, self._upstreams(current or legacy)
 
@@ -326,7 +345,7 @@ class _Builder:
         if not destination:
             self.problem(
                 source,
-                f"{path}.proxy.destination_service_name",
+                join(path, "proxy.destination_service_name"),
                 "a connect-proxy service needs the service it represents "
                 "(proxy.destination_service_name, or the legacy proxy_destination)",
             )
@@ -334,10 +353,10 @@ class _Builder:
         if not raw.get("port"):
             self.problem(
                 source,
-                f"{path}.port",
+                join(path, "port"),
                 "a connect-proxy service needs a port for other services to reach it",
             )
-        config, upstreams = self._split_legacy_upstreams(block, source, f"{path}.proxy")
+        config, upstreams = self._split_legacy_upstreams(block, source, join(path, "proxy"))
         return ConnectProxyDef(
             destination_service_name=destination,
             destination_service_id=block.get("destination_service_id", ""),
@@ -357,7 +376,7 @@ class _Builder:
         entries += [(f"checks[{i}]", c) for i, c in enumerate(raw.get("checks", []))]
         checks = []
         for number, (key, check) in enumerate(entries, start=1):
-            check_path = f"{path}.{key}"
+            check_path = join(path, key)
             default_id = f"service:{service_id}" if len(entries) == 1 else f"service:{service_id}:{number}"
             built = self._check_def(check, default_id, name, source, check_path)
             if built is not None:
@@ -379,7 +398,7 @@ class _Builder:
             return None
         kind = kinds[0]
         if kind != "ttl" and not raw.get("interval"):
-            self.problem(source, f"{path}.interval", f'a {kind} check needs an interval such as "10s"')
+            self.problem(source, join(path, "interval"), f'a {kind} check needs an interval such as "10s"')
             return None
         return CheckDef(
             check_id=raw.get("id") or raw.get("check_id") or default_id,

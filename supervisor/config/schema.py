@@ -251,9 +251,11 @@ class Obj(Node):
                 ctx.problem(key_path, f"given twice (also as {name!r})")
                 continue
             cleaned[name] = self.fields[name].validate(item, key_path, ctx)
+        camel_case = any(str(key)[:1].isupper() for key in value)
         for name in self.required:
             if name not in cleaned:
-                ctx.problem(join(path, name), "required key is missing")
+                shown = "".join(part.capitalize() for part in name.split("_")) if camel_case else name
+                ctx.problem(join(path, shown), "required key is missing")
         return cleaned
 
     def _hint(self, key: str) -> str:

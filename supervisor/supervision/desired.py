@@ -14,7 +14,7 @@ import hashlib
 import json
 import random
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,18 +101,17 @@ def plan_proxies(
     port_is_free: Callable[[str, int], bool],
     new_token: Callable[[], str] = lambda: str(uuid.uuid4()),
     rng: random.Random | None = None,
+    registered: Sequence[ServiceDef] = (),
 ) -> Plan:
-    """Plan every managed proxy of ``config``, reusing earlier tokens and ports."""
+    """Plan every managed proxy of ``config`` (and of API ``registered`` services), reusing
+    earlier tokens and ports."""
     rng = rng or random.Random()
     plan = Plan()
-    fixed_ports = {
-        int(port)
-        for service in config.managed_services()
-        if service.managed_proxy is not None and (port := _configured_port(config, service))
-    }
+    managed = [*config.managed_services(), *(s for s in registered if s.managed_proxy is not None)]
+    fixed_ports = {int(port) for service in managed if (port := _configured_port(config, service))}
     taken: set[int] = set(fixed_ports)
     # Proxies that keep an earlier auto-assigned port claim it before any new one is picked.
-    for service in config.managed_services():
+    for service in managed:
         earlier = previous.get(service.proxy_id)
         if earlier and earlier.port_auto and not _configured_port(config, service):
             if (
@@ -120,7 +119,7 @@ def plan_proxies(
                 and earlier.port not in fixed_ports
             ):
                 taken.add(earlier.port)
-    for service in config.managed_services():
+    for service in managed:
         plan.proxies[service.proxy_id], allocation = _plan_one(
             config,
             service,

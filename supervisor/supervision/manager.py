@@ -18,11 +18,11 @@ import selectors
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from supervisor.config.model import AgentConfig
+from supervisor.config.model import AgentConfig, ServiceDef
 from supervisor.errors import ConfigError, SpawnError, SupervisorError
 from supervisor.process.handle import ProcessHandle
 from supervisor.process.marker import MarkedProcess, find_marked, kill_marked
@@ -82,6 +82,11 @@ class FilesChanged:
 
 
 @dataclass(frozen=True)
+class ServicesChanged:
+    """A service registered through the API with a managed proxy came or went."""
+
+
+@dataclass(frozen=True)
 class SweepScanned:
     """The /proc scan for leftovers of exited proxies finished (posted by the scan thread)."""
 
@@ -98,7 +103,7 @@ class ShutdownRequested:
     reply: concurrent.futures.Future[None] | None = None
 
 
-Event = ReloadRequested | FilesChanged | ShutdownRequested | SweepScanned
+Event = ReloadRequested | FilesChanged | ShutdownRequested | SweepScanned | ServicesChanged
 
 
 @dataclass
@@ -151,6 +156,7 @@ class SupervisorOptions:
     port_is_free: Callable[[str, int], bool] | None = None
     scan_marked: Callable[[str], list[MarkedProcess]] = find_marked
     debounce: Debounce = field(default_factory=Debounce)
+    registered_services: Callable[[], Sequence[ServiceDef]] = lambda: ()
 
 
 class Supervisor:
@@ -303,6 +309,9 @@ class Supervisor:
             return
         if isinstance(event, FilesChanged):
             self.options.debounce.poke(self.clock.monotonic())
+        elif isinstance(event, ServicesChanged):
+            if self._config is not None:
+                self._apply(self._config)
         elif isinstance(event, ReloadRequested):
             try:
                 self._reload(event.reason)
@@ -367,7 +376,13 @@ class Supervisor:
 
     def _apply(self, config: AgentConfig) -> None:
         self._config = config
-        self._plan = plan_proxies(config, self.options.api_address, self._allocations, self._port_is_free)
+        self._plan = plan_proxies(
+            config,
+            self.options.api_address,
+            self._allocations,
+            self._port_is_free,
+            registered=self.options.registered_services(),
+        )
         if self._plan.allocations != self._allocations:
             # Written before any proxy that uses a new token starts: a crash right after
             # must not hand the next agent different tokens than the running proxies have.

@@ -1,0 +1,112 @@
+"""``/v1/connect/intentions``: create, read, update, delete, list, exact, check, match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from supervisor.api.auth import identify, require_operator
+from supervisor.api.blocking import block_until_changed
+from supervisor.api.http import HttpError, Request, Response
+from supervisor.api.router import READ, Router
+from supervisor.catalog.intentions import IntentionError, parse_intention
+from supervisor.controlplane import ControlPlane
+from supervisor.errors import ConfigError
+
+
+def _decode(body: Any) -> dict[str, Any]:
+    try:
+        return parse_intention(body, "request body")
+    except ConfigError as exc:
+        raise HttpError(400, "Invalid intention: " + "; ".join(str(p) for p in exc.problems)) from None
+
+
+@dataclass
+class IntentionEndpoints:
+    plane: ControlPlane
+
+    def register(self, router: Router) -> None:
+        router.add(("GET", "HEAD", "POST", "PUT"), "/v1/connect/intentions", self.collection)
+        router.add(READ, "/v1/connect/intentions/exact", self.exact)
+        router.add(READ, "/v1/connect/intentions/check", self.check)
+        router.add(READ, "/v1/connect/intentions/match", self.match)
+        router.add(("GET", "HEAD", "PUT", "POST", "DELETE"), "/v1/connect/intentions/:id", self.single)
+
+    def _operator(self, request: Request) -> None:
+        view = self.plane.view
+        assert view is not None
+        require_operator(identify(request, view), view)
+
+    def _call(self, action: Any, *args: Any) -> Any:
+        try:
+            return action(*args)
+        except IntentionError as exc:
+            raise HttpError(exc.status, str(exc)) from None
+
+    async def collection(self, request: Request) -> Response:
+        self._operator(request)
+        store = self.plane.intentions
+        if request.method in ("POST", "PUT"):
+            intention = self._call(store.create, _decode(request.json()))
+            return Response.json({"ID": intention.id})
+        data, index = await block_until_changed(
+            request,
+            self.plane.changes,
+            lambda: self.plane.catalog.results.get(
+                ("intentions",), lambda: [i.to_json() for i in store.sorted()]
+            ),
+            lambda r: r[1],
+            param="index",
+        )
+        return Response.json(data, headers={"X-Consul-Index": str(index)})
+
+    async def single(self, request: Request) -> Response:
+        self._operator(request)
+        store = self.plane.intentions
+        intention_id = request.params["id"]
+        if request.method in ("PUT", "POST"):
+            self._call(store.update, intention_id, _decode(request.json()))
+            return Response()
+        if request.method == "DELETE":
+            self._call(store.delete, intention_id)
+            return Response()
+        intention = store.intentions.get(intention_id)
+        if intention is None:
+            raise HttpError(404, f"Intention not found: {intention_id}")
+        return Response.json(intention.to_json())
+
+    def _pair(self, request: Request) -> tuple[str, str]:
+        source, destination = request.arg("source"), request.arg("destination")
+        if not source or not destination:
+            raise HttpError(400, "both 'source' and 'destination' query parameters are required")
+        return source, destination
+
+    async def exact(self, request: Request) -> Response:
+        self._operator(request)
+        source, destination = self._pair(request)
+        intention = self.plane.intentions.exact(source, destination)
+        if intention is None:
+            raise HttpError(404, f"Intention not found: {source} => {destination}")
+        return Response.json(intention.to_json())
+
+    async def check(self, request: Request) -> Response:
+        self._operator(request)
+        source, destination = self._pair(request)
+        view = self.plane.view
+        assert view is not None
+        acl = view.config.acl
+        allowed, _ = self.plane.intentions.decide(
+            source, destination, default_allow=acl.default_policy == "allow", acls_enabled=acl.enabled
+        )
+        return Response.json({"Allowed": allowed})
+
+    async def match(self, request: Request) -> Response:
+        self._operator(request)
+        by = request.arg("by")
+        if by not in ("source", "destination"):
+            raise HttpError(400, "'by' must be 'source' or 'destination'")
+        names = request.query.get("name", [])
+        if not names:
+            raise HttpError(400, "at least one 'name' query parameter is required")
+        store = self.plane.intentions
+        return Response.json({name: [i.to_json() for i in store.match(by, name)] for name in names})

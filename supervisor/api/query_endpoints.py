@@ -1,0 +1,123 @@
+"""``/v1/query``: prepared queries (create, read, update, delete, list, execute)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from supervisor.api.auth import identify, require_operator
+from supervisor.api.catalog_endpoints import truthy
+from supervisor.api.http import HttpError, Request, Response
+from supervisor.api.router import READ, Router
+from supervisor.catalog.queries import QueryError, parse_query, shuffled
+from supervisor.controlplane import ControlPlane
+from supervisor.errors import ConfigError
+
+
+@dataclass
+class QueryEndpoints:
+    plane: ControlPlane
+
+    def register(self, router: Router) -> None:
+        router.add(("GET", "HEAD", "POST", "PUT"), "/v1/query", self.collection)
+        router.add(READ, "/v1/query/:id/execute", self.execute)
+        router.add(READ, "/v1/query/:id/explain", self.explain)
+        router.add(("GET", "HEAD", "PUT", "POST", "DELETE"), "/v1/query/:id", self.single)
+
+    def _caller(self, request: Request, operator: bool = True) -> bool:
+        """Check access; True if the caller may see tokens stored in queries."""
+        view = self.plane.view
+        assert view is not None
+        caller = identify(request, view)
+        if caller.is_proxy and not operator:
+            return False
+        require_operator(caller, view)
+        return caller.kind == "master" or not view.config.acl.enabled
+
+    def _decode(self, request: Request) -> dict[str, Any]:
+        try:
+            return parse_query(request.json(), "request body")
+        except ConfigError as exc:
+            raise HttpError(
+                400, "Invalid prepared query: " + "; ".join(str(p) for p in exc.problems)
+            ) from None
+
+    def _call(self, action: Any, *args: Any) -> Any:
+        try:
+            return action(*args)
+        except QueryError as exc:
+            raise HttpError(exc.status, str(exc)) from None
+
+    async def collection(self, request: Request) -> Response:
+        show = self._caller(request)
+        store = self.plane.queries
+        if request.method in ("POST", "PUT"):
+            query = self._call(store.create, self._decode(request))
+            return Response.json({"ID": query.id})
+        return Response.json([query.to_json(show) for query in store.list()])
+
+    async def single(self, request: Request) -> Response:
+        show = self._caller(request)
+        store = self.plane.queries
+        query_id = request.params["id"]
+        if request.method in ("PUT", "POST"):
+            self._call(store.update, query_id, self._decode(request))
+            return Response()
+        if request.method == "DELETE":
+            self._call(store.delete, query_id)
+            return Response()
+        query = store.queries.get(query_id)
+        if query is None:
+            raise HttpError(404, f"Query not found: {query_id}")
+        return Response.json([query.to_json(show)])
+
+    async def execute(self, request: Request) -> Response:
+        self._caller(request, operator=False)
+        view = self.plane.view
+        assert view is not None
+        dc = request.arg("dc")
+        if dc and dc != view.config.datacenter:
+            raise HttpError(404, f"No path to datacenter {dc!r}")
+        query, service = self._call(self.plane.queries.resolve, request.params["id"])
+        catalog = self.plane.catalog
+        connect = truthy(request, "connect") or bool(service.get("connect"))
+        instances = catalog.select(
+            service["service"],
+            connect=connect,
+            tags=tuple(service.get("tags") or ()),
+            passing=bool(service.get("only_passing")),
+            exclude_critical=True,
+        )
+        service_meta = service.get("service_meta") or {}
+        node_meta = service.get("node_meta") or {}
+        if any(catalog.node_meta.get(key) != value for key, value in node_meta.items()):
+            instances = []
+        instances = [
+            instance
+            for instance in instances
+            if all(instance.service["Meta"].get(key) == value for key, value in service_meta.items())
+        ]
+        limit = request.arg("limit")
+        entries = shuffled(catalog.health_entries(instances))
+        if limit:
+            if not limit.isdigit():
+                raise HttpError(400, f"Invalid limit {limit!r}")
+            entries = entries[: int(limit)]
+        return Response.json(
+            {
+                "Service": service["service"],
+                "Nodes": entries,
+                "DNS": {"TTL": query.fields.get("dns", {}).get("ttl", "")},
+                "Datacenter": view.config.datacenter,
+                "Failovers": 0,
+            },
+            headers={"X-Consul-Index": str(self.plane.index.value)},
+        )
+
+    async def explain(self, request: Request) -> Response:
+        show = self._caller(request)
+        query, service = self._call(self.plane.queries.resolve, request.params["id"])
+        rendered = query.to_json(show)
+        rendered["Service"]["Service"] = service["service"]
+        rendered["Service"]["Tags"] = service.get("tags")
+        return Response.json({"Query": rendered})
