@@ -6,14 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from bench import agent_bench
+from bench import agent_bench, control_bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("suite", nargs="?", default="agent", choices=["agent"])
+    parser.add_argument("suite", nargs="?", default="agent", choices=["agent", "control"])
     parser.add_argument("--quick", action="store_true", help="fewer proxies and a 10 s idle window")
     parser.add_argument("--proxies", type=int, default=200, help="proxies for adoption and idle CPU")
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle CPU window")
@@ -26,6 +26,11 @@ def main() -> int:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "agent.json").write_text(json.dumps(results, indent=2) + "\n")
         print(agent_bench.report(results))
+    if args.suite == "control":
+        results = control_bench.run(waiters=200 if args.quick else 1000)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "control.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(control_bench.report(results))
     return 0
 
 

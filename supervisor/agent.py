@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import uuid
 from collections.abc import Mapping
@@ -68,6 +69,7 @@ class Agent:
         return config
 
     def run(self) -> int:
+        raise_open_file_limit()
         config = self.config
         configure_logging(config.log_level, json_lines=config.log_json, log_file=config.log_file)
         for notice in config.notices:
@@ -159,5 +161,13 @@ def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def running_as_root() -> bool:
-    return os.geteuid() == 0
+def raise_open_file_limit() -> None:
+    """Every blocking query and every proxy's pidfd holds a file descriptor: lift the soft
+    limit (often 1024) to the hard one, as network servers do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, wanted, exc)

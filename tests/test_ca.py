@@ -43,7 +43,9 @@ def operator_root() -> tuple[str, str]:
 
 def openssl_verify(tmp_path: Path, roots: list[str], leaf_pem: str) -> subprocess.CompletedProcess[str]:
     """``openssl verify`` of the leaf with the rest of CertPEM as untrusted intermediates."""
-    blocks = [block + "-----END CERTIFICATE-----\n" for block in leaf_pem.split("-----END CERTIFICATE-----")[:-1]]
+    blocks = [
+        block + "-----END CERTIFICATE-----\n" for block in leaf_pem.split("-----END CERTIFICATE-----")[:-1]
+    ]
     (tmp_path / "roots.pem").write_text("".join(roots))
     (tmp_path / "leaf.pem").write_text(blocks[0].lstrip())
     args = ["openssl", "verify", "-purpose", "sslclient", "-CAfile", str(tmp_path / "roots.pem")]
@@ -76,7 +78,9 @@ def test_leaf_properties(tmp_path: Path) -> None:
     first, second = ca.sign_leaf("web"), ca.sign_leaf("web")
     cert = first.cert
     assert first.key.curve.name == "secp256r1"
-    assert first.key.private_numbers().private_value != second.key.private_numbers().private_value  # fresh key
+    assert (
+        first.key.private_numbers().private_value != second.key.private_numbers().private_value
+    )  # fresh key
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "web"
     uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert uris.get_values_for_type(x509.UniformResourceIdentifier) == [
@@ -86,7 +90,9 @@ def test_leaf_properties(tmp_path: Path) -> None:
     usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(usage) == {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    assert abs((before - cert.not_valid_before_utc) - datetime.timedelta(minutes=1)) < datetime.timedelta(seconds=5)
+    assert abs((before - cert.not_valid_before_utc) - datetime.timedelta(minutes=1)) < datetime.timedelta(
+        seconds=5
+    )
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == datetime.timedelta(hours=72)
     data = first.to_json()
     assert data["Service"] == "web" and data["ServiceURI"].endswith("/svc/web")
@@ -101,7 +107,9 @@ def test_leaf_verifies_with_openssl(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("OK")
     other = new_ca(None)
-    wrong = openssl_verify(tmp_path, [other.roots_json()["Roots"][0]["RootCert"]], ca.sign_leaf("web").cert_pem)
+    wrong = openssl_verify(
+        tmp_path, [other.roots_json()["Roots"][0]["RootCert"]], ca.sign_leaf("web").cert_pem
+    )
     assert wrong.returncode != 0
 
 
@@ -156,7 +164,11 @@ def test_short_ttl_leaves_are_valid_now(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("key_kind", "expected"),
-    [("garbage", "not a PEM private key"), ("rsa", "must be an EC P-256 key"), ("mismatch", "does not belong")],
+    [
+        ("garbage", "not a PEM private key"),
+        ("rsa", "must be an EC P-256 key"),
+        ("mismatch", "does not belong"),
+    ],
 )
 def test_operator_ca_config_is_validated(key_kind: str, expected: str) -> None:
     key, cert = operator_root()
@@ -165,7 +177,9 @@ def test_operator_ca_config_is_validated(key_kind: str, expected: str) -> None:
     elif key_kind == "rsa":
         key = (
             rsa.generate_private_key(65537, 2048)
-            .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            .private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
             .decode()
         )
     else:
@@ -185,7 +199,12 @@ def test_spiffe_parsing() -> None:
     assert parsed == ServiceID("abc.consul", "default", "dc1", "web")
     assert parse("spiffe://ABC.consul") == SigningID("abc.consul")
     assert parse_service("spiffe://abc.consul/ns/default/dc/dc%2F1/svc/w%20b").datacenter == "dc/1"
-    for bad in ("http://abc.consul/ns/default/dc/dc1/svc/web", "spiffe://abc.consul/svc/web", "not a uri", ""):
+    for bad in (
+        "http://abc.consul/ns/default/dc/dc1/svc/web",
+        "spiffe://abc.consul/svc/web",
+        "not a uri",
+        "",
+    ):
         with pytest.raises(InvalidSpiffeID):
             parse_service(bad)
     with pytest.raises(InvalidSpiffeID):

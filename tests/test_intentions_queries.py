@@ -21,7 +21,9 @@ def store(path: Path | None = None) -> IntentionStore:
 
 
 def create(ixns: IntentionStore, source: str, destination: str, action: str) -> Any:
-    return ixns.create(parse_intention({"SourceName": source, "DestinationName": destination, "Action": action}))
+    return ixns.create(
+        parse_intention({"SourceName": source, "DestinationName": destination, "Action": action})
+    )
 
 
 def test_precedence_exact_beats_wildcards() -> None:
@@ -48,7 +50,10 @@ def test_no_match_falls_back_to_acl_defaults() -> None:
         True,
         "ACLs disabled, access is allowed by default",
     )
-    assert ixns.decide("a", "b", default_allow=False, acls_enabled=True) == (False, "Default behavior configured by ACLs")
+    assert ixns.decide("a", "b", default_allow=False, acls_enabled=True) == (
+        False,
+        "Default behavior configured by ACLs",
+    )
     assert ixns.decide("a", "b", default_allow=True, acls_enabled=True)[0] is True
 
 
@@ -58,7 +63,9 @@ def test_duplicates_updates_deletes() -> None:
     with pytest.raises(IntentionError) as exc:
         create(ixns, "web", "db", "deny")
     assert exc.value.status == 409 and first.id in str(exc.value)
-    updated = ixns.update(first.id, parse_intention({"SourceName": "web", "DestinationName": "db", "Action": "deny"}))
+    updated = ixns.update(
+        first.id, parse_intention({"SourceName": "web", "DestinationName": "db", "Action": "deny"})
+    )
     assert updated.action == "deny" and updated.modify_index > first.modify_index
     assert updated.created_at == first.created_at
     ixns.delete(first.id)
@@ -86,9 +93,15 @@ def test_match_by_source_and_destination() -> None:
     [
         ({"SourceName": "web", "DestinationName": "db"}, "Action: required key is missing"),
         ({"SourceName": "web", "DestinationName": "db", "Action": "maybe"}, "'maybe' is not one of"),
-        ({"SourceName": "we*b", "DestinationName": "db", "Action": "allow"}, "wildcard must be the entire name"),
+        (
+            {"SourceName": "we*b", "DestinationName": "db", "Action": "allow"},
+            "wildcard must be the entire name",
+        ),
         ({"SourceName": "../x", "DestinationName": "db", "Action": "allow"}, "cannot be used"),
-        ({"SourceName": "web", "DestinationName": "db", "Action": "allow", "Colour": "red"}, "Colour: unknown key"),
+        (
+            {"SourceName": "web", "DestinationName": "db", "Action": "allow", "Colour": "red"},
+            "Colour: unknown key",
+        ),
         ({"SourceName": 5, "DestinationName": "db", "Action": "allow"}, "expected a string"),
         ({"SourceName": "a", "DestinationName": "b", "Action": "allow", "SourceNS": "team"}, "namespaces"),
         ([1, 2], "expected an object"),
@@ -120,7 +133,9 @@ def queries(path: Path | None = None) -> QueryStore:
 def test_query_resolution_by_id_name_and_template(tmp_path: Path) -> None:
     path = tmp_path / "queries.json"
     store_ = queries(path)
-    plain = store_.create(parse_query({"Name": "db-query", "Service": {"Service": "db", "Tags": ["primary"]}}))
+    plain = store_.create(
+        parse_query({"Name": "db-query", "Service": {"Service": "db", "Tags": ["primary"]}})
+    )
     template = store_.create(
         parse_query(
             {
@@ -152,8 +167,18 @@ def test_query_resolution_by_id_name_and_template(tmp_path: Path) -> None:
         ({"Name": "x"}, "Service: required key is missing"),
         ({"Service": {"Tags": ["a"]}}, "Service.Service: required key is missing"),
         ({"Service": {"Service": "db", "OnlyPassing": "yes"}}, "expected true or false"),
-        ({"Template": {"Type": "name_prefix_match"}, "Service": {"Service": "x"}}, "a template query needs a name"),
-        ({"Name": "t", "Template": {"Type": "name_prefix_match", "Regexp": "("}, "Service": {"Service": "x"}}, "regular"),
+        (
+            {"Template": {"Type": "name_prefix_match"}, "Service": {"Service": "x"}},
+            "a template query needs a name",
+        ),
+        (
+            {
+                "Name": "t",
+                "Template": {"Type": "name_prefix_match", "Regexp": "("},
+                "Service": {"Service": "x"},
+            },
+            "regular",
+        ),
     ],
 )
 def test_invalid_queries(body: Any, message: str) -> None:

@@ -45,6 +45,9 @@ class Instance:
     connect_target: str | None  # the service it serves over Connect (proxy or native), if any
     check_ids: tuple[str, ...]
     source: str  # "config", "api" or "managed proxy"
+    # Tags that Connect lookups filter by: a managed proxy answers for its service, so it is
+    # matched by that service's tags (as Consul 1.3+ sidecars, which copy them).
+    connect_tags: tuple[str, ...] = ()
 
 
 def proxy_check_target(planned: PlannedProxy) -> str | None:
@@ -131,6 +134,7 @@ class Catalog:
                 target if target else (service.name if service.native else None),
                 tuple(spec.check_id for spec in checks),
                 source,
+                service.tags,
             )
         for planned in view.proxies.values():
             proxy_check = self._proxy_check(planned)
@@ -145,6 +149,7 @@ class Catalog:
                 planned.service.name,
                 (proxy_check.check_id,) if proxy_check else (),
                 "managed proxy",
+                planned.service.tags,
             )
         changed = instances != self.instances
         for service_id, instance in instances.items():
@@ -315,7 +320,7 @@ class Catalog:
         for instance in sorted(self.instances.values(), key=lambda i: i.service_id):
             if (instance.connect_target if connect else instance.name) != name:
                 continue
-            if not _tags_match(instance.tags, tags):
+            if not _tags_match(instance.connect_tags if connect else instance.tags, tags):
                 continue
             status = self.health_status(instance)
             if passing and status != PASSING:

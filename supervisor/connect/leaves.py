@@ -32,6 +32,11 @@ class _Entry:
     task: asyncio.Task[None] | None = None
 
 
+def _margin(leaf: Leaf) -> float:
+    """Never hand out a leaf this close to its expiry: a minute, or 5 % of a short lifetime."""
+    return min(60.0, 0.05 * (leaf.valid_before - leaf.valid_after))
+
+
 def renewal_time(leaf: Leaf, rng: random.Random) -> float:
     lifetime = leaf.valid_before - leaf.valid_after
     return leaf.valid_after + lifetime * rng.uniform(RENEW_EARLIEST, RENEW_LATEST)
@@ -49,8 +54,8 @@ class LeafManager:
     def get(self, service: str) -> Leaf:
         now = time.time()
         entry = self._entries.get(service)
-        if entry is None or now >= entry.leaf.valid_before - 60:
-            entry = self._issue(service, now)
+        if entry is None or now >= entry.leaf.valid_before - _margin(entry.leaf):
+            entry = self._issue(service, now)  # none yet, or (renewal missed) about to expire
         entry.last_requested = now
         return entry.leaf
 
