@@ -220,6 +220,24 @@ def test_registration_api(agent: AgentProcess) -> None:
     assert agent.http("PUT", "/v1/agent/service/deregister/api-1")[0] == 404
 
 
+def test_api_registered_connect_proxy_is_discoverable(agent: AgentProcess) -> None:
+    body = {
+        "Name": "cache-sidecar",
+        "Kind": "connect-proxy",
+        "Port": 9999,
+        "Proxy": {"DestinationServiceName": "cache"},
+    }
+    assert agent.http("PUT", "/v1/agent/service/register", body)[0] == 200
+    (entry,) = agent.get("/v1/health/connect/cache")
+    assert (
+        entry["Service"]["ID"] == "cache-sidecar"
+        and entry["Service"]["Proxy"]["DestinationServiceName"] == "cache"
+    )
+    legacy = {"Name": "old-sidecar", "Kind": "connect-proxy", "Port": 9998, "ProxyDestination": "old"}
+    assert agent.http("PUT", "/v1/agent/service/register", legacy)[0] == 200
+    assert [e["ServiceID"] for e in agent.get("/v1/catalog/connect/old")] == ["old-sidecar"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "text"),
     [
