@@ -101,12 +101,34 @@ class IntentionEndpoints:
         return Response.json({"Allowed": allowed})
 
     async def match(self, request: Request) -> Response:
-        self._operator(request)
         by = request.arg("by")
         if by not in ("source", "destination"):
             raise HttpError(400, "'by' must be 'source' or 'destination'")
-        names = request.query.get("name", [])
+        names = tuple(request.query.get("name", []))
         if not names:
             raise HttpError(400, "at least one 'name' query parameter is required")
+        view = self.plane.view
+        assert view is not None
+        caller = identify(request, view)
+        if caller.is_proxy:
+            # A proxy watches the intentions that decide who may connect to it (to cache
+            # its authorization decisions); nothing else.
+            if by != "destination" or names != (caller.service_name,):
+                raise HttpError(
+                    403, "Permission denied: a proxy token may only match intentions for its own service"
+                )
+        else:
+            require_operator(caller, view)
         store = self.plane.intentions
-        return Response.json({name: [i.to_json() for i in store.match(by, name)] for name in names})
+
+        def compute() -> Any:
+            return {name: [i.to_json() for i in store.match(by, name)] for name in names}
+
+        data, index = await block_until_changed(
+            request,
+            self.plane.changes,
+            lambda: self.plane.catalog.results.get(("match", by, names), compute),
+            lambda r: r[1],
+            param="index",
+        )
+        return Response.json(data, headers={"X-Consul-Index": str(index)})

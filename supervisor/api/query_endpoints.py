@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor.api.auth import identify, require_operator
+from supervisor.api.blocking import block_until_changed
 from supervisor.api.catalog_endpoints import truthy
 from supervisor.api.http import HttpError, Request, Response
 from supervisor.api.router import READ, Router
@@ -78,9 +79,34 @@ class QueryEndpoints:
         dc = request.arg("dc")
         if dc and dc != view.config.datacenter:
             raise HttpError(404, f"No path to datacenter {dc!r}")
-        query, service = self._call(self.plane.queries.resolve, request.params["id"])
+        name_or_id = request.params["id"]
+        self._call(self.plane.queries.resolve, name_or_id)  # 404 now, not inside the blocking loop
+        connect = truthy(request, "connect")
+        limit = request.arg("limit")
+        if limit and not limit.isdigit():
+            raise HttpError(400, f"Invalid limit {limit!r}")
+
+        def compute() -> Any:
+            return self._execute(name_or_id, connect)
+
+        data, index = await block_until_changed(
+            request,
+            self.plane.changes,
+            lambda: self.plane.catalog.results.get(("execute", name_or_id, connect), compute),
+            lambda r: r[1],
+            param="index",
+        )
+        nodes = shuffled(list(data["Nodes"]))  # a copy: the cached answer stays as it is
+        if limit:
+            nodes = nodes[: int(limit)]
+        return Response.json({**data, "Nodes": nodes}, headers={"X-Consul-Index": str(index)})
+
+    def _execute(self, name_or_id: str, connect_param: bool) -> dict[str, Any]:
+        view = self.plane.view
+        assert view is not None
+        query, service = self._call(self.plane.queries.resolve, name_or_id)
         catalog = self.plane.catalog
-        connect = truthy(request, "connect") or bool(service.get("connect"))
+        connect = connect_param or bool(service.get("connect"))
         instances = catalog.select(
             service["service"],
             connect=connect,
@@ -97,22 +123,13 @@ class QueryEndpoints:
             for instance in instances
             if all(instance.service["Meta"].get(key) == value for key, value in service_meta.items())
         ]
-        limit = request.arg("limit")
-        entries = shuffled(catalog.health_entries(instances))
-        if limit:
-            if not limit.isdigit():
-                raise HttpError(400, f"Invalid limit {limit!r}")
-            entries = entries[: int(limit)]
-        return Response.json(
-            {
-                "Service": service["service"],
-                "Nodes": entries,
-                "DNS": {"TTL": query.fields.get("dns", {}).get("ttl", "")},
-                "Datacenter": view.config.datacenter,
-                "Failovers": 0,
-            },
-            headers={"X-Consul-Index": str(self.plane.index.value)},
-        )
+        return {
+            "Service": service["service"],
+            "Nodes": catalog.health_entries(instances),
+            "DNS": {"TTL": query.fields.get("dns", {}).get("ttl", "")},
+            "Datacenter": view.config.datacenter,
+            "Failovers": 0,
+        }
 
     async def explain(self, request: Request) -> Response:
         show = self._caller(request)

@@ -199,6 +199,10 @@ class Catalog:
             new = CheckState(spec, status, output, index, index)
             if spec.kind == "ttl" and spec.ttl > 0:
                 new.ttl_deadline = time.monotonic() + spec.ttl
+            if spec.proxy_id:
+                # A new or moved proxy listener comes up a moment after the config says so:
+                # probe quickly until it answers instead of waiting a full interval.
+                new.fast_until = time.monotonic() + FAST_PROBE_WINDOW
             self.checks[check_id] = new
             self._tasks[check_id] = asyncio.get_running_loop().create_task(
                 run_check(new, self._report), name=f"check {check_id}"

@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         _client_flags(sub.add_parser(name, help=text))
 
     connect_commands.add_parsers(sub, _flag, _client_flags)
+    connect = sub.add_parser("connect", help="Connect tools")
+    connect_sub = connect.add_subparsers(dest="connect_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    proxy = connect_sub.add_parser("proxy", help="run the built-in proxy for a registered connect-proxy")
+    _flag(proxy, "proxy-id", dest="proxy_id", required=True, metavar="ID", help="the proxy's service ID")
+    _client_flags(proxy)
+    _flag(proxy, "log-level", dest="log_level", default=None, metavar="LEVEL")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -129,6 +135,19 @@ def run(argv: Sequence[str]) -> int:
             dev=args.dev,
         )
         return Agent(options).run()
+    if args.command == "connect":
+        if args.connect_command != "proxy":
+            raise UsageError("connect needs a subcommand: proxy")
+        from builtin_proxy.__main__ import main as proxy_main
+
+        proxy_args = ["-proxy-id", args.proxy_id, "-registered"]
+        if args.http_addr:
+            proxy_args += ["-http-addr", args.http_addr]
+        if args.token:
+            proxy_args += ["-token", args.token]
+        if args.log_level:
+            proxy_args += ["-log-level", args.log_level]
+        return proxy_main(proxy_args)
     client = AgentClient(args.http_addr, args.token)
     if args.command == "proxies":
         return commands.proxies(client, args.as_json, out)

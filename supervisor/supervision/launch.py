@@ -29,6 +29,7 @@ def launch_for(
     owner: str,
     ambient_env: Mapping[str, str],
     data_dir: DataDir | None,
+    log_level: str = "INFO",
 ) -> LaunchSpec:
     """Environment order (later wins): the agent's own environment, the variables the
     agent sets (CONSUL_HTTP_ADDR …, CONNECT_PROXY_ID, CONNECT_PROXY_TOKEN), the marker."""
@@ -36,6 +37,9 @@ def launch_for(
     env.update(planned.spec.env)
     env[MARKER_ENV] = str(Marker(owner=owner, spec_hash=planned.spec_hash, proxy_id=planned.proxy_id))
     if planned.spec.is_builtin:
+        # The built-in proxy logs at the agent's level (read at its start; not part of the
+        # spec, so changing the agent's level does not restart proxies).
+        env.setdefault("PROXY_SUPERVISOR_LOG_LEVEL", log_level)
         argv = builtin_argv()
         root = _package_root()
         existing = env.get("PYTHONPATH")

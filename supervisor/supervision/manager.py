@@ -460,7 +460,10 @@ class Supervisor:
     def _spawn(self, slot: Slot, generation: int) -> list[Action]:
         planned = slot.planned
         assert planned is not None, "a proxy is only started with a plan"
-        launch = launch_for(planned, self.options.node_id, self.options.ambient_env, self.options.data_dir)
+        log_level = self._config.log_level if self._config is not None else "INFO"
+        launch = launch_for(
+            planned, self.options.node_id, self.options.ambient_env, self.options.data_dir, log_level
+        )
         now = self.clock.monotonic()
         try:
             handle = self.options.spawner.spawn(launch, generation)

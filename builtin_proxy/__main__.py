@@ -1,0 +1,90 @@
+"""``python -m builtin_proxy``: the built-in Connect proxy (also ``proxy-supervisor connect proxy``).
+
+A managed proxy needs nothing on the command line: the agent sets CONNECT_PROXY_ID,
+CONNECT_PROXY_TOKEN and CONSUL_HTTP_ADDR. A proxy registered by hand
+(``kind: connect-proxy``) is started with ``-proxy-id`` naming its service registration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+LEVELS = {
+    "TRACE": logging.DEBUG,
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARN": logging.WARNING,
+    "WARNING": logging.WARNING,
+    "ERR": logging.ERROR,
+    "ERROR": logging.ERROR,
+}
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        stamp = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+        level = {logging.WARNING: "WARN", logging.ERROR: "ERROR"}.get(record.levelno, record.levelname)
+        return f"{stamp} [{level}] {record.name.rsplit('.', 1)[-1]}: {record.getMessage()}"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="builtin_proxy", description="The built-in Connect proxy.")
+    parser.add_argument(
+        "-proxy-id",
+        "--proxy-id",
+        dest="proxy_id",
+        default=os.environ.get("CONNECT_PROXY_ID", ""),
+        help="the proxy's service ID (default: CONNECT_PROXY_ID)",
+    )
+    parser.add_argument(
+        "-token", "--token", default=None, help="ACL token (default: CONNECT_PROXY_TOKEN, CONSUL_HTTP_TOKEN)"
+    )
+    parser.add_argument(
+        "-http-addr",
+        "--http-addr",
+        dest="http_addr",
+        default=os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
+        help="the agent's API address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)",
+    )
+    parser.add_argument(
+        "-log-level",
+        "--log-level",
+        dest="log_level",
+        default=os.environ.get("PROXY_SUPERVISOR_LOG_LEVEL", "INFO"),
+    )
+    parser.add_argument(
+        "-registered",
+        "--registered",
+        action="store_true",
+        help="the proxy is a hand-registered connect-proxy service, not a managed proxy",
+    )
+    return parser.parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger("builtin_proxy")
+    root.addHandler(handler)
+    root.setLevel(LEVELS.get(args.log_level.upper(), logging.INFO))
+    if not args.proxy_id:
+        sys.stderr.write("builtin_proxy: no proxy ID: set CONNECT_PROXY_ID or pass -proxy-id\n")
+        return 2
+    token = args.token
+    if token is None:
+        token = os.environ.get("CONNECT_PROXY_TOKEN") or os.environ.get("CONSUL_HTTP_TOKEN", "")
+    managed = bool(os.environ.get("CONNECT_PROXY_TOKEN")) and not args.registered
+    from builtin_proxy.proxy import Proxy
+
+    return Proxy(args.http_addr, token, args.proxy_id, managed=managed).run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""The public (inbound) listener: mutual TLS in, plain TCP to the local service.
+
+Per connection: TLS handshake (client certificate required and verified against the
+CA roots) within ``handshake_timeout_ms``, then the client's SPIFFE identity is
+authorized, and only an authorized connection dials the local service (within
+``local_connect_timeout_ms``). Consul dialled the app first and authorized later, so a
+denied client still reached the app; here it never does.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import ssl
+from typing import TYPE_CHECKING
+
+from builtin_proxy.loop import READ, WRITE, Timer
+from builtin_proxy.pump import Connection
+from builtin_proxy.tls import parse_service_uri, peer_uri
+
+if TYPE_CHECKING:
+    from builtin_proxy.proxy import Runtime
+
+log = logging.getLogger("builtin_proxy.public")
+
+
+class BindError(Exception):
+    """A listener could not bind: fatal for the proxy (the supervisor shows the exit)."""
+
+
+def listen(address: tuple[str, int], what: str) -> socket.socket:
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        hint = " (another process holds it)" if exc.errno == errno.EADDRINUSE else ""
+        raise BindError(f"cannot listen on {host}:{port} for the {what}: {exc.strerror}{hint}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class PublicListener:
+    def __init__(self, runtime: Runtime, address: tuple[str, int]) -> None:
+        self.runtime = runtime
+        self.address = address
+        self.sock = listen(address, "public listener")
+        runtime.loop.watch(self.sock.fileno(), READ, self._accept)
+        log.info("public listener on %s:%d", *address)
+
+    def _accept(self, _fd: int, _events: int) -> None:
+        for _ in range(64):
+            try:
+                client, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed on the public listener: %s", exc)
+                return
+            tune(client)
+            _Inbound(self.runtime, client)
+
+    def close(self) -> None:
+        self.runtime.loop.unwatch(self.sock.fileno())
+        self.sock.close()
+
+
+class _Inbound:
+    """One accepted connection, from handshake to a running Connection."""
+
+    __slots__ = ("runtime", "tls", "app", "timer", "fd", "uri")
+
+    def __init__(self, runtime: Runtime, client: socket.socket) -> None:
+        self.runtime = runtime
+        self.app: socket.socket | None = None
+        self.uri = ""
+        context = runtime.identity.server
+        if context is None:  # no certificates yet: nobody can be verified
+            client.close()
+            return
+        self.tls = context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        self.fd = self.tls.fileno()
+        self.timer: Timer | None = runtime.loop.call_later(
+            runtime.config.handshake_timeout_ms / 1000, self._timeout, "TLS handshake"
+        )
+        runtime.pending.add(self)
+        self._handshake(self.fd, 0)
+
+    def _handshake(self, fd: int, _events: int) -> None:
+        loop = self.runtime.loop
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            loop.watch(fd, READ, self._handshake)
+            return
+        except ssl.SSLWantWriteError:
+            loop.watch(fd, WRITE, self._handshake)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("inbound TLS handshake failed: %s", exc)
+            self._fail()
+            return
+        loop.unwatch(fd)
+        self._cancel_timer()
+        uri = peer_uri(self.tls)
+        if uri is None or parse_service_uri(uri) is None:
+            log.info("refused a client without a Connect service identity (URI %r)", uri)
+            self._fail()
+            return
+        self.uri = uri
+        serial = str((self.tls.getpeercert() or {}).get("serialNumber", ""))
+        self.runtime.authorizer.authorize(uri, serial, self._decided)
+
+    def _decided(self, allowed: bool, reason: str) -> None:
+        if self.tls.fileno() < 0:
+            return  # closed while waiting
+        if not allowed:
+            log.info("denied %s -> %s: %s", self.uri, self.runtime.config.service, reason)
+            self._fail()
+            return
+        target = self.runtime.config.local_service
+        if target is None:
+            log.warning("no local_service_address: cannot forward the connection from %s", self.uri)
+            self._fail()
+            return
+        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+        app = socket.socket(family, socket.SOCK_STREAM)
+        tune(app)
+        self.app = app
+        try:
+            app.connect(target)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self._app_failed(exc)
+            return
+        self.timer = self.runtime.loop.call_later(
+            self.runtime.config.local_connect_timeout_ms / 1000, self._timeout, "connect to the local service"
+        )
+        self.runtime.loop.watch(app.fileno(), WRITE, self._connected)
+
+    def _connected(self, fd: int, _events: int) -> None:
+        assert self.app is not None
+        self.runtime.loop.unwatch(fd)
+        self._cancel_timer()
+        error = self.app.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self._app_failed(OSError(error, errno.errorcode.get(error, str(error))))
+            return
+        self.runtime.pending.discard(self)
+        connection = Connection(self.runtime.loop, self.app, self.tls, self.runtime.forget)
+        self.runtime.connections.add(connection)
+        connection.start()
+
+    def _app_failed(self, exc: OSError) -> None:
+        target = self.runtime.config.local_service
+        log.warning("cannot reach the local service at %s: %s", target, exc.strerror or exc)
+        self._fail()
+
+    def _timeout(self, what: str) -> None:
+        self.timer = None
+        log.info("dropped a connection: %s took longer than allowed", what)
+        self._fail()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _fail(self) -> None:
+        self._cancel_timer()
+        loop = self.runtime.loop
+        self.runtime.pending.discard(self)
+        for sock in (self.tls, self.app):
+            if sock is not None and sock.fileno() >= 0:
+                loop.unwatch(sock.fileno())
+                sock.close()
+
+    def close(self) -> None:
+        self._fail()
