@@ -3,6 +3,9 @@
 datacenter = "dc1"
 log_level  = "INFO"
 
+# The proxies' public listeners default to bind_addr; the demo keeps everything on loopback.
+bind_addr = "127.0.0.1"
+
 ports {
   http           = 8500
   proxy_min_port = 21000

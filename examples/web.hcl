@@ -1,16 +1,17 @@
-# A service with a managed proxy. Its proxy is a custom command (a small TCP forwarder
-# that configures itself through the agent's API, as any Consul custom proxy does).
+# "web": its managed proxy opens a local upstream listener on 127.0.0.1:9191 that leads to
+# a healthy "db" instance over mutual TLS (authorized by intentions).
 service {
   name = "web"
   port = 8080
 
   connect {
     proxy {
-      command = ["python3", "examples/proxies/tcp_forward.py"]
-      config {
-        bind_address = "127.0.0.1"
-        bind_port    = 21000
-      }
+      upstreams = [
+        {
+          destination_name = "db"
+          local_bind_port  = 9191
+        },
+      ]
     }
   }
 }

@@ -1,16 +1,18 @@
-"""The shipped examples/ config validates and runs as the README's quick start says."""
+"""The shipped examples validate and run as the README's quick start says."""
 
 from __future__ import annotations
 
 import http.server
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import free_port, free_port_range
 from tests.helpers.agent import AgentProcess
@@ -19,57 +21,112 @@ from tests.helpers.processes import wait_until
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_examples_validate() -> None:
-    command = [sys.executable, "-m", "supervisor", "validate", str(EXAMPLES)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "Configuration is valid!" in result.stdout
+class Hello:
+    """A tiny HTTP app on loopback answering with its own name."""
+
+    def __init__(self, name: str, port: int) -> None:
+        body = f"hello from {name}\n".encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
-def test_quick_start_runs_and_forwards_traffic(tmp_path: Path) -> None:
-    # The examples use fixed, documented ports; tests only use ephemeral ones.
+def fetch(port: int) -> bytes:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            return bytes(response.read())
+    except OSError:
+        return b""
+
+
+def copy_with_ports(tmp_path: Path, replacements: dict[str, int]) -> Path:
+    """The examples use fixed, documented ports; tests only use ephemeral ones."""
     copy = tmp_path / "repo"
     shutil.copytree(EXAMPLES, copy / "examples")
-    app_port, proxy_port = free_port(), free_port()
-    low, high = free_port_range(16)
-    for path in (copy / "examples").glob("*.hcl"):
+    for path in (copy / "examples").rglob("*.hcl"):
         text = path.read_text()
-        text = re.sub(r"\bport\s*=\s*8080", f"port = {app_port}", text)
-        text = re.sub(r"bind_port\s*=\s*21000", f"bind_port = {proxy_port}", text)
-        text = text.replace("proxy_min_port = 21000", f"proxy_min_port = {low}")
-        text = text.replace("proxy_max_port = 21255", f"proxy_max_port = {high}")
+        for pattern, port in replacements.items():
+            text = re.sub(pattern, lambda match, p=port: match.group(0).split("=")[0] + f"= {p}", text)
         path.write_text(text)
+    return copy
 
-    class Hello(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"hello from web\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            pass
+@pytest.fixture
+def ports() -> Iterator[dict[str, int]]:
+    low, high = free_port_range(16)
+    yield {"db": free_port(), "upstream": free_port(), "legacy": free_port(), "legacy_bind": free_port(),
+           "low": low, "high": high}
 
-    app = http.server.ThreadingHTTPServer(("127.0.0.1", app_port), Hello)
-    threading.Thread(target=app.serve_forever, daemon=True).start()
+
+def test_examples_validate() -> None:
+    for args in ([str(EXAMPLES)], [str(EXAMPLES / "agent.hcl"), str(EXAMPLES / "custom-proxy" / "custom.hcl")]):
+        result = subprocess.run(
+            [sys.executable, "-m", "supervisor", "validate", *args], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert "Configuration is valid!" in result.stdout
+
+
+def test_quick_start_mesh(tmp_path: Path, ports: dict[str, int]) -> None:
+    copy = copy_with_ports(
+        tmp_path,
+        {
+            r"port\s*=\s*9090": ports["db"],
+            r"local_bind_port\s*=\s*9191": ports["upstream"],
+            r"proxy_min_port\s*=\s*21000": ports["low"],
+            r"proxy_max_port\s*=\s*21255": ports["high"],
+        },
+    )
+    app = Hello("db", ports["db"])
     agent = AgentProcess(tmp_path / "agent", data_dir=False, cwd=str(copy))
     agent.config_dir = copy / "examples"
     try:
         agent.start("-dev", "-http-port", str(agent.port))
         agent.wait_state("web-proxy", "running")
-
-        def fetch() -> bytes:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{proxy_port}/", timeout=5) as response:
-                    return bytes(response.read())
-            except OSError:
-                return b""
-
-        assert wait_until(fetch, timeout=15) == b"hello from web\n"
-        with socket.create_connection(("127.0.0.1", agent.port)):
-            pass
+        agent.wait_state("db-proxy", "running")
+        # the README's curl: through web's upstream, over mutual TLS, to db's app
+        assert wait_until(lambda: fetch(ports["upstream"]), timeout=20) == b"hello from db\n"
+        denied = agent.cli("intention", "create", "-deny", "web", "db")
+        assert denied.returncode == 0, denied.stderr
+        wait_until(lambda: fetch(ports["upstream"]) == b"", timeout=5, message="the deny to take effect")
+        agent.cli("intention", "delete", "web", "db")
+        assert wait_until(lambda: fetch(ports["upstream"]), timeout=5) == b"hello from db\n"
     finally:
         agent.kill_everything()
-        app.shutdown()
-        app.server_close()
+        app.close()
+
+
+def test_custom_proxy_example(tmp_path: Path, ports: dict[str, int]) -> None:
+    copy = copy_with_ports(
+        tmp_path,
+        {
+            r"port\s*=\s*9095": ports["legacy"],
+            r"bind_port\s*=\s*21095": ports["legacy_bind"],
+            r"proxy_min_port\s*=\s*21000": ports["low"],
+            r"proxy_max_port\s*=\s*21255": ports["high"],
+        },
+    )
+    app = Hello("legacy", ports["legacy"])
+    agent = AgentProcess(tmp_path / "agent", data_dir=False, cwd=str(copy))
+    agent.config_dir = copy / "examples" / "custom-proxy"
+    try:
+        agent.start("-dev", "-http-port", str(agent.port), "-config-file", str(copy / "examples" / "agent.hcl"))
+        agent.wait_state("legacy-proxy", "running")
+        assert wait_until(lambda: fetch(ports["legacy_bind"]), timeout=20) == b"hello from legacy\n"
+    finally:
+        agent.kill_everything()
+        app.close()
