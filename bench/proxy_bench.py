@@ -151,7 +151,7 @@ def iperf(port: int, seconds: int) -> float:
 
 def hold_connections(port: int, count: int) -> list[socket.socket]:
     held = []
-    for index in range(count):
+    for _ in range(count):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.sendall(b"h")
         held.append(sock)
@@ -282,13 +282,17 @@ requireCert = yes
 
 def haproxy_pair(work: Path, app_port: int, files: dict[str, str]) -> Candidate:
     entry, public = free_port(), free_port()
-    common = "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
+    common = (
+        "global\n  maxconn 4000\n"
+        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
+    )
+    tls = f"ca-file {files['root']} verify required"
     client = common + (
         f"frontend up\n  bind 127.0.0.1:{entry}\n  default_backend pub\n"
-        f"backend pub\n  server s1 127.0.0.1:{public} ssl crt {files['web.pem']} ca-file {files['root']} verify required\n"
+        f"backend pub\n  server s1 127.0.0.1:{public} ssl crt {files['web.pem']} {tls}\n"
     )
     server = common + (
-        f"frontend pub\n  bind 127.0.0.1:{public} ssl crt {files['db.pem']} ca-file {files['root']} verify required\n"
+        f"frontend pub\n  bind 127.0.0.1:{public} ssl crt {files['db.pem']} {tls}\n"
         f"  default_backend app\nbackend app\n  server a1 127.0.0.1:{app_port}\n"
     )
     (work / "haproxy-client.cfg").write_text(client)

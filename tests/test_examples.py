@@ -60,7 +60,8 @@ def copy_with_ports(tmp_path: Path, replacements: dict[str, int]) -> Path:
     for path in (copy / "examples").rglob("*.hcl"):
         text = path.read_text()
         for pattern, port in replacements.items():
-            text = re.sub(pattern, lambda match, p=port: match.group(0).split("=")[0] + f"= {p}", text)
+            key = pattern.split("\\s")[0]  # the key the pattern starts with (port, bind_port ...)
+            text = re.sub(pattern, f"{key} = {port}", text)
         path.write_text(text)
     return copy
 
@@ -68,14 +69,26 @@ def copy_with_ports(tmp_path: Path, replacements: dict[str, int]) -> Path:
 @pytest.fixture
 def ports() -> Iterator[dict[str, int]]:
     low, high = free_port_range(16)
-    yield {"db": free_port(), "upstream": free_port(), "legacy": free_port(), "legacy_bind": free_port(),
-           "low": low, "high": high}
+    yield {
+        "db": free_port(),
+        "upstream": free_port(),
+        "legacy": free_port(),
+        "legacy_bind": free_port(),
+        "low": low,
+        "high": high,
+    }
 
 
 def test_examples_validate() -> None:
-    for args in ([str(EXAMPLES)], [str(EXAMPLES / "agent.hcl"), str(EXAMPLES / "custom-proxy" / "custom.hcl")]):
+    for args in (
+        [str(EXAMPLES)],
+        [str(EXAMPLES / "agent.hcl"), str(EXAMPLES / "custom-proxy" / "custom.hcl")],
+    ):
         result = subprocess.run(
-            [sys.executable, "-m", "supervisor", "validate", *args], capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "supervisor", "validate", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert result.returncode == 0, result.stderr
         assert "Configuration is valid!" in result.stdout
@@ -124,7 +137,9 @@ def test_custom_proxy_example(tmp_path: Path, ports: dict[str, int]) -> None:
     agent = AgentProcess(tmp_path / "agent", data_dir=False, cwd=str(copy))
     agent.config_dir = copy / "examples" / "custom-proxy"
     try:
-        agent.start("-dev", "-http-port", str(agent.port), "-config-file", str(copy / "examples" / "agent.hcl"))
+        agent.start(
+            "-dev", "-http-port", str(agent.port), "-config-file", str(copy / "examples" / "agent.hcl")
+        )
         agent.wait_state("legacy-proxy", "running")
         assert wait_until(lambda: fetch(ports["legacy_bind"]), timeout=20) == b"hello from legacy\n"
     finally:
