@@ -198,6 +198,8 @@ class _Outbound:
         loop.unwatch(fd)
         assert self.instance is not None
         host, port, destination, datacenter = self.instance
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connected to %s:%d (TLS session resumed: %s)", host, port, self.tls.session_reused)
         expected = self.runtime.identity.expected_uri(destination, datacenter or self.runtime.datacenter)
         got = peer_uri(self.tls)
         if got != expected:
@@ -219,6 +221,8 @@ class _Outbound:
 
     def _closed(self, connection: Connection) -> None:
         self.runtime.forget(connection)
+        if connection.tls.session_reused:
+            return  # the cached session still works; reading it back costs a DER round trip
         session = connection.tls.session
         if session is not None and session.has_ticket and self.instance is not None:
             host, port, _, _ = self.instance

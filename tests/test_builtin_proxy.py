@@ -617,3 +617,22 @@ def test_idle_pid_stays_the_same_across_config_reads(mesh: Mesh) -> None:
     time.sleep(0.5)
     assert mesh.agent.proxies()["web-proxy"]["Pid"] == pid
     assert json.loads(json.dumps(mesh.agent.proxies()))["web-proxy"]["Restarts"] == 0
+
+
+def test_upstream_resumes_tls_sessions(tmp_path: Path) -> None:
+    mesh = Mesh(tmp_path, extra={"log_level": "DEBUG"})
+    try:
+        mesh.start()
+        for _ in range(5):
+            assert talk(mesh.upstream_port) == b"ping|db"
+
+        def resumed_dials() -> int:
+            return mesh.proxy_log("web-proxy").count("(TLS session resumed: True)")
+
+        # Tickets arrive after the first handshake; every later dial to the same instance
+        # skips certificate signing and checking.
+        wait_until(lambda: resumed_dials() >= 4, timeout=10, message="resumed upstream handshakes")
+        full = mesh.proxy_log("web-proxy").count("(TLS session resumed: False)")
+        assert full <= 2, f"{full} full handshakes for 6 connections to one instance"
+    finally:
+        mesh.close()
