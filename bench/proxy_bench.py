@@ -169,8 +169,20 @@ class Candidate:
     entry_port: int
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     proxy_pids: list[int] = field(default_factory=list)
+    agent_url: str = ""
 
     def stop(self) -> None:
+        if self.agent_url:  # our proxies outlive a killed agent by design: ask it to leave
+            try:
+                request = urllib.request.Request(f"{self.agent_url}/v1/agent/leave", method="PUT")
+                urllib.request.urlopen(request, timeout=10).close()
+            except OSError:
+                pass
+            for pid in self.proxy_pids:
+                try:
+                    os.killpg(pid, signal.SIGKILL)  # the proxies run in their own sessions
+                except (ProcessLookupError, PermissionError):
+                    pass
         for process in self.processes:
             if process.poll() is None:
                 try:
@@ -187,6 +199,22 @@ def start(
         return subprocess.Popen(
             argv, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd, env=env
         )
+
+
+def _wait_for_proxies(base: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/v1/agent/connect/proxies", timeout=2) as response:
+                proxies: dict[str, Any] = json.load(response)
+            health = json.load(urllib.request.urlopen(f"{base}/v1/health/connect/db?passing", timeout=2))
+            if len(proxies) == 2 and all(p["Pid"] for p in proxies.values()) and health:
+                return proxies
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the agent at {base} did not start both proxies within 30 s")
+        time.sleep(0.1)
 
 
 def ours(work: Path, app_port: int) -> tuple[Candidate, dict[str, str]]:
@@ -214,21 +242,13 @@ def ours(work: Path, app_port: int) -> tuple[Candidate, dict[str, str]]:
     agent = start(
         [sys.executable, "-m", "supervisor", "agent", "-config-dir", str(conf)], work / "agent.log", cwd=REPO
     )
-    candidate = Candidate("proxy-supervisor", entry, [agent])
     base = f"http://127.0.0.1:{http_port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/v1/agent/connect/proxies", timeout=2) as response:
-                proxies = json.load(response)
-            health = json.load(urllib.request.urlopen(f"{base}/v1/health/connect/db?passing", timeout=2))
-            if len(proxies) == 2 and all(p["Pid"] for p in proxies.values()) and health:
-                break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError("the agent's proxies did not start")
-        time.sleep(0.1)
+    candidate = Candidate("proxy-supervisor", entry, [agent], agent_url=base)
+    try:
+        proxies = _wait_for_proxies(base)
+    except BaseException:
+        candidate.stop()
+        raise
     candidate.proxy_pids = [int(p["Pid"]) for p in proxies.values()]
     files = {}
     roots = json.load(urllib.request.urlopen(f"{base}/v1/agent/connect/ca/roots"))

@@ -112,8 +112,9 @@ class EventLoop:
         poll = self._epoll.poll
         handlers = self._handlers
         wake = self._wake_read
+        timers, ready = self._timers, self._ready
         while self._running:
-            timeout = self._next_timeout()
+            timeout = self._next_timeout() if timers or ready else -1
             for fd, events in poll(timeout):
                 if fd == wake:
                     self._drain_wake()
@@ -121,9 +122,9 @@ class EventLoop:
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler(fd, events)
-            if self._timers:
+            if timers:
                 self._run_timers()
-            if self._ready:
+            if ready:
                 self._run_ready()
 
     def _next_timeout(self) -> float:
