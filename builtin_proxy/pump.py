@@ -58,6 +58,7 @@ class _Direction:
         "dst_is_tls",
         "_batch",
         "_read",
+        "_tls_read",
         "_write",
         "_buffered",
     )
@@ -71,14 +72,37 @@ class _Direction:
         self.dst_is_tls = isinstance(dst, ssl.SSLSocket)
         src_tls, dst_tls = _tls_object(src), _tls_object(dst)
         self._read: Callable[[bytearray], Any] = src.recv_into
+        self._tls_read: Callable[[int, Any], Any] | None = None
         if src_tls is not None:
-            self._read = functools.partial(src_tls.read, BUFFER_SIZE)  # returns a count given a buffer
+            self._tls_read = src_tls.read  # (length, buffer) -> count
+            self._read = self._read_records
+        elif isinstance(src, ssl.SSLSocket):
+            self._read = functools.partial(src.recv_into, nbytes=TLS_RECORD)
         self._write: Callable[[Any], int] = dst_tls.write if dst_tls is not None else dst.send
-        # Decrypted bytes OpenSSL holds that epoll cannot see (plain sockets hold none).
-        # A plain read takes everything the kernel holds; a TLS read returns one record at
-        # most, so a full record hints that more are waiting (cheaper to read on than to
-        # go back to epoll for each one).
+        # A plain read takes everything the kernel holds; a TLS read stops at what fits
+        # whole records, so a read that filled that much may have left more behind.
         self._batch = TLS_RECORD if isinstance(src, ssl.SSLSocket) else BUFFER_SIZE
+
+    def _read_records(self, buffer: bytearray) -> int:
+        """Decrypt the TLS records that are already here into one buffer.
+
+        One read returns one record at most (16 KiB). A full record hints that the
+        sender is streaming, so the records queued behind it are decrypted into the same
+        buffer and leave in one send (a small record, the common interactive case, goes
+        straight out). Whatever stops the gathering (no more data, end of stream, an
+        error) is reported again by the next read, after these bytes are on their way.
+        """
+        read = self._tls_read
+        assert read is not None
+        count = last = read(BUFFER_SIZE, buffer)
+        view = memoryview(buffer) if last == TLS_RECORD else None
+        while view is not None and last == TLS_RECORD and count <= BUFFER_SIZE - TLS_RECORD:
+            try:
+                last = read(BUFFER_SIZE - count, view[count:])
+            except (*_WOULD_BLOCK, *_BROKEN):
+                break
+            count += last
+        return int(count)
 
     @property
     def wants_read(self) -> bool:
