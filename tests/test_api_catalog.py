@@ -20,7 +20,7 @@ from tests.helpers.agent import AgentProcess, fake_proxy
 from tests.helpers.processes import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
-FORWARDER = [sys.executable, str(REPO / "examples" / "proxies" / "tcp_forward.py")]
+FORWARDER = [sys.executable, str(REPO / "examples" / "custom-proxy" / "tcp_forward.py")]
 ALLOW = {"connect": {"proxy": {"allow_managed_root": True, "allow_managed_api_registration": True}}}
 
 
