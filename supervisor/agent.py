@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import FrameType
@@ -27,24 +28,37 @@ from supervisor.config.model import AgentConfig
 from supervisor.connect.ca import validate_ca_config
 from supervisor.controlplane import ControlPlane
 from supervisor.logsetup import configure_logging, set_level
+from supervisor.ops.daemon import Readiness
+from supervisor.ops.proxylogs import ProxyLogRotator, RotationPolicy
+from supervisor.ops.sdnotify import SdNotifier
 from supervisor.state.datadir import DataDir
 from supervisor.state.lock import AgentLock
 from supervisor.supervision.desired import address_for_proxies
-from supervisor.supervision.manager import (
+from supervisor.supervision.events import (
     FilesChanged,
+    LoopHooks,
     ReloadRequested,
     ServicesChanged,
     ShutdownRequested,
-    Supervisor,
-    SupervisorOptions,
 )
+from supervisor.supervision.manager import Supervisor, SupervisorOptions
 from supervisor.supervision.view import AgentView, ViewBoard
 from supervisor.watch import ConfigWatcher
 
 log = logging.getLogger("supervisor.agent")
 
 # Settings read once at start: a reload cannot move the agent, so changing them is only noted.
-_RESTART_ONLY = ("data_dir", "http_host", "http_port", "node_name", "datacenter", "log_file", "log_json")
+_RESTART_ONLY = (
+    "data_dir",
+    "http_host",
+    "http_port",
+    "node_name",
+    "datacenter",
+    "log_file",
+    "log_json",
+    "log_rotate_bytes",
+    "log_rotate_max_files",
+)
 
 
 @dataclass(frozen=True)
@@ -55,12 +69,53 @@ class AgentOptions:
     dev: bool = False
 
 
+class ServiceManagerHooks(LoopHooks):
+    """Tells systemd (``Type=notify``) what the supervision loop is doing."""
+
+    def __init__(self, notifier: SdNotifier | None) -> None:
+        self.notifier = notifier
+        self.heartbeat_interval = notifier.watchdog_interval if notifier else None
+
+    def reloading(self) -> None:
+        if self.notifier:
+            self.notifier.reloading()
+
+    def reloaded(self) -> None:
+        if self.notifier:
+            self.notifier.ready()
+
+    def stopping(self) -> None:
+        if self.notifier:
+            self.notifier.stopping()
+
+    def heartbeat(self) -> None:
+        if self.notifier:
+            self.notifier.watchdog()
+
+
+def status_line(view: AgentView) -> str:
+    """systemd's STATUS=: what ``systemctl status`` shows under the unit."""
+    statuses = view.statuses.values()
+    if not statuses:
+        text = "no managed proxies"
+    else:
+        counts = Counter(status.state for status in statuses)
+        parts = ", ".join(f"{counts[state]} {state}" for state in sorted(counts))
+        text = f"{len(statuses)} prox{'y' if len(statuses) == 1 else 'ies'}: {parts}"
+    if view.reload_error:
+        text += "; last reload failed (running config kept, see the log)"
+    return text
+
+
 class Agent:
     def __init__(self, options: AgentOptions) -> None:
         self.options = options
         self.config = self.load()
         self.lock: AgentLock | None = None
         self.data_dir: DataDir | None = None
+        self.notifier: SdNotifier | None = None  # opened in run(): -daemon closes fds when it forks
+        self.readiness: Readiness | None = None  # set in -daemon mode: the launcher waits on it
+        self.rotator: ProxyLogRotator | None = None
 
     def load(self) -> AgentConfig:
         options = self.options
@@ -69,9 +124,24 @@ class Agent:
         return config
 
     def run(self) -> int:
+        try:
+            return self._run()
+        except BaseException as exc:
+            if self.readiness is not None:
+                self.readiness.failed(str(exc) or type(exc).__name__)
+            raise
+
+    def _run(self) -> int:
         raise_open_file_limit()
+        self.notifier = SdNotifier.from_environment(unset=True)
         config = self.config
-        configure_logging(config.log_level, json_lines=config.log_json, log_file=config.log_file)
+        configure_logging(
+            config.log_level,
+            json_lines=config.log_json,
+            log_file=config.log_file,
+            rotate_bytes=config.log_rotate_bytes,
+            rotate_max_files=config.log_rotate_max_files,
+        )
         for notice in config.notices:
             log.info("config: %s", notice)
         node_id = self._prepare_data_dir(config)
@@ -88,6 +158,7 @@ class Agent:
                 api_address=api_address,
                 load_config=self.load,
                 registered_services=lambda: registry.services,
+                hooks=ServiceManagerHooks(self.notifier),
             ),
             board,
         )
@@ -104,8 +175,12 @@ class Agent:
         )
         watcher.start()
         self._install_signal_handlers(supervisor, stop_proxies=config.data_dir is None)
+        if self.data_dir is not None:
+            self.rotator = ProxyLogRotator(self.data_dir.logs_dir, _rotation_policy(config))
+            self.rotator.start()
         try:
             supervisor.start(config)
+            self._announce_ready(board.current)
             statuses = board.current.statuses.values()
             log.info(
                 "agent started: node %s, %d managed prox%s (%d adopted), data_dir %s",
@@ -118,8 +193,12 @@ class Agent:
             supervisor.run()
         finally:
             watcher.stop()
+            if self.rotator is not None:
+                self.rotator.stop()
             api.stop()
             supervisor.close()
+            if self.notifier is not None:
+                self.notifier.close()
             if self.lock is not None:
                 self.lock.release()
         log.info("agent stopped")
@@ -146,15 +225,29 @@ class Agent:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
 
+    def _announce_ready(self, view: AgentView) -> None:
+        if self.notifier is not None:
+            self.notifier.ready(status_line(view))
+        if self.readiness is not None:
+            self.readiness.ready()
+
     def _on_view_change(self, view: AgentView) -> None:
+        if self.notifier is not None:
+            self.notifier.status(status_line(view))
         if view.config is self.config:
             return
         previous, self.config = self.config, view.config
         if previous.log_level != view.config.log_level:
             set_level(view.config.log_level)
+        if self.rotator is not None:
+            self.rotator.configure(_rotation_policy(view.config))
         for name in _RESTART_ONLY:
             if getattr(previous, name) != getattr(view.config, name):
                 log.warning("config: %s changed; restart the agent for it to take effect", name)
+
+
+def _rotation_policy(config: AgentConfig) -> RotationPolicy:
+    return RotationPolicy(config.proxy_log_max_bytes, config.proxy_log_max_files)
 
 
 def _format_address(host: str, port: int) -> str:

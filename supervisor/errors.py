@@ -10,6 +10,7 @@ message on stderr and an exit code (``exit_code`` below).
     │   └── AgentLockedError   another agent holds data_dir (exit 1)
     ├── SpawnError             a proxy process could not be started
     ├── ListenError            the HTTP API could not bind its address (exit 1)
+    ├── DaemonError            -daemon could not detach, or the daemon failed to start (exit 1)
     └── AgentRequestError      the CLI could not get an answer from the agent (exit 1)
 """
 
@@ -86,6 +87,10 @@ class SpawnError(SupervisorError):
 
 class ListenError(SupervisorError):
     """The agent could not listen on its HTTP address."""
+
+
+class DaemonError(SupervisorError):
+    """``agent -daemon`` could not detach, lock its pid file, or the daemon failed to start."""
 
 
 class AgentRequestError(SupervisorError):

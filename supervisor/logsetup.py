@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import logging.handlers
+import os
 import sys
 
 TRACE = 5
@@ -59,14 +61,51 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(level: str, *, json_lines: bool = False, log_file: str | None = None) -> None:
+class KeepAllRotatingHandler(logging.handlers.RotatingFileHandler):
+    """Size rotation that never deletes (Consul's ``log_rotate_max_files = 0``): the full
+    file is renamed to ``<name>.<UTC timestamp>`` and a new one is started."""
+
+    def doRollover(self) -> None:
+        if self.stream:
+            self.stream.close()
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        if os.path.exists(self.baseFilename):
+            os.rename(self.baseFilename, f"{self.baseFilename}.{stamp}")
+        self.stream = self._open()
+
+
+def file_handler(path: str, rotate_bytes: int, rotate_max_files: int) -> logging.Handler:
+    """The agent's log file. Without a size limit it is reopened when moved away, so an
+    external logrotate (create or copytruncate) works; with one, the agent rotates it:
+    ``rotate_max_files`` > 0 keeps that many (``.1`` newest), 0 keeps all (timestamped),
+    -1 keeps none."""
+    if rotate_bytes <= 0:
+        return logging.handlers.WatchedFileHandler(path)
+    if rotate_max_files == 0:
+        return KeepAllRotatingHandler(path, maxBytes=rotate_bytes)
+    return logging.handlers.RotatingFileHandler(
+        path, maxBytes=rotate_bytes, backupCount=max(rotate_max_files, 0)
+    )
+
+
+def configure_logging(
+    level: str,
+    *,
+    json_lines: bool = False,
+    log_file: str | None = None,
+    rotate_bytes: int = 0,
+    rotate_max_files: int = 0,
+) -> None:
     logging.addLevelName(TRACE, "TRACE")
     logger = logging.getLogger(ROOT)
     for old in list(logger.handlers):
         logger.removeHandler(old)
         old.close()
     handler: logging.Handler
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    if log_file:
+        handler = file_handler(log_file, rotate_bytes, rotate_max_files)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else PlainFormatter())
     logger.addHandler(handler)
     logger.propagate = False

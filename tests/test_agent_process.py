@@ -201,7 +201,7 @@ def test_cli_proxies_table_json_and_logs(agent: AgentProcess, tmp_path: Path) ->
     web_row = next(line for line in lines if line.startswith("web-proxy"))
     assert "running" in web_row and str(web["Pid"]) in web_row
     bad_row = next(line for line in lines if line.startswith("bad-proxy"))
-    assert "backoff" in bad_row and "next attempt in" in bad_row and "exited with code 7" in bad_row
+    assert "backoff" in bad_row and "next attempt at" in bad_row and "exited with code 7" in bad_row
 
     as_json = json.loads(agent.cli("proxies", "-json").stdout)
     assert as_json["web-proxy"]["Pid"] == web["Pid"] and as_json["bad-proxy"]["State"] == "backoff"

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from supervisor.supervision.events import Debounce
 from supervisor.supervision.machine import (
     KillGroup,
     ProxyMachine,
@@ -16,7 +17,6 @@ from supervisor.supervision.machine import (
     Spawn,
     State,
 )
-from supervisor.supervision.manager import Debounce
 
 POLICY = RestartPolicy()
 

@@ -23,13 +23,9 @@ from supervisor.config import load_config
 from supervisor.config.model import AgentConfig
 from supervisor.process.identity import identity_of
 from supervisor.state.datadir import DataDir, ProxyRecord
+from supervisor.supervision.events import ReloadRequested, ShutdownRequested
 from supervisor.supervision.machine import RestartPolicy
-from supervisor.supervision.manager import (
-    ReloadRequested,
-    ShutdownRequested,
-    Supervisor,
-    SupervisorOptions,
-)
+from supervisor.supervision.manager import Supervisor, SupervisorOptions
 from supervisor.supervision.view import AgentView, ProxyStatus, ViewBoard
 from tests.conftest import free_port_range
 from tests.helpers.processes import pid_alive, wait_until

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor.api.auth import identify, may_read_service, require_operator, require_service_read
-from supervisor.api.blocking import block_until_changed
+from supervisor.api.blocking import MAX_WAIT, block_until_changed
 from supervisor.api.http import HttpError, Request, Response
 from supervisor.api.router import READ, WRITE, Router
 from supervisor.api.shapes import (
@@ -24,11 +24,13 @@ from supervisor.api.shapes import (
 )
 from supervisor.catalog.checks import CRITICAL, PASSING, WARNING
 from supervisor.config.build import build_service
+from supervisor.config.durations import parse_duration
 from supervisor.config.model import ServiceDef
 from supervisor.controlplane import ControlPlane
 from supervisor.errors import ConfigError, SupervisorError
-from supervisor.supervision.manager import ReloadRequested, ShutdownRequested, Supervisor
-from supervisor.supervision.view import AgentView, ViewBoard
+from supervisor.supervision.events import ReloadRequested, RestartRequested, ShutdownRequested
+from supervisor.supervision.manager import Supervisor
+from supervisor.supervision.view import AgentView, ProxyStatus, ViewBoard
 
 MANAGED_API_DISALLOWED = "Managed proxy registration via the API is disallowed."
 MANAGED_DEREGISTER = (
@@ -38,6 +40,33 @@ MANAGED_DEREGISTER = (
 
 RELOAD_TIMEOUT = 60.0
 LEAVE_TIMEOUT = 120.0
+RESTART_TIMEOUT = 60.0
+
+
+def restart_problem(proxy_id: str, status: ProxyStatus | None, replaced: int) -> str | None:
+    """Why a restart of ``proxy_id`` (replacing generation ``replaced``) has failed, if it has."""
+    if status is None:
+        return f"proxy {proxy_id} was removed from the configuration during its restart"
+    if status.state == "blocked":
+        return f"proxy {proxy_id} cannot be started: {status.blocked_reason}"
+    # The first new process died if a later generation exists or it waits to be retried.
+    if status.generation > replaced + 1 or (status.generation > replaced and status.state == "backoff"):
+        return (
+            f"proxy {proxy_id} did not stay up after its restart: {status.last_exit or 'it exited'}; "
+            f"see its log with: proxy-supervisor logs {proxy_id} -stderr"
+        )
+    return None
+
+
+def _timeout_arg(request: Request, default: float) -> float:
+    text = request.arg("timeout")
+    if not text:
+        return default
+    try:
+        seconds = parse_duration(text) if not text.isdigit() else float(text)
+    except ValueError:
+        raise HttpError(400, f"Invalid timeout {text!r}: use a duration such as 30s or 2m") from None
+    return min(seconds, MAX_WAIT)
 
 
 @dataclass
@@ -61,6 +90,7 @@ class AgentEndpoints:
         router.add(READ, "/v1/agent/connect/proxies", self.proxies)
         router.add(WRITE, "/v1/agent/reload", self.reload)
         router.add(WRITE, "/v1/agent/leave", self.leave)
+        router.add(WRITE, "/v1/agent/connect/proxies/:id/restart", self.restart_proxy)
         router.add(READ, "/v1/agent/checks", self.checks)
         router.add(WRITE, "/v1/agent/check/pass/:id", self.check_pass)
         router.add(WRITE, "/v1/agent/check/warn/:id", self.check_warn)
@@ -155,6 +185,40 @@ class AgentEndpoints:
         )
         await asyncio.wait_for(asyncio.wrap_future(reply), LEAVE_TIMEOUT)
         return Response.json(None)
+
+    async def restart_proxy(self, request: Request) -> Response:
+        """Restart one proxy and answer once its new process is ``running`` (up for the
+        startup grace period), so that a rolling restart can go on to the next one."""
+        view = self.board.current
+        require_operator(identify(request, view), view)
+        proxy_id = request.params["id"]
+        timeout = _timeout_arg(request, RESTART_TIMEOUT)
+        reply: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self.supervisor.post(RestartRequested(proxy_id, reply))
+        try:
+            replaced = await asyncio.wait_for(asyncio.wrap_future(reply), RELOAD_TIMEOUT)
+        except SupervisorError as exc:
+            raise HttpError(404, str(exc)) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            changed = self.changes.current()  # taken before reading, so no change is missed
+            status = self.board.current.statuses.get(proxy_id)
+            problem = restart_problem(proxy_id, status, replaced)
+            if problem is not None:
+                raise HttpError(409, problem)
+            if status is not None and status.state == "running" and status.generation > replaced:
+                return Response.json(proxy_status_json(status, time.monotonic()))
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                state = status.state if status is not None else "gone"
+                raise HttpError(
+                    504, f"proxy {proxy_id} is not running {timeout:.0f}s after its restart (state: {state})"
+                )
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                pass
 
     def _service_name(self, service_id: str) -> str:
         data = self._services(self.board.current).get(service_id)

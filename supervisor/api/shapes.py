@@ -8,6 +8,7 @@ clients decode our answers unchanged.
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -158,6 +159,7 @@ def proxy_status_json(status: ProxyStatus, now_monotonic: float) -> dict[str, An
         "StartedAt": _iso(status.started_wall),
         "UptimeSeconds": round(uptime, 3) if uptime is not None else None,
         "NextAttemptInSeconds": round(next_in, 3) if next_in is not None else None,
+        "NextAttemptAt": _iso(time.time() + next_in) if next_in is not None else None,
         "BlockedReason": status.blocked_reason,
         "Port": status.port,
         "Command": list(status.command),

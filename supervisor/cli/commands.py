@@ -8,9 +8,11 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
+from urllib.parse import quote
 
 from supervisor.cli.client import AgentClient
 from supervisor.config import load_config
+from supervisor.config.durations import parse_duration
 from supervisor.errors import AgentRequestError, UsageError
 
 
@@ -66,7 +68,10 @@ def _note(entry: dict[str, Any]) -> str:
         return str(entry.get("BlockedReason") or "blocked")
     if state == "backoff":
         next_in = entry.get("NextAttemptInSeconds")
-        when = f"next attempt in {next_in:.1f}s" if next_in is not None else "waiting"
+        when = "waiting"
+        if next_in is not None:
+            at = time.strftime("%H:%M:%S", time.localtime(time.time() + next_in))
+            when = f"next attempt at {at} (in {next_in:.1f}s)"
         return f"{when}; last: {entry.get('LastExit') or 'unknown'}"
     if entry.get("Adopted"):
         return "adopted from an earlier agent run"
@@ -104,9 +109,26 @@ def proxies(client: AgentClient, as_json: bool, out: TextIO) -> int:
     return 0
 
 
+def _candidates(name: str) -> list[str]:
+    return [name, f"{name}-proxy"] if not name.endswith("-proxy") else [name]
+
+
+def find_proxy(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``/v1/agent/connect/proxies`` entry for a proxy ID or its target service's ID."""
+    for candidate in _candidates(name):
+        entry = data.get(candidate)
+        if entry is None:
+            matches = [e for e in data.values() if e["TargetServiceID"] == name]
+            entry = matches[0] if matches else None
+        if entry is not None:
+            return dict(entry)
+    known = ", ".join(sorted(data)) or "none"
+    raise UsageError(f"no managed proxy for {name!r} (known proxies: {known})")
+
+
 def log_path(client: AgentClient | None, data_dir: str | None, name: str, stderr: bool) -> str:
     """Find a proxy's log by proxy ID or service ID, through the agent or in a data_dir."""
-    candidates = [name, f"{name}-proxy"] if not name.endswith("-proxy") else [name]
+    candidates = _candidates(name)
     suffix = "stderr" if stderr else "stdout"
     if data_dir is not None:
         for candidate in candidates:
@@ -115,22 +137,14 @@ def log_path(client: AgentClient | None, data_dir: str | None, name: str, stderr
                 return path
         raise UsageError(f"no {suffix} log for {name!r} in {os.path.join(data_dir, 'proxy', 'logs')}")
     assert client is not None
-    data = client.get("/v1/agent/connect/proxies")
-    for candidate in candidates:
-        entry = data.get(candidate)
-        if entry is None:
-            matches = [e for e in data.values() if e["TargetServiceID"] == name]
-            entry = matches[0] if matches else None
-        if entry is not None:
-            path = entry["StderrLog" if stderr else "StdoutLog"]
-            if not path:
-                raise AgentRequestError(
-                    f"proxy {entry['ProxyServiceID']} has no log file: the agent runs without a "
-                    "data_dir (-dev), so proxy output goes to the agent's terminal"
-                )
-            return str(path)
-    known = ", ".join(sorted(data)) or "none"
-    raise UsageError(f"no managed proxy for {name!r} (known proxies: {known})")
+    entry = find_proxy(client.get("/v1/agent/connect/proxies"), name)
+    path = entry["StderrLog" if stderr else "StdoutLog"]
+    if not path:
+        raise AgentRequestError(
+            f"proxy {entry['ProxyServiceID']} has no log file: the agent runs without a "
+            "data_dir (-dev), so proxy output goes to the agent's terminal"
+        )
+    return str(path)
 
 
 def show_log(path: str, lines: int, follow: bool, out: TextIO) -> int:
@@ -195,6 +209,52 @@ def _follow(handle: Any, path: str, out: TextIO) -> None:
         return
     finally:
         handle.close()
+
+
+def restart(client: AgentClient, name: str | None, restart_all: bool, timeout: str, out: TextIO) -> int:
+    """Restart one proxy, or all of them one at a time: each must be running again before
+    the next is touched, and the first one that does not come back stops the roll."""
+    if (name is None) == (not restart_all):
+        raise UsageError("restart needs either a proxy (or service) name or -all, not both")
+    try:
+        seconds = parse_duration(timeout) if not timeout.isdigit() else float(timeout)
+    except ValueError:
+        raise UsageError(f"-timeout {timeout!r}: use a duration such as 30s or 2m") from None
+    data = client.get("/v1/agent/connect/proxies")
+    if restart_all:
+        targets = sorted(data)
+        if not targets:
+            out.write("No managed proxies to restart.\n")
+            return 0
+    else:
+        assert name is not None
+        targets = [find_proxy(data, name)["ProxyServiceID"]]
+    for number, proxy_id in enumerate(targets, start=1):
+        old_pid = data.get(proxy_id, {}).get("Pid")
+        prefix = f"[{number}/{len(targets)}] " if restart_all else ""
+        out.write(f"{prefix}{proxy_id}: restarting (pid {old_pid or '-'})... ")
+        out.flush()
+        began = time.monotonic()
+        try:
+            entry = client.put(
+                f"/v1/agent/connect/proxies/{quote(proxy_id, safe='')}/restart?timeout={seconds:g}s",
+                timeout=seconds + 15,
+            )
+        except AgentRequestError as exc:
+            out.write("failed\n")
+            out.flush()
+            left = targets[number:]
+            if restart_all:
+                note = f"; not restarted: {', '.join(left)}" if left else ""
+                raise AgentRequestError(
+                    f"rolling restart stopped at {proxy_id} ({number} of {len(targets)}): {exc}{note}"
+                ) from None
+            raise
+        out.write(f"running as pid {entry['Pid']} after {time.monotonic() - began:.1f}s\n")
+        out.flush()
+    if restart_all:
+        out.write(f"Restarted {len(targets)} prox{'y' if len(targets) == 1 else 'ies'}, one at a time.\n")
+    return 0
 
 
 def reload(client: AgentClient, out: TextIO) -> int:

@@ -8,9 +8,11 @@ spelling (``-config-dir``); the double-dash spelling works too.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, TextIO
 
 from supervisor.cli import commands, connect_commands
 from supervisor.cli.client import AgentClient
@@ -58,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(agent, "log-level", dest="log_level", metavar="LEVEL")
     _flag(agent, "log-json", dest="log_json", action="store_true", default=None)
     _flag(agent, "log-file", dest="log_file", metavar="FILE")
+    _flag(
+        agent,
+        "daemon",
+        action="store_true",
+        help="detach into the background once started (logs go to -log-file, default data_dir/agent.log)",
+    )
+    _flag(agent, "pid-file", dest="pid_file", metavar="FILE", help="write (and lock) the agent's PID here")
 
     validate = sub.add_parser("validate", help="check config files or directories")
     validate.add_argument("paths", nargs="*", metavar="PATH")
@@ -76,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
         logs, "data-dir", dest="data_dir", metavar="DIR", help="read logs from DIR without asking the agent"
     )
     _client_flags(logs)
+
+    restart = sub.add_parser(
+        "restart", help="restart a proxy, or every proxy one at a time (-all), e.g. after an upgrade"
+    )
+    restart.add_argument("name", nargs="?", metavar="SERVICE|PROXY")
+    _flag(restart, "all", dest="restart_all", action="store_true", help="rolling restart of every proxy")
+    _flag(
+        restart,
+        "timeout",
+        default="60s",
+        metavar="DURATION",
+        help="how long each proxy may take to be running again (default 60s)",
+    )
+    _client_flags(restart)
 
     for name, text in (
         ("reload", "re-read the configuration"),
@@ -114,6 +137,47 @@ def _agent_flags(args: argparse.Namespace) -> dict[str, Any]:
     return flags
 
 
+def _run_agent(args: argparse.Namespace, out: TextIO) -> int:
+    from supervisor.agent import Agent, AgentOptions
+    from supervisor.ops.daemon import Launched, PidFile, daemonize
+
+    options = AgentOptions(
+        config_files=tuple(args.config_files),
+        config_dirs=tuple(args.config_dirs),
+        flags=_agent_flags(args),
+        dev=args.dev,
+    )
+    agent = Agent(options)  # a bad config fails here, on the operator's terminal
+    pid_file = PidFile(args.pid_file) if args.pid_file else None
+    if not args.daemon:
+        if pid_file is None:
+            return agent.run()
+        with pid_file:
+            return agent.run()
+    if args.dev:
+        raise UsageError("-daemon cannot be combined with -dev (-dev proxies stop with the agent's terminal)")
+    log_file = agent.config.log_file
+    if not log_file:
+        if agent.config.data_dir is None:
+            raise UsageError("-daemon needs -log-file FILE or a data_dir (whose agent.log is the default)")
+        log_file = os.path.join(os.path.abspath(agent.config.data_dir), "agent.log")
+        os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
+        agent = Agent(replace(options, flags={**options.flags, "log_file": log_file}))
+    try:
+        # Not a with-block: the daemon keeps it as its stdout/stderr for its whole life.
+        output = open(log_file, "a", buffering=1)
+    except OSError as exc:
+        raise UsageError(f"-log-file {log_file}: cannot open it for writing: {exc.strerror}") from None
+    outcome = daemonize(pid_file, output)
+    if isinstance(outcome, Launched):
+        output.close()
+        where = f", pid file {pid_file.path}" if pid_file else ""
+        out.write(f"agent running in the background as pid {outcome.pid} (log {log_file}{where})\n")
+        return 0
+    agent.readiness = outcome
+    return agent.run()
+
+
 def run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     out = sys.stdout
@@ -126,15 +190,7 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "validate":
         return commands.validate(args.paths, args.quiet, out)
     if args.command == "agent":
-        from supervisor.agent import Agent, AgentOptions
-
-        options = AgentOptions(
-            config_files=tuple(args.config_files),
-            config_dirs=tuple(args.config_dirs),
-            flags=_agent_flags(args),
-            dev=args.dev,
-        )
-        return Agent(options).run()
+        return _run_agent(args, out)
     if args.command == "connect":
         if args.connect_command != "proxy":
             raise UsageError("connect needs a subcommand: proxy")
@@ -154,6 +210,8 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "logs":
         path = commands.log_path(None if args.data_dir else client, args.data_dir, args.name, args.stderr)
         return commands.show_log(path, args.lines, args.follow, out)
+    if args.command == "restart":
+        return commands.restart(client, args.name, args.restart_all, args.timeout, out)
     if args.command == "reload":
         return commands.reload(client, out)
     if args.command == "leave":

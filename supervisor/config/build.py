@@ -17,6 +17,8 @@ from typing import Any
 from supervisor.config.formats import parse_text
 from supervisor.config.keys import AGENT, SERVICE
 from supervisor.config.model import (
+    DEFAULT_PROXY_LOG_MAX_BYTES,
+    DEFAULT_PROXY_LOG_MAX_FILES,
     ACLConfig,
     AgentConfig,
     CAConfig,
@@ -169,6 +171,8 @@ class _Builder:
             log_level=self._log_level(),
             log_json=doc.get("log_json", False),
             log_file=doc.get("log_file") or None,
+            log_rotate_bytes=doc.get("log_rotate_bytes", 0),
+            log_rotate_max_files=doc.get("log_rotate_max_files", 0),
             node_name=doc.get("node_name") or socket.gethostname() or "localhost",
             node_id=self._node_id(),
             datacenter=doc.get("datacenter") or "dc1",
@@ -180,6 +184,8 @@ class _Builder:
             connect_enabled=connect.get("enabled", True),
             allow_managed_root=proxy_flags.get("allow_managed_root", False),
             allow_managed_api_registration=proxy_flags.get("allow_managed_api_registration", False),
+            proxy_log_max_bytes=proxy_flags.get("log_max_bytes", DEFAULT_PROXY_LOG_MAX_BYTES),
+            proxy_log_max_files=proxy_flags.get("log_max_files", DEFAULT_PROXY_LOG_MAX_FILES),
             proxy_defaults=defaults,
             ca=self._ca(connect.get("ca_config", {})),
             acl=self._acl(),

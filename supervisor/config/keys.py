@@ -79,6 +79,24 @@ def check_command(value: Any, path: str, ctx: Context) -> list[str]:
     return list(value)
 
 
+_SIZE = re.compile(r"\s*(\d+)\s*([kmgt]?i?b?)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def check_size(value: Any, path: str, ctx: Context) -> int:
+    """A size in bytes: an integer, or a string with a unit ("10MB", "512KiB", "1g")."""
+    number = as_int(value)
+    if number is None and isinstance(value, str) and (match := _SIZE.fullmatch(value)):
+        unit = (match.group(2) or "").lower()
+        factor = _SIZE_UNITS[unit[:1]] if "i" not in unit else 1024 ** " kmgt".index(unit[0])
+        number = int(match.group(1)) * factor
+    if number is None:
+        raise Invalid(f'expected a size such as 10485760 or "10MiB", got {describe(value)}')
+    if number < 0:
+        raise Invalid(f"{number} is negative")
+    return number
+
+
 def check_exec_mode(value: Any, path: str, ctx: Context) -> str:
     if value == "daemon" or value == "":
         return "daemon"
@@ -258,7 +276,7 @@ CONSUL_ONLY_TOP_LEVEL = tuple(
     enable_acl_replication enable_agent_tls_for_checks enable_central_service_config
     enable_debug enable_script_checks enable_local_script_checks enable_syslog encrypt
     encrypt_verify_incoming encrypt_verify_outgoing gossip_lan gossip_wan http_config
-    leave_on_terminate limits log_rotate_duration log_rotate_bytes log_rotate_max_files
+    leave_on_terminate limits log_rotate_duration
     node_meta non_voting_server performance pid_file primary_datacenter protocol
     raft_protocol raft_snapshot_threshold raft_snapshot_interval raft_trailing_logs
     reconnect_timeout reconnect_timeout_wan recursors rejoin_after_leave retry_interval
@@ -305,7 +323,14 @@ ACL = Obj(
 CONNECT = Obj(
     {
         "enabled": Bool(),
-        "proxy": Obj({"allow_managed_root": Bool(), "allow_managed_api_registration": Bool()}),
+        "proxy": Obj(
+            {
+                "allow_managed_root": Bool(),
+                "allow_managed_api_registration": Bool(),
+                "log_max_bytes": Custom(check_size),
+                "log_max_files": Int(0, 1000),
+            }
+        ),
         "proxy_defaults": Obj(
             {
                 "exec_mode": Custom(check_exec_mode),
@@ -337,6 +362,8 @@ AGENT = Obj(
         "log_level": Str(LOG_LEVELS, casefold=True),
         "log_json": Bool(),
         "log_file": Str(),
+        "log_rotate_bytes": Custom(check_size),
+        "log_rotate_max_files": Int(-1, 100000),
         "node_name": Str(),
         "node_id": Str(),
         "datacenter": Str(),

@@ -121,6 +121,10 @@ class ServiceDef:
         return f"{self.name}-proxy"
 
 
+DEFAULT_PROXY_LOG_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_PROXY_LOG_MAX_FILES = 5
+
+
 @dataclass(frozen=True)
 class ProxyDefaults:
     exec_mode: str = "daemon"
@@ -149,6 +153,8 @@ class AgentConfig:
     log_level: str = "INFO"
     log_json: bool = False
     log_file: str | None = None
+    log_rotate_bytes: int = 0  # Consul's keys for the agent's own log file; 0: no size limit
+    log_rotate_max_files: int = 0  # 0: keep all rotated files (as Consul); -1: keep none
     node_name: str = "localhost"
     node_id: str | None = None
     datacenter: str = "dc1"
@@ -160,6 +166,8 @@ class AgentConfig:
     connect_enabled: bool = True
     allow_managed_root: bool = False
     allow_managed_api_registration: bool = False
+    proxy_log_max_bytes: int = DEFAULT_PROXY_LOG_MAX_BYTES  # 0: the agent never rotates proxy logs
+    proxy_log_max_files: int = DEFAULT_PROXY_LOG_MAX_FILES
     proxy_defaults: ProxyDefaults = field(default_factory=ProxyDefaults)
     ca: CAConfig = field(default_factory=CAConfig)
     acl: ACLConfig = field(default_factory=ACLConfig)

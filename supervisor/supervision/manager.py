@@ -2,14 +2,14 @@
 
 It blocks in ``epoll`` on a wake pipe and on one pidfd per process (own children and
 adopted ones alike), so a proxy's exit is seen within milliseconds and an idle agent
-uses no CPU: there is no polling timer. Everything else -- signal handlers, the config
+uses no CPU: there is no polling timer (the one periodic wake-up is the systemd watchdog
+ping, and only when systemd asks for it). Everything else -- signal handlers, the config
 watcher, the HTTP API -- talks to it only by ``post``-ing events. Decisions come from
 ``ProxyMachine``; this module only carries out their actions and keeps the record.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import queue
@@ -17,10 +17,9 @@ import random
 import selectors
 import signal
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from supervisor.config.model import AgentConfig, ServiceDef
 from supervisor.errors import ConfigError, SpawnError, SupervisorError
@@ -30,6 +29,19 @@ from supervisor.process.spawn import PosixSpawner, Spawner
 from supervisor.state.datadir import Allocation, DataDir, ProxyRecord
 from supervisor.supervision.adoption import adopt_survivors
 from supervisor.supervision.desired import Plan, PlannedProxy, plan_proxies
+from supervisor.supervision.events import (
+    Clock,
+    Debounce,
+    Event,
+    FilesChanged,
+    LoopHooks,
+    ReloadRequested,
+    RestartRequested,
+    ServicesChanged,
+    ShutdownRequested,
+    SweepScanned,
+    SystemClock,
+)
 from supervisor.supervision.launch import launch_for
 from supervisor.supervision.machine import (
     Action,
@@ -50,62 +62,6 @@ ROOT_BLOCKED = (
 )
 
 
-class Clock(Protocol):
-    def monotonic(self) -> float: ...
-    def wall(self) -> float: ...
-
-
-class SystemClock:
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def wall(self) -> float:
-        return time.time()
-
-
-# -- events posted to the loop --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReloadRequested:
-    """Re-read the configuration (SIGHUP, ``reload``, the API)."""
-
-    reason: str
-    reply: concurrent.futures.Future[None] | None = None
-
-
-@dataclass(frozen=True)
-class FilesChanged:
-    """A config drop-in changed on disk; reloaded after a quiet period."""
-
-    path: str
-
-
-@dataclass(frozen=True)
-class ServicesChanged:
-    """A service registered through the API with a managed proxy came or went."""
-
-
-@dataclass(frozen=True)
-class SweepScanned:
-    """The /proc scan for leftovers of exited proxies finished (posted by the scan thread)."""
-
-    proxy_ids: frozenset[str]
-    found: tuple[MarkedProcess, ...]
-
-
-@dataclass(frozen=True)
-class ShutdownRequested:
-    """Stop the loop. ``stop_proxies``: stop every proxy first (``leave``, ``-dev``)."""
-
-    stop_proxies: bool
-    reason: str
-    reply: concurrent.futures.Future[None] | None = None
-
-
-Event = ReloadRequested | FilesChanged | ShutdownRequested | SweepScanned | ServicesChanged
-
-
 @dataclass
 class Slot:
     """Supervision of one proxy ID: the decisions (machine) and the live process (handle)."""
@@ -117,28 +73,6 @@ class Slot:
     running_spec_hash: str | None = None
     adopted: bool = False
     started_wall: float | None = None
-
-
-@dataclass
-class Debounce:
-    """Config-file events are applied after ``quiet`` seconds without events, but at most
-    ``cap`` seconds after the first one (editors save in bursts of events)."""
-
-    quiet: float = 0.2
-    cap: float = 2.0
-    first: float | None = None
-    due: float | None = None
-
-    def poke(self, now: float) -> None:
-        if self.first is None:
-            self.first = now
-        self.due = min(now + self.quiet, self.first + self.cap)
-
-    def fire(self, now: float) -> bool:
-        if self.due is not None and now >= self.due:
-            self.first = self.due = None
-            return True
-        return False
 
 
 @dataclass
@@ -157,6 +91,7 @@ class SupervisorOptions:
     scan_marked: Callable[[str], list[MarkedProcess]] = find_marked
     debounce: Debounce = field(default_factory=Debounce)
     registered_services: Callable[[], Sequence[ServiceDef]] = lambda: ()
+    hooks: LoopHooks = field(default_factory=LoopHooks)
 
 
 class Supervisor:
@@ -187,6 +122,8 @@ class Supervisor:
         self._shutdown: ShutdownRequested | None = None
         self._stopped = False
         self._dirty = True
+        interval = options.hooks.heartbeat_interval
+        self._next_heartbeat = self.clock.monotonic() if interval else None
 
     # -- thread-safe entry point -------------------------------------------------------------
 
@@ -274,6 +211,7 @@ class Supervisor:
                 break
             self._handle(event)
         now = self.clock.monotonic()
+        self._maybe_heartbeat(now)
         if self.options.debounce.fire(now):
             self._reload("config files changed")
         for slot in list(self._slots.values()):
@@ -324,7 +262,10 @@ class Supervisor:
                     event.reply.set_exception(ConfigError.single("", "", self._reload_error))
                 else:
                     event.reply.set_result(None)
+        elif isinstance(event, RestartRequested):
+            self._restart(event)
         elif isinstance(event, ShutdownRequested):
+            self.options.hooks.stopping()
             log.info(
                 "shutting down (%s)%s",
                 event.reason,
@@ -337,6 +278,7 @@ class Supervisor:
                     self._execute(slot, slot.machine.unwant(now))
 
     def _reload(self, reason: str) -> None:
+        self.options.hooks.reloading()
         try:
             config = self.options.load_config()
         except ConfigError as exc:
@@ -348,9 +290,33 @@ class Supervisor:
                 exc,
             )
             return
+        finally:
+            self.options.hooks.reloaded()
         self._reload_error = None
         log.info("configuration reloaded (%s)", reason)
         self._apply(config)
+
+    def _restart(self, event: RestartRequested) -> None:
+        slot = self._slots.get(event.proxy_id)
+        if slot is None or not slot.machine.wanted:
+            known = ", ".join(sorted(p for p, s in self._slots.items() if s.machine.wanted)) or "none"
+            event.reply.set_exception(
+                SupervisorError(f"no managed proxy {event.proxy_id!r} (known proxies: {known})")
+            )
+            return
+        generation = slot.machine.generation
+        log.info("proxy %s: restart requested by an operator", event.proxy_id)
+        self._execute(slot, slot.machine.replace(self.clock.monotonic()))
+        event.reply.set_result(generation)
+
+    def _maybe_heartbeat(self, now: float) -> None:
+        interval = self.options.hooks.heartbeat_interval
+        if self._next_heartbeat is None or interval is None or now < self._next_heartbeat:
+            return
+        self.options.hooks.heartbeat()
+        # Schedule from now, not from the missed deadline: after a stall (SIGSTOP) one
+        # ping is enough, a burst of catch-up pings would say nothing more.
+        self._next_heartbeat = now + interval
 
     def _maybe_finish_shutdown(self) -> None:
         if self._shutdown is None or self._stopped:
@@ -638,6 +604,8 @@ class Supervisor:
         deadlines = [d for slot in self._slots.values() if (d := slot.machine.next_deadline()) is not None]
         if self.options.debounce.due is not None:
             deadlines.append(self.options.debounce.due)
+        if self._next_heartbeat is not None:
+            deadlines.append(self._next_heartbeat)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - self.clock.monotonic())

@@ -10,6 +10,7 @@ stop appends {"stopped": pid}. Modes:
   double-fork    start a daemonised grandchild (new session) and exit 0
   flood N        write N lines to stdout as fast as possible, then wait
   tick           like run, plus a "tick N" line on stdout every 50 ms
+  fail-if PATH   exit 3 at once if PATH exists, else like run (a broken upgrade)
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ KEYS = (
     "CONSUL_HTTP_SSL",
     "PROXY_SUPERVISOR_MARKER",
     "FAKEPROXY_AMBIENT",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
 )
 
 
@@ -59,6 +62,9 @@ def main() -> None:
     )
     if mode == "exit":
         sys.exit(int(sys.argv[3]))
+    if mode == "fail-if" and os.path.exists(sys.argv[3]):
+        print(f"refusing to start: {sys.argv[3]} exists", file=sys.stderr, flush=True)
+        sys.exit(3)
     if mode == "double-fork":
         if os.fork() == 0:
             os.setsid()
