@@ -154,12 +154,10 @@ def _run_agent(args: argparse.Namespace, out: TextIO) -> int:
             return agent.run()
         with pid_file:
             return agent.run()
-    if args.dev:
+    if args.dev or agent.config.data_dir is None:
         raise UsageError("-daemon cannot be combined with -dev (-dev proxies stop with the agent's terminal)")
     log_file = agent.config.log_file
     if not log_file:
-        if agent.config.data_dir is None:
-            raise UsageError("-daemon needs -log-file FILE or a data_dir (whose agent.log is the default)")
         log_file = os.path.join(os.path.abspath(agent.config.data_dir), "agent.log")
         os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
         agent = Agent(replace(options, flags={**options.flags, "log_file": log_file}))

@@ -92,7 +92,7 @@ def main() -> None:
             time.sleep(0.05)
         else:
             signal.pause()
-    record(statefile, {"stopped": os.getpid()})
+    record(statefile, {"stopped": os.getpid(), "time": time.time()})
 
 
 if __name__ == "__main__":
