@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.agent import AgentProcess, fake_proxy, read_state, starts, wait_for_line
+from tests.helpers.agent import AgentProcess, fake_proxy, starts, wait_for_line
 from tests.helpers.processes import pid_alive, wait_until
+from tests.helpers.statefile import stopped
 
 ALLOW_ROOT = {"connect": {"proxy": {"allow_managed_root": True}}}
 
@@ -108,7 +109,7 @@ def test_sigterm_leaves_proxies_running_with_a_data_dir(agent: AgentProcess, tmp
     agent.signal(signal.SIGTERM)
     assert agent.wait_exit() == 0
     assert pid_alive(web["Pid"])
-    assert {"stopped": web["Pid"]} not in read_state(state)
+    assert web["Pid"] not in stopped(state)
 
 
 def test_dev_mode_kills_proxies_on_exit_and_passes_their_output_through(tmp_path: Path) -> None:
@@ -124,7 +125,7 @@ def test_dev_mode_kills_proxies_on_exit_and_passes_their_output_through(tmp_path
         agent.signal(signal.SIGINT)
         assert agent.wait_exit() == 0
         wait_until(lambda: not pid_alive(web["Pid"]))
-        assert {"stopped": web["Pid"]} in read_state(state)
+        assert web["Pid"] in stopped(state)
     finally:
         agent.kill_everything()
 
@@ -148,7 +149,7 @@ def test_drop_ins_are_applied_without_a_signal(agent: AgentProcess, tmp_path: Pa
     # deleted
     agent.remove("web.json")
     wait_until(lambda: agent.proxy("web-proxy") is None, message="web-proxy to go away")
-    assert {"stopped": web["Pid"]} in read_state(web_state)
+    assert web["Pid"] in stopped(web_state)
     assert agent.proxy("db-proxy") is not None
 
 

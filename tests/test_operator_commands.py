@@ -14,6 +14,7 @@ import pytest
 
 from tests.helpers.agent import AgentProcess, fake_proxy, starts
 from tests.helpers.processes import pid_alive, wait_until
+from tests.helpers.statefile import read_state
 
 ALLOW_ROOT = {"connect": {"proxy": {"allow_managed_root": True}}}
 
@@ -126,14 +127,8 @@ def test_leave_stops_every_proxy_then_the_agent(agent: AgentProcess, tmp_path: P
     assert not list((agent.data_dir / "proxy" / "pids").glob("*"))  # type: ignore[operator]
 
 
-def _state(statefile: Path) -> list[dict[str, Any]]:
-    from tests.helpers.statefile import read_state
-
-    return read_state(statefile)
-
-
 def _stop_time(statefile: Path, pid: int) -> float:
-    for entry in _state(statefile):
+    for entry in read_state(statefile):
         if entry.get("stopped") == pid:
             return float(entry.get("time", 0.0))
     raise AssertionError(f"{statefile}: pid {pid} did not record a clean stop")

@@ -29,7 +29,7 @@ from supervisor.supervision.manager import Supervisor, SupervisorOptions
 from supervisor.supervision.view import AgentView, ProxyStatus, ViewBoard
 from tests.conftest import free_port_range
 from tests.helpers.processes import pid_alive, wait_until
-from tests.helpers.statefile import fake_proxy, first_value, read_state, starts
+from tests.helpers.statefile import fake_proxy, first_value, starts, stopped
 
 FAST = RestartPolicy(stop_timeout=0.5, startup_grace=0.2)
 
@@ -256,7 +256,7 @@ def test_removed_service_stops_its_proxy_with_sigint(harness: Harness, tmp_path:
     harness.remove("web.json")
     harness.reload()
     wait_until(lambda: harness.status("web-proxy") is None, message="web-proxy to be gone")
-    assert {"stopped": web.pid} in read_state(web_state)  # it got SIGINT and exited cleanly
+    assert web.pid in stopped(web_state)  # it got SIGINT and exited cleanly
     assert not Path(harness.data_dir.pid_path("web-proxy")).exists()
     assert "web-proxy" not in harness.data_dir.load_records().records
     db_now = harness.status("db-proxy")
@@ -291,7 +291,7 @@ def test_changed_command_restarts_only_that_proxy_and_config_change_restarts_not
     wait_until(lambda: len(starts(web_state)) == 2)
     new_web = harness.wait_state("web-proxy", "running")
     assert new_web.pid != web.pid and new_web.restarts == 0
-    assert {"stopped": web.pid} in read_state(web_state)
+    assert web.pid in stopped(web_state)
     assert starts(web_state)[1]["env"]["CONNECT_PROXY_TOKEN"] == token
     db_now = harness.status("db-proxy")
     assert db_now is not None and db_now.pid == db.pid and len(starts(db_state)) == 1
@@ -325,7 +325,7 @@ def test_proxy_ignoring_sigint_is_killed_after_the_stop_timeout(harness: Harness
     wait_until(lambda: not pid_alive(status.pid or 0), timeout=5)
     elapsed = time.monotonic() - started
     assert elapsed >= FAST.stop_timeout * 0.9  # not killed before the grace period
-    assert {"stopped": status.pid} not in read_state(state)
+    assert status.pid not in stopped(state)
 
 
 def test_group_members_are_killed_when_the_proxy_exits(harness: Harness, tmp_path: Path) -> None:
@@ -506,7 +506,7 @@ def test_changed_spec_while_down_replaces_the_adopted_proxy(
     second.write("web.json", {"service": service("web", proxy_command("run", state, "--new"))})
     second.start()
     wait_until(lambda: len(starts(state)) == 2)
-    assert {"stopped": web.pid} in read_state(state)
+    assert web.pid in stopped(state)
     assert starts(state)[1]["argv"][-1] == "--new"
 
 

@@ -2,7 +2,7 @@
 
 Usage: python fakeproxy.py MODE STATEFILE [ARGS]
 Every start appends one JSON line to STATEFILE (pid, selected env, argv); a graceful
-stop appends {"stopped": pid}. Modes:
+stop appends {"stopped": pid, "time": t}. Modes:
   run            print to stdout/stderr, then wait for SIGINT/SIGTERM
   ignore-sigint  like run, but ignore SIGINT (only SIGKILL stops it)
   exit CODE      exit immediately with CODE

@@ -25,6 +25,11 @@ def starts(statefile: Path) -> list[dict[str, Any]]:
     return [entry for entry in read_state(statefile) if "mode" in entry]
 
 
+def stopped(statefile: Path) -> list[int]:
+    """PIDs that recorded a clean stop (they handled SIGINT/SIGTERM and exited)."""
+    return [int(entry["stopped"]) for entry in read_state(statefile) if "stopped" in entry]
+
+
 def first_value(statefile: Path, key: str) -> int:
     """The first recorded value of ``key`` (a PID) in the state file, 0 if none yet."""
     return next((int(entry[key]) for entry in read_state(statefile) if key in entry), 0)
