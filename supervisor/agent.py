@@ -15,7 +15,7 @@ import resource
 import signal
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -32,9 +32,11 @@ from supervisor.ops.daemon import Readiness
 from supervisor.ops.proxylogs import ProxyLogRotator, RotationPolicy
 from supervisor.ops.sdnotify import SdNotifier
 from supervisor.state.datadir import DataDir
+from supervisor.state.guard import DataDirGuard, DataDirWatcher
 from supervisor.state.lock import AgentLock
 from supervisor.supervision.desired import address_for_proxies
 from supervisor.supervision.events import (
+    DataDirChanged,
     FilesChanged,
     LoopHooks,
     ReloadRequested,
@@ -72,9 +74,10 @@ class AgentOptions:
 class ServiceManagerHooks(LoopHooks):
     """Tells systemd (``Type=notify``) what the supervision loop is doing."""
 
-    def __init__(self, notifier: SdNotifier | None) -> None:
+    def __init__(self, notifier: SdNotifier | None, on_data_dir_restored: Callable[[], None]) -> None:
         self.notifier = notifier
         self.heartbeat_interval = notifier.watchdog_interval if notifier else None
+        self.on_data_dir_restored = on_data_dir_restored
 
     def reloading(self) -> None:
         if self.notifier:
@@ -91,6 +94,9 @@ class ServiceManagerHooks(LoopHooks):
     def heartbeat(self) -> None:
         if self.notifier:
             self.notifier.watchdog()
+
+    def data_dir_restored(self) -> None:
+        self.on_data_dir_restored()
 
 
 def status_line(view: AgentView) -> str:
@@ -149,6 +155,10 @@ class Agent:
         host, port = sock.getsockname()[:2]
         api_address = address_for_proxies(config.http_host, int(port))
         board = ViewBoard(AgentView(config=config, node_id=node_id, api_address=api_address))
+        guard = data_watcher = None
+        if self.data_dir is not None and self.lock is not None:
+            guard = DataDirGuard(self.data_dir, self.lock, node_id)
+        api: ApiServer | None = None
         registry = Registry(os.path.join(self.data_dir.root, "services") if self.data_dir else None)
         registry.load(config.proxy_defaults)
         supervisor = Supervisor(
@@ -158,7 +168,8 @@ class Agent:
                 api_address=api_address,
                 load_config=self.load,
                 registered_services=lambda: registry.services,
-                hooks=ServiceManagerHooks(self.notifier),
+                hooks=ServiceManagerHooks(self.notifier, lambda: self._data_dir_restored(api, data_watcher)),
+                guard=guard,
             ),
             board,
         )
@@ -174,6 +185,9 @@ class Agent:
             lambda path: supervisor.post(FilesChanged(path)),
         )
         watcher.start()
+        if self.data_dir is not None:
+            data_watcher = DataDirWatcher(self.data_dir, lambda path: supervisor.post(DataDirChanged(path)))
+            data_watcher.start()
         self._install_signal_handlers(supervisor, stop_proxies=config.data_dir is None)
         if self.data_dir is not None:
             self.rotator = ProxyLogRotator(self.data_dir.logs_dir, _rotation_policy(config))
@@ -193,6 +207,8 @@ class Agent:
             supervisor.run()
         finally:
             watcher.stop()
+            if data_watcher is not None:
+                data_watcher.stop()
             if self.rotator is not None:
                 self.rotator.stop()
             api.stop()
@@ -224,6 +240,14 @@ class Agent:
         signal.signal(signal.SIGHUP, on_reload)
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
+
+    def _data_dir_restored(self, api: ApiServer | None, data_watcher: DataDirWatcher | None) -> None:
+        """On the supervision loop, after it rebuilt data_dir: the control plane saves its
+        stores on its own loop, and the watcher follows the re-created directories."""
+        if api is not None:
+            api.call_soon(api.plane.save_all)
+        if data_watcher is not None:
+            data_watcher.restart()
 
     def _announce_ready(self, view: AgentView) -> None:
         if self.notifier is not None:

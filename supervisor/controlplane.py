@@ -23,7 +23,7 @@ from supervisor.catalog.registry import Registry
 from supervisor.config.model import AgentConfig
 from supervisor.connect.ca import CertificateAuthority
 from supervisor.connect.leaves import LeafManager
-from supervisor.errors import SupervisorError
+from supervisor.errors import DataDirError, SupervisorError
 from supervisor.state.datadir import DataDir
 from supervisor.supervision.view import AgentView
 
@@ -61,6 +61,24 @@ class ControlPlane:
         """Read intentions and queries (before serving: a bad file stops the agent)."""
         self.intentions.load()
         self.queries.load()
+
+    def save_all(self) -> None:
+        """Write every store again, from memory: data_dir was deleted under the running agent.
+        Runs on the event loop, so no request changes a store halfway through."""
+        stores: list[tuple[str, Callable[[], None]]] = [
+            ("intentions", self.intentions.save),
+            ("prepared queries", self.queries.save),
+            ("service registrations", self.registry.save_all),
+        ]
+        if self.ca is not None:
+            stores.insert(0, ("the CA", self.ca.save))
+        for name, save in stores:
+            try:
+                save()
+            except DataDirError as exc:
+                log.error("cannot restore %s in data_dir: %s", name, exc)
+            else:
+                log.info("restored %s in data_dir from memory", name)
 
     def start(self, view: AgentView) -> None:
         """Called on the event loop before the first request is served."""

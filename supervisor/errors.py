@@ -7,7 +7,8 @@ message on stderr and an exit code (``exit_code`` below).
     ├── ConfigError            the configuration is invalid (exit 2); one line per problem
     ├── UsageError             the command line is invalid (exit 2)
     ├── DataDirError           data_dir cannot be used (exit 1)
-    │   └── AgentLockedError   another agent holds data_dir (exit 1)
+    │   ├── AgentLockedError   another agent holds data_dir (exit 1)
+    │   └── CorruptStateError  a file in data_dir is damaged; an operator must act (exit 2)
     ├── SpawnError             a proxy process could not be started
     ├── ListenError            the HTTP API could not bind its address (exit 1)
     ├── DaemonError            -daemon could not detach, or the daemon failed to start (exit 1)
@@ -81,6 +82,16 @@ class AgentLockedError(DataDirError):
         )
 
 
+class CorruptStateError(DataDirError):
+    """A file in data_dir that cannot be set aside safely (CA, intentions, queries) is damaged.
+
+    Exit code 2, like a config error: restarting cannot fix it, so the systemd unit's
+    ``RestartPreventExitStatus=2`` stops a crash loop and the message says what to do.
+    """
+
+    exit_code = 2
+
+
 class SpawnError(SupervisorError):
     """A proxy process could not be started (missing binary, permissions, fork failure)."""
 
@@ -95,3 +106,9 @@ class DaemonError(SupervisorError):
 
 class AgentRequestError(SupervisorError):
     """A CLI command could not talk to the agent, or the agent refused the request."""
+
+
+def load_error(exc: BaseException) -> type[DataDirError]:
+    """The error for a data_dir file that failed to load: damaged content needs an operator
+    (CorruptStateError); an I/O failure may be transient (DataDirError)."""
+    return DataDirError if isinstance(exc, OSError) else CorruptStateError

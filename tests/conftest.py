@@ -46,3 +46,13 @@ def free_port_range(size: int = 16) -> tuple[int, int]:
     base = free_port()
     low = max(1024, min(base, 65535 - size))
     return low, low + size - 1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long soak variants run only when asked for with ``-m soak``."""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="long soak variant: run with -m soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

@@ -7,6 +7,7 @@ import errno
 import logging
 import socket
 import threading
+from collections.abc import Callable
 
 from supervisor.api.agent_endpoints import AgentEndpoints
 from supervisor.api.catalog_endpoints import CatalogEndpoints
@@ -72,6 +73,14 @@ class ApiServer:
             self._thread.join(5)
             raise self._error
         self.board.subscribe(self._on_view)
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the API's event loop (where the control plane lives)."""
+        if not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(callback)
+            except RuntimeError:
+                pass  # the loop is shutting down
 
     def _on_view(self, view: AgentView) -> None:
         # Called on the supervision thread: only hand the news to the API's loop.

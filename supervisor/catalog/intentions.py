@@ -19,7 +19,7 @@ from typing import Any
 
 from supervisor.config.keys import check_safe_id
 from supervisor.config.schema import Context, Custom, Int, Invalid, Map, Obj, Opaque, Str
-from supervisor.errors import ConfigError, ConfigProblem, DataDirError
+from supervisor.errors import ConfigError, ConfigProblem, DataDirError, load_error
 from supervisor.state.atomic import atomic_write
 
 log = logging.getLogger("supervisor.intentions")
@@ -172,12 +172,12 @@ class IntentionStore:
             self.intentions = {entry["ID"]: Intention(**_from_json(entry)) for entry in entries}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # An intention store that cannot be read must not silently allow everything.
-            raise DataDirError(
+            raise load_error(exc)(
                 f"{self.path} cannot be read ({exc}); restore it from a backup, or move it away to start "
                 "with no intentions (then every connection is allowed unless ACLs default to deny)"
             ) from exc
 
-    def _save(self) -> None:
+    def save(self) -> None:
         if self.path is None:
             return
         document = {"Version": 1, "Intentions": [_to_store(ixn) for ixn in self.sorted()]}
@@ -240,14 +240,14 @@ class IntentionStore:
         if intention is None:
             raise IntentionError(404, f"Intention not found: {intention_id}")
         self.next_index()
-        self._save()
+        self.save()
         self.on_change()
         log.info("intention deleted: %s", intention)
         return intention
 
     def _store(self, intention: Intention) -> Intention:
         self.intentions[intention.id] = intention
-        self._save()
+        self.save()
         self.on_change()
         log.info("intention saved: %s", intention)
         return intention

@@ -20,7 +20,7 @@ from typing import Any
 
 from supervisor.config.keys import check_safe_id
 from supervisor.config.schema import Bool, Context, Custom, Int, Invalid, List, Map, Obj, Opaque, Str
-from supervisor.errors import ConfigError, ConfigProblem, DataDirError
+from supervisor.errors import ConfigError, ConfigProblem, DataDirError, load_error
 from supervisor.state.atomic import atomic_write
 
 SERVICE_QUERY = Obj(
@@ -190,9 +190,9 @@ class QueryStore:
                     int(entry["ModifyIndex"]),
                 )
         except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
-            raise DataDirError(f"{self.path} cannot be read ({exc}); restore it or move it away") from exc
+            raise load_error(exc)(f"{self.path} cannot be read ({exc}); restore it or move it away") from exc
 
-    def _save(self) -> None:
+    def save(self) -> None:
         if self.path is None:
             return
         document = {
@@ -235,7 +235,7 @@ class QueryStore:
         if self.queries.pop(query_id, None) is None:
             raise QueryError(404, f"Query not found: {query_id}")
         self.next_index()
-        self._save()
+        self.save()
         self.on_change()
 
     def _check_name(self, name: str, own_id: str | None) -> None:
@@ -247,7 +247,7 @@ class QueryStore:
 
     def _store(self, query: PreparedQuery) -> PreparedQuery:
         self.queries[query.id] = query
-        self._save()
+        self.save()
         self.on_change()
         return query
 

@@ -75,6 +75,11 @@ class Registry:
         self.services = tuple(s for s in self.services if s.id != service_id)
         return True
 
+    def save_all(self) -> None:
+        """Write every registration again (data_dir was deleted under the running agent)."""
+        for service_id, raw in self._raw.items():
+            self._persist(service_id, raw)
+
     def rebuild(self, defaults: ProxyDefaults) -> None:
         """Re-apply proxy_defaults (after a config reload) to the registered services."""
         rebuilt = []

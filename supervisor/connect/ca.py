@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from supervisor.config.model import CAConfig
 from supervisor.connect.spiffe import SigningID, parse, service_id
-from supervisor.errors import ConfigError, DataDirError
+from supervisor.errors import ConfigError, DataDirError, load_error
 from supervisor.state.atomic import atomic_write
 
 ROOT_VALIDITY = datetime.timedelta(days=3650)
@@ -219,7 +219,7 @@ class CertificateAuthority:
             )
         self.roots.append(new)
         self.roots_index = index
-        self._save()
+        self.save()
         return message
 
     def prune(self, now: float | None = None) -> bool:
@@ -230,7 +230,7 @@ class CertificateAuthority:
             return False
         self.roots = keep
         self.roots_index = self.next_index()
-        self._save()
+        self.save()
         return True
 
     def next_prune_time(self) -> float | None:
@@ -286,7 +286,7 @@ class CertificateAuthority:
         expiry = not_after.timestamp()
         if expiry > root.last_leaf_expiry:
             root.last_leaf_expiry = expiry
-            self._save()
+            self.save()
         chain = (root.cross_signed,) if root.cross_signed is not None and len(self.roots) > 1 else ()
         return Leaf(service, spiffe.uri, cert, key, chain, time.time(), self.next_index())
 
@@ -353,12 +353,12 @@ class CertificateAuthority:
                 raise ValueError("expected exactly one active root")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Never silently replace a CA: every proxy's trust depends on it.
-            raise DataDirError(
+            raise load_error(exc)(
                 f"{self.path} cannot be used ({exc}); restore it from a backup, or delete it to create "
                 "a new CA (every proxy will then get new certificates)"
             ) from exc
 
-    def _save(self) -> None:
+    def save(self) -> None:
         if self.path is None:
             return
         document = {

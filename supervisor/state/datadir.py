@@ -126,6 +126,11 @@ class DataDir:
         self._write(self.node_id_path, (node_id + "\n").encode())
         return node_id
 
+    def write_node_id(self, node_id: str) -> None:
+        """Put the known node ID back (data_dir was deleted under a running agent)."""
+        if not os.path.exists(self.node_id_path):
+            self._write(self.node_id_path, (node_id + "\n").encode())
+
     def log_paths(self, proxy_id: str) -> tuple[str, str]:
         return (
             os.path.join(self.logs_dir, f"{proxy_id}-stdout.log"),

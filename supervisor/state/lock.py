@@ -35,6 +35,28 @@ class AgentLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
+    def in_place(self) -> bool:
+        """Is the locked file still the one at ``path`` (not deleted or replaced)?"""
+        if self._fd is None:
+            return False
+        try:
+            held, named = os.fstat(self._fd), os.stat(self.path)
+        except OSError:
+            return False
+        return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+    def reacquire(self) -> None:
+        """Lock a new file at ``path`` (the old one was deleted); the old lock is kept
+        until the new one is held, so there is never a moment without either."""
+        old, self._fd = self._fd, None
+        try:
+            self.acquire()
+        except BaseException:
+            self._fd = old
+            raise
+        if old is not None:
+            os.close(old)
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -76,7 +76,22 @@ class RestartRequested:
     reply: concurrent.futures.Future[int]
 
 
-Event = ReloadRequested | FilesChanged | ShutdownRequested | SweepScanned | ServicesChanged | RestartRequested
+@dataclass(frozen=True)
+class DataDirChanged:
+    """Something in data_dir or data_dir/proxy was removed or renamed (maybe by an operator)."""
+
+    path: str
+
+
+Event = (
+    ReloadRequested
+    | FilesChanged
+    | ShutdownRequested
+    | SweepScanned
+    | ServicesChanged
+    | RestartRequested
+    | DataDirChanged
+)
 
 
 @dataclass
@@ -122,3 +137,6 @@ class LoopHooks:
 
     def heartbeat(self) -> None:
         """The loop is alive."""
+
+    def data_dir_restored(self) -> None:
+        """data_dir was re-created from memory: the rest of the agent must save its part."""

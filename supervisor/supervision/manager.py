@@ -22,15 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor.config.model import AgentConfig, ServiceDef
-from supervisor.errors import ConfigError, SpawnError, SupervisorError
+from supervisor.errors import AgentLockedError, ConfigError, DataDirError, SpawnError, SupervisorError
 from supervisor.process.handle import ProcessHandle
 from supervisor.process.marker import MarkedProcess, find_marked, kill_marked
 from supervisor.process.spawn import PosixSpawner, Spawner
 from supervisor.state.datadir import Allocation, DataDir, ProxyRecord
+from supervisor.state.guard import DataDirGuard
 from supervisor.supervision.adoption import adopt_survivors
 from supervisor.supervision.desired import Plan, PlannedProxy, plan_proxies
 from supervisor.supervision.events import (
     Clock,
+    DataDirChanged,
     Debounce,
     Event,
     FilesChanged,
@@ -55,6 +57,9 @@ from supervisor.supervision.machine import (
 from supervisor.supervision.view import AgentView, ProxyStatus, ViewBoard
 
 log = logging.getLogger("supervisor.manager")
+
+# After a failed write to data_dir (disk full, directory gone), how long until the next try.
+STORAGE_RETRY = 5.0
 
 ROOT_BLOCKED = (
     "running as root: managed proxies are not started as root; run the agent as an "
@@ -92,6 +97,8 @@ class SupervisorOptions:
     debounce: Debounce = field(default_factory=Debounce)
     registered_services: Callable[[], Sequence[ServiceDef]] = lambda: ()
     hooks: LoopHooks = field(default_factory=LoopHooks)
+    guard: DataDirGuard | None = None
+    storage_retry: float = STORAGE_RETRY
 
 
 class Supervisor:
@@ -124,6 +131,8 @@ class Supervisor:
         self._dirty = True
         interval = options.hooks.heartbeat_interval
         self._next_heartbeat = self.clock.monotonic() if interval else None
+        self._storage_retry_at: float | None = None  # a data_dir write failed; try again then
+        self._data_dir_debounce = Debounce()
 
     # -- thread-safe entry point -------------------------------------------------------------
 
@@ -177,6 +186,10 @@ class Supervisor:
                 slot.started_wall = self.clock.wall() - adopted.age
                 slot.machine.adopted(adopted.handle.generation, now, adopted.age, adopted.restarts)
                 self._selector.register(adopted.handle.pidfd, selectors.EVENT_READ, proxy_id)
+                try:  # pid files are for humans; one left damaged or missing is put right
+                    store.write_pid_file(proxy_id, adopted.handle.pid)
+                except (DataDirError, OSError) as exc:
+                    log.warning("proxy %s: cannot write pid file: %s", proxy_id, exc)
                 log.info(
                     "adopted proxy %s (pid %d, up %.0fs, found by %s)",
                     proxy_id,
@@ -212,6 +225,13 @@ class Supervisor:
             self._handle(event)
         now = self.clock.monotonic()
         self._maybe_heartbeat(now)
+        if self._data_dir_debounce.fire(now):
+            self._check_data_dir()
+        if self._storage_retry_at is not None and now >= self._storage_retry_at:
+            self._storage_retry_at = None
+            self._check_data_dir()
+            if self._config is not None and self._shutdown is None:
+                self._apply(self._config)
         if self.options.debounce.fire(now):
             self._reload("config files changed")
         for slot in list(self._slots.values()):
@@ -245,7 +265,11 @@ class Supervisor:
             if isinstance(event, ReloadRequested) and event.reply is not None:
                 event.reply.set_exception(SupervisorError("the agent is shutting down"))
             return
-        if isinstance(event, FilesChanged):
+        if isinstance(event, DataDirChanged):
+            # Checked once the removals stop: repairing in the middle of an `rm -rf`
+            # would only be undone (and make that rm fail).
+            self._data_dir_debounce.poke(self.clock.monotonic())
+        elif isinstance(event, FilesChanged):
             self.options.debounce.poke(self.clock.monotonic())
         elif isinstance(event, ServicesChanged):
             if self._config is not None:
@@ -309,6 +333,52 @@ class Supervisor:
         self._execute(slot, slot.machine.replace(self.clock.monotonic()))
         event.reply.set_result(generation)
 
+    def _check_data_dir(self) -> None:
+        """Put data_dir back if it was deleted under us (see supervisor.state.guard)."""
+        guard = self.options.guard
+        store = self.options.data_dir
+        if guard is None or store is None:
+            return
+        gone = guard.missing()
+        if not gone:
+            return
+        log.error(
+            "data_dir %s was damaged while the agent runs (missing: %s); re-creating it from what "
+            "the agent holds in memory",
+            store.root,
+            ", ".join(gone),
+        )
+        try:
+            guard.restore()
+        except AgentLockedError as exc:
+            log.error("%s; this agent stops and leaves its proxies running for that agent", exc)
+            self._handle(ShutdownRequested(stop_proxies=False, reason="data_dir taken over"))
+            return
+        except DataDirError as exc:
+            log.error("cannot re-create data_dir: %s; trying again in %.0fs", exc, self.options.storage_retry)
+            self._storage_retry_at = self.clock.monotonic() + self.options.storage_retry
+            return
+        try:
+            store.save_allocations(self._allocations)
+            for slot in self._slots.values():
+                if slot.handle is not None:
+                    store.write_pid_file(slot.proxy_id, slot.handle.pid)
+        except (DataDirError, OSError) as exc:
+            log.error(
+                "cannot restore proxy tokens and pid files: %s; trying again in %.0fs",
+                exc,
+                self.options.storage_retry,
+            )
+            self._storage_retry_at = self.clock.monotonic() + self.options.storage_retry
+        self._written_records = None  # rewrite the record on this flush
+        self._dirty = True
+        if "proxy/logs/" in gone and any(slot.handle is not None for slot in self._slots.values()):
+            log.warning(
+                "the proxy logs directory was removed: running proxies keep writing into the removed "
+                "files; `proxy-supervisor restart -all` gives them new log files"
+            )
+        self.options.hooks.data_dir_restored()
+
     def _maybe_heartbeat(self, now: float) -> None:
         interval = self.options.hooks.heartbeat_interval
         if self._next_heartbeat is None or interval is None or now < self._next_heartbeat:
@@ -349,12 +419,31 @@ class Supervisor:
             self._port_is_free,
             registered=self.options.registered_services(),
         )
+        unsaved: dict[str, str] = {}
         if self._plan.allocations != self._allocations:
             # Written before any proxy that uses a new token starts: a crash right after
             # must not hand the next agent different tokens than the running proxies have.
-            if self.options.data_dir is not None:
-                self.options.data_dir.save_allocations(self._plan.allocations)
-            self._allocations = dict(self._plan.allocations)
+            try:
+                if self.options.data_dir is not None:
+                    self.options.data_dir.save_allocations(self._plan.allocations)
+            except DataDirError as exc:
+                # Disk full, say: proxies whose token or port is new wait (blocked, with the
+                # reason) until it can be saved; everything already running carries on.
+                retry = self.options.storage_retry
+                problem = f"its token and port cannot be saved: {exc}; retrying every {retry:g}s"
+                unsaved = {
+                    proxy_id: problem
+                    for proxy_id, allocation in self._plan.allocations.items()
+                    if self._allocations.get(proxy_id) != allocation
+                }
+                log.error(
+                    "cannot save proxy tokens and ports: %s; trying again in %.0fs",
+                    exc,
+                    self.options.storage_retry,
+                )
+                self._storage_retry_at = self.clock.monotonic() + self.options.storage_retry
+            else:
+                self._allocations = dict(self._plan.allocations)
         blocked = ROOT_BLOCKED if self.options.is_root and not config.allow_managed_root else None
         if blocked and self._plan.proxies:
             log.error(
@@ -368,7 +457,7 @@ class Supervisor:
         for proxy_id, planned in self._plan.proxies.items():
             slot = self._slot(proxy_id)
             slot.planned = planned
-            reason = blocked or planned.problem
+            reason = blocked or planned.problem or unsaved.get(proxy_id)
             self._execute(slot, slot.machine.want(now, reason))
             changed = slot.running_spec_hash not in (None, planned.spec_hash)
             if changed and (slot.machine.alive or slot.machine.state is State.BACKOFF):
@@ -606,6 +695,10 @@ class Supervisor:
             deadlines.append(self.options.debounce.due)
         if self._next_heartbeat is not None:
             deadlines.append(self._next_heartbeat)
+        if self._storage_retry_at is not None:
+            deadlines.append(self._storage_retry_at)
+        if self._data_dir_debounce.due is not None:
+            deadlines.append(self._data_dir_debounce.due)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - self.clock.monotonic())
