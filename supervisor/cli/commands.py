@@ -13,6 +13,7 @@ from urllib.parse import quote
 from supervisor.cli.client import AgentClient
 from supervisor.config import load_config
 from supervisor.config.durations import parse_duration
+from supervisor.config.keys import is_safe_id
 from supervisor.errors import AgentRequestError, UsageError
 
 
@@ -128,6 +129,10 @@ def find_proxy(data: dict[str, Any], name: str) -> dict[str, Any]:
 
 def log_path(client: AgentClient | None, data_dir: str | None, name: str, stderr: bool) -> str:
     """Find a proxy's log by proxy ID or service ID, through the agent or in a data_dir."""
+    if not is_safe_id(name):  # the name becomes part of a file path
+        raise UsageError(
+            f"{name!r} is not a proxy or service name (letters, digits and - _ . @ : + =, no leading dot)"
+        )
     candidates = _candidates(name)
     suffix = "stderr" if stderr else "stdout"
     if data_dir is not None:

@@ -31,6 +31,11 @@ LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "WARNING", "ERR", "ERROR")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_@:+=-][A-Za-z0-9._@:+=-]{0,199}")
 
 
+def is_safe_id(value: str) -> bool:
+    """Can ``value`` be used as a service or proxy ID (it becomes a file name)?"""
+    return _SAFE_ID.fullmatch(value) is not None
+
+
 def check_safe_id(value: Any, path: str, ctx: Context) -> str:
     """Service IDs and names become file names and URL segments: refuse anything that could
     escape a directory or confuse a path (``../x``, ``a/b``, leading dots, control characters)."""
