@@ -1,4 +1,5 @@
-"""Run the benchmarks: ``python -m bench [agent] [--quick]``; results go to bench/results/."""
+"""Run the benchmarks: ``python -m bench [agent|control|proxy|soak] [--quick]``; results go to
+bench/results/."""
 
 from __future__ import annotations
 
@@ -6,23 +7,26 @@ import argparse
 import json
 from pathlib import Path
 
-from bench import agent_bench, control_bench, proxy_bench
+from bench import agent_bench, control_bench, proxy_bench, soak_bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("suite", nargs="?", default="agent", choices=["agent", "control", "proxy"])
-    parser.add_argument("--quick", action="store_true", help="fewer proxies and a 10 s idle window")
-    parser.add_argument("--proxies", type=int, default=200, help="proxies for adoption and idle CPU")
+    parser.add_argument("suite", nargs="?", default="agent", choices=["agent", "control", "proxy", "soak"])
+    parser.add_argument("--quick", action="store_true", help="smaller and shorter runs")
+    parser.add_argument(
+        "--proxies", type=int, default=None, help="proxies (agent: 200 for adoption and idle CPU; soak: 100)"
+    )
+    parser.add_argument("--minutes", type=float, default=10.0, help="soak duration")
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle CPU window")
     args = parser.parse_args()
     if args.suite == "agent":
         if args.quick:
             results = agent_bench.run(count=50, idle_seconds=10, drop_in_samples=10)
         else:
-            results = agent_bench.run(count=args.proxies, idle_seconds=args.idle_seconds)
+            results = agent_bench.run(count=args.proxies or 200, idle_seconds=args.idle_seconds)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "agent.json").write_text(json.dumps(results, indent=2) + "\n")
         print(agent_bench.report(results))
@@ -41,6 +45,14 @@ def main() -> int:
             print(f"plot: {RESULTS / 'proxy.png'}")
         except ImportError:
             print("no plot: install the bench extra (pip install -e '.[bench]') for matplotlib")
+    if args.suite == "soak":
+        if args.quick:
+            results = soak_bench.run(count=10, minutes=1)
+        else:
+            results = soak_bench.run(count=args.proxies or 100, minutes=args.minutes)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "soak.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(soak_bench.report(results))
     return 0
 
 

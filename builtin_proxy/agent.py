@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import socket
 import threading
 import time
 import urllib.parse
@@ -39,6 +40,7 @@ class AgentClient:
         self.port = int(port or 8500)
         self.token = token
         self._conn: http.client.HTTPConnection | None = None
+        self._aborted = False
 
     def request(
         self, method: str, path: str, body: Any = None, timeout: float = 30.0
@@ -48,6 +50,8 @@ class AgentClient:
         if payload is not None:
             headers["Content-Type"] = "application/json"
         for attempt in (1, 2):  # once more on a stale keep-alive connection
+            if self._aborted:
+                raise ConnectionAbortedError("the request was aborted")
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
             self._conn.timeout = timeout
@@ -70,6 +74,19 @@ class AgentClient:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def abort(self) -> None:
+        """From another thread: cut short a request in progress (a held blocking query),
+        so that its thread returns now and the agent can release the connection. The
+        client makes no further requests."""
+        self._aborted = True
+        conn = self._conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
 
 
 class Watch(threading.Thread):
@@ -98,6 +115,7 @@ class Watch(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
+        self.client.abort()
 
     def run(self) -> None:
         key = ""
@@ -111,11 +129,15 @@ class Watch(threading.Thread):
                     "GET", self.path + (separator + query if query else ""), timeout=REQUEST_TIMEOUT
                 )
             except AgentError as exc:
+                if self._stopped.is_set():
+                    break
                 if self.on_error is not None:
                     self.post(self.on_error, exc)
                 failures = self._back_off(failures, exc)
                 continue
             except (OSError, http.client.HTTPException, ValueError) as exc:
+                if self._stopped.is_set():
+                    break  # stop() cut the request short
                 failures = self._back_off(failures, exc)
                 continue
             if failures:

@@ -89,13 +89,24 @@ async def block_until_changed(
     if given is None or given == "":
         return compute()
     deadline = time.monotonic() + parse_wait(request)
+    gone = request.client_gone
     while True:
         event = changes.current()
         result = compute()
         remaining = deadline - time.monotonic()
-        if str(key(result)) != given or remaining <= 0:
+        if str(key(result)) != given or remaining <= 0 or (gone is not None and gone.is_set()):
             return result
-        try:
-            await asyncio.wait_for(event.wait(), remaining)
-        except TimeoutError:
+        if gone is None:
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return compute()
+            continue
+        # Also end when the client hangs up (as Go's net/http cancels such a request), so
+        # its connection is released now rather than when the wait runs out.
+        waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(gone.wait())}
+        done, pending = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+        if not done:
             return compute()

@@ -38,6 +38,38 @@ class HttpError(Exception):
         self.headers = dict(headers or {})
 
 
+class ClientWatchingReader(asyncio.StreamReader):
+    """A stream reader that says when the client has gone (EOF or a broken connection).
+
+    A held blocking query does not read from its connection, so without this a client
+    that disconnects would keep its socket open on our side until the query's wait ran
+    out (up to 10 minutes): proxies that restart or drop a watch would pile up fds.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit=limit)
+        self.gone = asyncio.Event()
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        self.gone.set()
+
+    def set_exception(self, exc: Exception) -> None:
+        super().set_exception(exc)
+        self.gone.set()
+
+
+def watching_protocol_factory(
+    callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], limit: int
+) -> Callable[[], asyncio.StreamReaderProtocol]:
+    """For ``loop.create_server``: what ``asyncio.start_server`` builds, with our reader."""
+
+    def factory() -> asyncio.StreamReaderProtocol:
+        return asyncio.StreamReaderProtocol(ClientWatchingReader(limit), callback)
+
+    return factory
+
+
 @dataclass
 class Request:
     method: str
@@ -48,6 +80,8 @@ class Request:
     body: bytes
     remote: str
     params: dict[str, str] = field(default_factory=dict)  # filled in by the router
+    # Set once the client has closed its side: a blocking query for it can end at once.
+    client_gone: asyncio.Event | None = None
 
     def arg(self, name: str, default: str | None = None) -> str | None:
         values = self.query.get(name)
@@ -179,6 +213,7 @@ class HttpServer:
             headers=headers,
             body=body,
             remote=remote,
+            client_gone=reader.gone if isinstance(reader, ClientWatchingReader) else None,
         )
 
     async def _read_body(self, reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from supervisor.api.agent_endpoints import AgentEndpoints
 from supervisor.api.catalog_endpoints import CatalogEndpoints
 from supervisor.api.connect_endpoints import ConnectEndpoints
-from supervisor.api.http import MAX_HEADER_BYTES, HttpServer
+from supervisor.api.http import MAX_HEADER_BYTES, HttpServer, watching_protocol_factory
 from supervisor.api.intention_endpoints import IntentionEndpoints
 from supervisor.api.query_endpoints import QueryEndpoints
 from supervisor.api.router import Router
@@ -117,7 +117,8 @@ class ApiServer:
         IntentionEndpoints(self.plane).register(router)
         QueryEndpoints(self.plane).register(router)
         http = HttpServer(router)
-        server = await asyncio.start_server(http.serve_connection, sock=self.sock, limit=MAX_HEADER_BYTES)
+        factory = watching_protocol_factory(http.serve_connection, MAX_HEADER_BYTES)
+        server = await asyncio.get_running_loop().create_server(factory, sock=self.sock)
         self._ready.set()
         async with server:
             await self._stop.wait()
