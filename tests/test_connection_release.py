@@ -8,12 +8,12 @@ and the proxies' fd counts grew without bound.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from builtin_proxy.agent import AgentClient, Watch
@@ -30,24 +30,31 @@ def agent(tmp_path: Path) -> Iterator[AgentProcess]:
     process.kill_everything()
 
 
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def test_agent_releases_a_blocking_query_whose_client_hung_up(agent: AgentProcess) -> None:
     assert agent.process is not None
+    server = psutil.Process(agent.process.pid)
     index = agent.http("GET", "/v1/health/service/web")[1]["X-Consul-Index"]
-    baseline = open_fds(agent.process.pid)
-    clients = []
-    for _ in range(20):
-        sock = socket.create_connection(("127.0.0.1", agent.port), timeout=5)
-        sock.sendall(f"GET /v1/health/service/web?index={index}&wait=5m HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        clients.append(sock)
-    wait_until(lambda: open_fds(agent.process.pid) >= baseline + 20, timeout=5)  # type: ignore[union-attr]
-    for sock in clients:
-        sock.close()
-    # Released within moments, not after the 5 minute wait.
-    wait_until(lambda: open_fds(agent.process.pid) <= baseline, timeout=5, message="fds back to baseline")  # type: ignore[union-attr]
+    clients: list[socket.socket] = []
+
+    def held() -> set[int]:
+        """Our clients' ports that the agent still has a connection from."""
+        ours = {sock.getsockname()[1] for sock in clients}
+        return {c.raddr.port for c in server.net_connections("tcp") if c.raddr and c.raddr.port in ours}
+
+    try:
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", agent.port), timeout=5)
+            clients.append(sock)
+            query = f"GET /v1/health/service/web?index={index}&wait=5m HTTP/1.1\r\nHost: x\r\n\r\n"
+            sock.sendall(query.encode())
+        wait_until(lambda: len(held()) == 20, timeout=5, message="20 held queries")
+        for sock in clients:
+            sock.shutdown(socket.SHUT_RDWR)  # hang up, keeping the port numbers to look for
+        # Released within moments, not after the 5 minute wait.
+        wait_until(lambda: not held(), timeout=5, message="the agent to close them")
+    finally:
+        for sock in clients:
+            sock.close()
     assert agent.http("GET", "/v1/agent/self")[0] == 200
 
 
