@@ -401,3 +401,26 @@ def test_proxy_whose_port_is_taken_backs_off_visibly(agent: AgentProcess, tmp_pa
         assert entry["NextAttemptInSeconds"] is not None and entry["Restarts"] >= 3
         stderr = Path(entry["StderrLog"]).read_text()
         assert "Address already in use" in stderr
+
+
+def test_a_rebuild_interrupted_by_a_full_disk_is_finished_later(tmp_path: Path) -> None:
+    from supervisor.state.datadir import Allocation
+    from supervisor.state.guard import DataDirGuard, Repair
+
+    store = FullDisk(str(tmp_path / "data"))
+    store.prepare()
+    node_id = store.node_id()
+    lock = store.lock()
+    guard = DataDirGuard(store, lock, node_id)
+    allocations = {"web-proxy": Allocation(token="t0k3n", port=21000, port_auto=True)}
+    assert guard.repair(allocations, {}) is Repair.INTACT
+    shutil.rmtree(store.root)
+    store.full = True
+    assert guard.repair(allocations, {"web-proxy": os.getpid()}) is Repair.RETRY
+    assert lock.in_place() and (Path(store.root) / "node-id").read_text().strip() == node_id
+    assert not Path(store.allocations_path).exists()
+    store.full = False  # nothing is missing any more, but the rebuild is not finished
+    assert guard.repair(allocations, {"web-proxy": os.getpid()}) is Repair.RESTORED
+    assert json.loads(Path(store.allocations_path).read_text())["Proxies"]["web-proxy"]["Token"] == "t0k3n"
+    assert guard.repair(allocations, {}) is Repair.INTACT
+    lock.release()

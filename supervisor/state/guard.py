@@ -13,18 +13,27 @@ Detection is event-driven: ``DataDirWatcher`` watches data_dir and data_dir/prox
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from supervisor.state.datadir import DataDir
+from supervisor.errors import AgentLockedError, DataDirError
+from supervisor.state.datadir import Allocation, DataDir
 from supervisor.state.lock import AgentLock
 
 log = logging.getLogger("supervisor.guard")
+
+
+class Repair(enum.Enum):
+    INTACT = "nothing was missing"
+    RESTORED = "data_dir was rebuilt"
+    RETRY = "rebuilding failed for now (disk full?); try again later"
+    TAKEN_OVER = "another agent holds data_dir now"
 
 
 class DataDirGuard:
@@ -32,6 +41,7 @@ class DataDirGuard:
         self.data_dir = data_dir
         self.lock = lock
         self.node_id = node_id
+        self._unfinished = False  # a repair failed halfway (disk full): finish it next time
 
     def missing(self) -> list[str]:
         """What is gone from data_dir (empty when all is in place)."""
@@ -47,6 +57,43 @@ class DataDirGuard:
             if not os.path.isdir(directory)
         )
         return gone
+
+    def repair(self, allocations: Mapping[str, Allocation], running: Mapping[str, int]) -> Repair:
+        """If anything is missing, rebuild it: directories, node-id, the lock, the proxies'
+        tokens and ports (``allocations``) and pid files (``running``: proxy ID -> PID).
+        The caller rewrites the record and has the control plane save its stores."""
+        gone = self.missing()
+        if not gone and not self._unfinished:
+            return Repair.INTACT
+        self._unfinished = True
+        log.error(
+            "data_dir %s was damaged while the agent runs (missing: %s); re-creating it from what "
+            "the agent holds in memory",
+            self.data_dir.root,
+            ", ".join(gone) or "files not yet rewritten",
+        )
+        try:
+            self.restore()
+        except AgentLockedError as exc:
+            log.error("%s; this agent stops and leaves its proxies running for that agent", exc)
+            return Repair.TAKEN_OVER
+        except DataDirError as exc:
+            log.error("cannot re-create data_dir: %s; trying again shortly", exc)
+            return Repair.RETRY
+        try:
+            self.data_dir.save_allocations(allocations)
+            for proxy_id, pid in running.items():
+                self.data_dir.write_pid_file(proxy_id, pid)
+        except (DataDirError, OSError) as exc:
+            log.error("cannot restore proxy tokens and pid files: %s; trying again shortly", exc)
+            return Repair.RETRY
+        self._unfinished = False
+        if "proxy/logs/" in gone and running:
+            log.warning(
+                "the proxy logs directory was removed: running proxies keep writing into the removed "
+                "files; `proxy-supervisor restart -all` gives them new log files"
+            )
+        return Repair.RESTORED
 
     def restore(self) -> None:
         """Re-create the directories, node-id and lock. Raises DataDirError (cannot write)

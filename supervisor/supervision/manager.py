@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor.config.model import AgentConfig, ServiceDef
-from supervisor.errors import AgentLockedError, ConfigError, DataDirError, SpawnError, SupervisorError
-from supervisor.process.handle import ProcessHandle
+from supervisor.errors import ConfigError, DataDirError, SpawnError, SupervisorError
 from supervisor.process.marker import MarkedProcess, find_marked, kill_marked
 from supervisor.process.spawn import PosixSpawner, Spawner
 from supervisor.state.datadir import Allocation, DataDir, ProxyRecord
-from supervisor.state.guard import DataDirGuard
+from supervisor.state.guard import DataDirGuard, Repair
 from supervisor.supervision.adoption import adopt_survivors
-from supervisor.supervision.desired import Plan, PlannedProxy, plan_proxies
+from supervisor.supervision.desired import Plan, plan_proxies
 from supervisor.supervision.events import (
     Clock,
     DataDirChanged,
@@ -54,6 +53,7 @@ from supervisor.supervision.machine import (
     Spawn,
     State,
 )
+from supervisor.supervision.slot import Slot, record_of, status_of
 from supervisor.supervision.view import AgentView, ProxyStatus, ViewBoard
 
 log = logging.getLogger("supervisor.manager")
@@ -65,19 +65,6 @@ ROOT_BLOCKED = (
     "running as root: managed proxies are not started as root; run the agent as an "
     "unprivileged user, or set connect.proxy.allow_managed_root = true"
 )
-
-
-@dataclass
-class Slot:
-    """Supervision of one proxy ID: the decisions (machine) and the live process (handle)."""
-
-    proxy_id: str
-    machine: ProxyMachine
-    planned: PlannedProxy | None = None
-    handle: ProcessHandle | None = None
-    running_spec_hash: str | None = None
-    adopted: bool = False
-    started_wall: float | None = None
 
 
 @dataclass
@@ -119,6 +106,7 @@ class Supervisor:
         self._config: AgentConfig | None = None
         self._plan = Plan()
         self._allocations: dict[str, Allocation] = {}
+        self._allocations_on_disk = True  # false after a rebuild of data_dir failed to write them
         self._restarts_seed: dict[str, ProxyRecord] = {}
         self._written_records: dict[str, ProxyRecord] | None = None
         self._sweep_needed: set[str] = set()
@@ -336,47 +324,22 @@ class Supervisor:
     def _check_data_dir(self) -> None:
         """Put data_dir back if it was deleted under us (see supervisor.state.guard)."""
         guard = self.options.guard
-        store = self.options.data_dir
-        if guard is None or store is None:
+        if guard is None:
             return
-        gone = guard.missing()
-        if not gone:
+        running = {proxy_id: slot.handle.pid for proxy_id, slot in self._slots.items() if slot.handle}
+        outcome = guard.repair(self._allocations, running)
+        if outcome is Repair.INTACT:
             return
-        log.error(
-            "data_dir %s was damaged while the agent runs (missing: %s); re-creating it from what "
-            "the agent holds in memory",
-            store.root,
-            ", ".join(gone),
-        )
-        try:
-            guard.restore()
-        except AgentLockedError as exc:
-            log.error("%s; this agent stops and leaves its proxies running for that agent", exc)
+        if outcome is Repair.TAKEN_OVER:
             self._handle(ShutdownRequested(stop_proxies=False, reason="data_dir taken over"))
             return
-        except DataDirError as exc:
-            log.error("cannot re-create data_dir: %s; trying again in %.0fs", exc, self.options.storage_retry)
+        if outcome is Repair.RETRY:
+            # The retry re-applies the config, which saves the allocations again.
+            self._allocations_on_disk = False
             self._storage_retry_at = self.clock.monotonic() + self.options.storage_retry
             return
-        try:
-            store.save_allocations(self._allocations)
-            for slot in self._slots.values():
-                if slot.handle is not None:
-                    store.write_pid_file(slot.proxy_id, slot.handle.pid)
-        except (DataDirError, OSError) as exc:
-            log.error(
-                "cannot restore proxy tokens and pid files: %s; trying again in %.0fs",
-                exc,
-                self.options.storage_retry,
-            )
-            self._storage_retry_at = self.clock.monotonic() + self.options.storage_retry
         self._written_records = None  # rewrite the record on this flush
         self._dirty = True
-        if "proxy/logs/" in gone and any(slot.handle is not None for slot in self._slots.values()):
-            log.warning(
-                "the proxy logs directory was removed: running proxies keep writing into the removed "
-                "files; `proxy-supervisor restart -all` gives them new log files"
-            )
         self.options.hooks.data_dir_restored()
 
     def _maybe_heartbeat(self, now: float) -> None:
@@ -420,7 +383,7 @@ class Supervisor:
             registered=self.options.registered_services(),
         )
         unsaved: dict[str, str] = {}
-        if self._plan.allocations != self._allocations:
+        if self._plan.allocations != self._allocations or not self._allocations_on_disk:
             # Written before any proxy that uses a new token starts: a crash right after
             # must not hand the next agent different tokens than the running proxies have.
             try:
@@ -444,6 +407,7 @@ class Supervisor:
                 self._storage_retry_at = self.clock.monotonic() + self.options.storage_retry
             else:
                 self._allocations = dict(self._plan.allocations)
+                self._allocations_on_disk = True
         blocked = ROOT_BLOCKED if self.options.is_root and not config.allow_managed_root else None
         if blocked and self._plan.proxies:
             log.error(
@@ -612,22 +576,7 @@ class Supervisor:
                     )
 
     def _records(self) -> dict[str, ProxyRecord]:
-        records = {}
-        for proxy_id, slot in self._slots.items():
-            handle = slot.handle
-            records[proxy_id] = ProxyRecord(
-                proxy_id=proxy_id,
-                pid=handle.pid if handle else 0,
-                start_ticks=handle.identity.start_ticks if handle else 0,
-                boot_id=handle.identity.boot_id if handle else "",
-                spec_hash=slot.running_spec_hash or "",
-                generation=slot.machine.generation,
-                restarts=slot.machine.restarts,
-                command=slot.planned.spec.command if slot.planned else (),
-                started_at=slot.started_wall or 0.0,
-                failures=slot.machine.failures,
-            )
-        return records
+        return {proxy_id: record_of(slot) for proxy_id, slot in self._slots.items()}
 
     def _write_records(self) -> None:
         if self.options.data_dir is None:
@@ -663,29 +612,7 @@ class Supervisor:
         )
 
     def _status(self, slot: Slot) -> ProxyStatus:
-        machine = slot.machine
-        planned = slot.planned
-        stdout_log = stderr_log = None
-        if self.options.data_dir is not None:
-            stdout_log, stderr_log = self.options.data_dir.log_paths(slot.proxy_id)
-        return ProxyStatus(
-            proxy_id=slot.proxy_id,
-            service_id=planned.service.id if planned else "",
-            state=machine.state.value,
-            pid=slot.handle.pid if slot.handle else None,
-            generation=machine.generation,
-            restarts=machine.restarts,
-            adopted=slot.adopted,
-            last_exit=machine.last_exit,
-            started_monotonic=machine.started_at if slot.handle else None,
-            started_wall=slot.started_wall if slot.handle else None,
-            next_attempt_monotonic=machine.retry_at if machine.state is State.BACKOFF else None,
-            blocked_reason=machine.blocked_reason if machine.state is State.BLOCKED else None,
-            port=planned.port if planned else 0,
-            command=planned.spec.command if planned else (),
-            stdout_log=stdout_log,
-            stderr_log=stderr_log,
-        )
+        return status_of(slot, self.options.data_dir)
 
     # -- helpers --------------------------------------------------------------------------------
 
