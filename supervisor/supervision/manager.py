@@ -417,10 +417,14 @@ class Supervisor:
                 len(self._plan.proxies),
                 "y" if len(self._plan.proxies) == 1 else "ies",
             )
+        for proxy_id, planned in self._plan.proxies.items():
+            self._slot(proxy_id).planned = planned
+        # Publish the plan before starting anything: a new proxy asks the API for its
+        # config within milliseconds, and must never be told that its ID is unknown.
+        self._publish()
         now = self.clock.monotonic()
         for proxy_id, planned in self._plan.proxies.items():
-            slot = self._slot(proxy_id)
-            slot.planned = planned
+            slot = self._slots[proxy_id]
             reason = blocked or planned.problem or unsaved.get(proxy_id)
             self._execute(slot, slot.machine.want(now, reason))
             changed = slot.running_spec_hash not in (None, planned.spec_hash)
