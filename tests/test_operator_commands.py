@@ -237,3 +237,18 @@ def test_daemon_logs_into_data_dir_by_default_and_refuses_dev(daemon: Daemon, tm
     log = daemon.agent.data_dir / "agent.log"  # type: ignore[operator]
     assert f"log {log}" in result.stdout
     assert "agent started" in log.read_text()
+
+
+def test_foreground_agent_keeps_a_locked_pid_file(agent: AgentProcess, tmp_path: Path) -> None:
+    pid_file = tmp_path / "fg.pid"
+    agent.start("-pid-file", str(pid_file))
+    assert agent.process is not None
+    assert pid_file.read_text().strip() == str(agent.process.pid)
+    import fcntl
+
+    with open(pid_file) as handle:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by the agent
+    agent.signal(signal.SIGTERM)
+    assert agent.wait_exit() == 0
+    assert not pid_file.exists()
