@@ -9,6 +9,7 @@ are adopted, and only then are missing proxies started.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -17,7 +18,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any
 
 from supervisor.api.server import ApiServer, bind_listener
@@ -122,6 +122,8 @@ class Agent:
         self.notifier: SdNotifier | None = None  # opened in run(): -daemon closes fds when it forks
         self.readiness: Readiness | None = None  # set in -daemon mode: the launcher waits on it
         self.rotator: ProxyLogRotator | None = None
+        self.api: ApiServer | None = None
+        self.data_watcher: DataDirWatcher | None = None
 
     def load(self) -> AgentConfig:
         options = self.options
@@ -139,7 +141,6 @@ class Agent:
 
     def _run(self) -> int:
         raise_open_file_limit()
-        self.notifier = SdNotifier.from_environment(unset=True)
         config = self.config
         configure_logging(
             config.log_level,
@@ -150,49 +151,61 @@ class Agent:
         )
         for notice in config.notices:
             log.info("config: %s", notice)
-        node_id = self._prepare_data_dir(config)
-        sock = bind_listener(config.http_host, config.http_port)
-        host, port = sock.getsockname()[:2]
-        api_address = address_for_proxies(config.http_host, int(port))
-        board = ViewBoard(AgentView(config=config, node_id=node_id, api_address=api_address))
-        guard = data_watcher = None
-        if self.data_dir is not None and self.lock is not None:
-            guard = DataDirGuard(self.data_dir, self.lock, node_id)
-        api: ApiServer | None = None
-        registry = Registry(os.path.join(self.data_dir.root, "services") if self.data_dir else None)
-        registry.load(config.proxy_defaults)
-        supervisor = Supervisor(
-            SupervisorOptions(
-                data_dir=self.data_dir,
-                node_id=node_id,
-                api_address=api_address,
-                load_config=self.load,
-                registered_services=lambda: registry.services,
-                hooks=ServiceManagerHooks(self.notifier, lambda: self._data_dir_restored(api, data_watcher)),
-                guard=guard,
-            ),
-            board,
-        )
-        plane = ControlPlane(self.data_dir, registry, Index(), lambda: supervisor.post(ServicesChanged()))
-        plane.load_stores()
-        board.subscribe(self._on_view_change)
-        api = ApiServer(sock, board, supervisor, plane)
-        api.start()
-        log.info("HTTP API listening on %s", _format_address(str(host), int(port)))
-        watcher = ConfigWatcher(
-            self.options.config_dirs,
-            self.options.config_files,
-            lambda path: supervisor.post(FilesChanged(path)),
-        )
-        watcher.start()
-        if self.data_dir is not None:
-            data_watcher = DataDirWatcher(self.data_dir, lambda path: supervisor.post(DataDirChanged(path)))
-            data_watcher.start()
-        self._install_signal_handlers(supervisor, stop_proxies=config.data_dir is None)
-        if self.data_dir is not None:
-            self.rotator = ProxyLogRotator(self.data_dir.logs_dir, _rotation_policy(config))
-            self.rotator.start()
-        try:
+        # Every resource is stopped on every path out, in reverse order of starting.
+        with contextlib.ExitStack() as resources:
+            self.notifier = SdNotifier.from_environment(unset=True)
+            if self.notifier is not None:
+                resources.callback(self.notifier.close)
+            node_id = self._prepare_data_dir(config)
+            if self.lock is not None:
+                resources.callback(self.lock.release)
+            sock = bind_listener(config.http_host, config.http_port)
+            resources.callback(sock.close)
+            host, port = sock.getsockname()[:2]
+            api_address = address_for_proxies(config.http_host, int(port))
+            board = ViewBoard(AgentView(config=config, node_id=node_id, api_address=api_address))
+            guard = None
+            if self.data_dir is not None and self.lock is not None:
+                guard = DataDirGuard(self.data_dir, self.lock, node_id)
+            registry = Registry(os.path.join(self.data_dir.root, "services") if self.data_dir else None)
+            registry.load(config.proxy_defaults)
+            supervisor = Supervisor(
+                SupervisorOptions(
+                    data_dir=self.data_dir,
+                    node_id=node_id,
+                    api_address=api_address,
+                    load_config=self.load,
+                    registered_services=lambda: registry.services,
+                    hooks=ServiceManagerHooks(self.notifier, self._data_dir_restored),
+                    guard=guard,
+                ),
+                board,
+            )
+            resources.callback(supervisor.close)
+            plane = ControlPlane(self.data_dir, registry, Index(), lambda: supervisor.post(ServicesChanged()))
+            plane.load_stores()
+            board.subscribe(self._on_view_change)
+            self.api = ApiServer(sock, board, supervisor, plane)
+            self.api.start()
+            resources.callback(self.api.stop)
+            log.info("HTTP API listening on %s", _format_address(str(host), int(port)))
+            watcher = ConfigWatcher(
+                self.options.config_dirs,
+                self.options.config_files,
+                lambda path: supervisor.post(FilesChanged(path)),
+            )
+            watcher.start()
+            resources.callback(watcher.stop)
+            if self.data_dir is not None:
+                self.data_watcher = DataDirWatcher(
+                    self.data_dir, lambda path: supervisor.post(DataDirChanged(path))
+                )
+                self.data_watcher.start()
+                resources.callback(self.data_watcher.stop)
+                self.rotator = ProxyLogRotator(self.data_dir.logs_dir, _rotation_policy(config))
+                self.rotator.start()
+                resources.callback(self.rotator.stop)
+            self._install_signal_handlers(supervisor, stop_proxies=config.data_dir is None)
             supervisor.start(config)
             self._announce_ready(board.current)
             statuses = board.current.statuses.values()
@@ -205,18 +218,6 @@ class Agent:
                 config.data_dir or "none (-dev: proxies stop with the agent)",
             )
             supervisor.run()
-        finally:
-            watcher.stop()
-            if data_watcher is not None:
-                data_watcher.stop()
-            if self.rotator is not None:
-                self.rotator.stop()
-            api.stop()
-            supervisor.close()
-            if self.notifier is not None:
-                self.notifier.close()
-            if self.lock is not None:
-                self.lock.release()
         log.info("agent stopped")
         return 0
 
@@ -231,23 +232,21 @@ class Agent:
         return self.data_dir.node_id()
 
     def _install_signal_handlers(self, supervisor: Supervisor, *, stop_proxies: bool) -> None:
-        def on_reload(signum: int, _frame: FrameType | None) -> None:
-            supervisor.post(ReloadRequested(signal.Signals(signum).name))
+        """Signals only post events: the loop's own signal handling (a wake-up fd) runs
+        them on the supervision loop, never in the middle of a decision."""
+        loop = supervisor.loop
+        loop.add_signal_handler(signal.SIGHUP, supervisor.post, ReloadRequested("SIGHUP"))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            shutdown = ShutdownRequested(stop_proxies=stop_proxies, reason=signal.Signals(signum).name)
+            loop.add_signal_handler(signum, supervisor.post, shutdown)
 
-        def on_stop(signum: int, _frame: FrameType | None) -> None:
-            supervisor.post(ShutdownRequested(stop_proxies=stop_proxies, reason=signal.Signals(signum).name))
-
-        signal.signal(signal.SIGHUP, on_reload)
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-
-    def _data_dir_restored(self, api: ApiServer | None, data_watcher: DataDirWatcher | None) -> None:
+    def _data_dir_restored(self) -> None:
         """On the supervision loop, after it rebuilt data_dir: the control plane saves its
         stores on its own loop, and the watcher follows the re-created directories."""
-        if api is not None:
-            api.call_soon(api.plane.save_all)
-        if data_watcher is not None:
-            data_watcher.restart()
+        if self.api is not None:
+            self.api.call_soon(self.api.plane.save_all)
+        if self.data_watcher is not None:
+            self.data_watcher.restart()
 
     def _announce_ready(self, view: AgentView) -> None:
         if self.notifier is not None:

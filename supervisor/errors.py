@@ -13,6 +13,7 @@ message on stderr and an exit code (``exit_code`` below).
     ├── ListenError            the HTTP API could not bind its address (exit 1)
     ├── DaemonError            -daemon could not detach, or the daemon failed to start (exit 1)
     └── AgentRequestError      the CLI could not get an answer from the agent (exit 1)
+        └── ReloadRefused      the agent found its new configuration invalid (exit 2)
 """
 
 from __future__ import annotations
@@ -105,7 +106,18 @@ class DaemonError(SupervisorError):
 
 
 class AgentRequestError(SupervisorError):
-    """A CLI command could not talk to the agent, or the agent refused the request."""
+    """A CLI command could not talk to the agent, or the agent refused the request
+    (``status``: the HTTP status of the refusal, None when there was no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ReloadRefused(AgentRequestError):
+    """``reload``: the configuration on disk is invalid; the agent kept the running one."""
+
+    exit_code = 2
 
 
 def load_error(exc: BaseException) -> type[DataDirError]:

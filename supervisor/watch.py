@@ -3,14 +3,27 @@
 Directories are watched (not files): editors save by writing a temp file and renaming
 it over the original, which replaces the inode a file watch would follow. Events are
 only a hint -- the loop debounces them and then re-reads the whole configuration -- so
-this module just filters out names that can never be config (swap files, backups).
+what matters is never missing a change, and these are the ways one hides:
+
+* the config directory itself is deleted and re-created (or renamed into place): its
+  parent directory is watched too, and the watches follow the new directory;
+* a Kubernetes ConfigMap volume swaps a ``..data`` symlink to a new timestamped
+  directory (names that start with ``..``): such names count as changes;
+* a drop-in is a symlink and its *target* is edited: the directory of every
+  symlinked drop-in's target is watched as well.
+
+The set of watched directories is worked out again after every change (``WatchPlan``),
+on a thread of the watcher's own: watchdog's observer must not be rescheduled from
+inside its own event callback.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -20,19 +33,67 @@ from supervisor.config.sources import is_config_name
 
 log = logging.getLogger("supervisor.watch")
 
+_ANY_CONFIG = "*config*"  # in a config dir: any config name, and Kubernetes' ``..`` entries
+
+
+@dataclass(frozen=True)
+class WatchPlan:
+    """Which names matter in which directory (absolute paths)."""
+
+    names: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def wants(self, path: str) -> bool:
+        directory, name = os.path.split(os.path.abspath(path))
+        wanted = self.names.get(directory)
+        if wanted is None:
+            return False
+        if name in wanted:
+            return True
+        return _ANY_CONFIG in wanted and (is_config_name(name) or name.startswith(".."))
+
+    @property
+    def directories(self) -> list[str]:
+        return sorted(self.names)
+
+
+def plan_watches(config_dirs: Iterable[str], config_files: Iterable[str]) -> WatchPlan:
+    names: dict[str, set[str]] = {}
+
+    def want(path: str, name: str) -> None:
+        names.setdefault(path, set()).add(name)
+
+    def follow_symlink(path: str) -> None:
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            want(os.path.dirname(target), os.path.basename(target))
+
+    for directory in (os.path.abspath(d) for d in config_dirs):
+        want(directory, _ANY_CONFIG)
+        want(os.path.dirname(directory), os.path.basename(directory))  # deleted and re-created
+        try:
+            entries = os.listdir(directory)
+        except OSError:
+            continue  # not there (yet): the parent's watch sees it arrive
+        for entry in entries:
+            if is_config_name(entry):
+                follow_symlink(os.path.join(directory, entry))
+    for path in (os.path.abspath(f) for f in config_files):
+        want(os.path.dirname(path), os.path.basename(path))
+        follow_symlink(path)
+    return WatchPlan({directory: frozenset(wanted) for directory, wanted in names.items()})
+
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, wanted: Callable[[str], bool], on_change: Callable[[str], None]) -> None:
-        self.wanted = wanted
-        self.on_change = on_change
+    def __init__(self, watcher: ConfigWatcher) -> None:
+        self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
         for raw in (event.src_path, getattr(event, "dest_path", "")):
             path = os.fsdecode(raw) if raw else ""
-            if path and self.wanted(path):
-                self.on_change(path)
+            if path and self.watcher.plan.wants(path):
+                self.watcher.changed(path)
                 return
 
 
@@ -43,30 +104,64 @@ class ConfigWatcher:
         self, config_dirs: Sequence[str], config_files: Sequence[str], on_change: Callable[[str], None]
     ):
         self.config_dirs = [os.path.abspath(directory) for directory in config_dirs]
-        self.config_files = {os.path.abspath(path) for path in config_files}
+        self.config_files = [os.path.abspath(path) for path in config_files]
         self.on_change = on_change
+        self.plan = WatchPlan()
         self._observer: Any = None
-
-    def _wanted(self, path: str) -> bool:
-        path = os.path.abspath(path)
-        if path in self.config_files:
-            return True
-        return os.path.dirname(path) in self.config_dirs and is_config_name(os.path.basename(path))
+        self._scheduled: list[str] = []
+        self._replan = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         observer = Observer()
-        handler = _Handler(self._wanted, self.on_change)
-        watched = set(self.config_dirs) | {os.path.dirname(path) for path in self.config_files}
-        for directory in sorted(watched):
-            if os.path.isdir(directory):
-                observer.schedule(handler, directory, recursive=False)
-            else:
-                log.warning("cannot watch %s for config changes: not a directory", directory)
         observer.daemon = True
-        observer.start()
         self._observer = observer
+        self._apply_plan()
+        observer.start()
+        self._thread = threading.Thread(target=self._follow, name="config-watch", daemon=True)
+        self._thread.start()
+
+    def changed(self, path: str) -> None:
+        self.on_change(path)
+        self._replan.set()
+
+    def _follow(self) -> None:
+        while True:
+            self._replan.wait()
+            if self._stopping.is_set():
+                return
+            self._replan.clear()
+            try:
+                self._apply_plan()
+            except Exception:  # a watch that cannot be placed must not end the watching
+                log.exception("cannot update the watches on the config directories")
+
+    def _apply_plan(self) -> None:
+        plan = plan_watches(self.config_dirs, self.config_files)
+        self.plan = plan
+        existing = [directory for directory in plan.directories if os.path.isdir(directory)]
+        if existing == self._scheduled:
+            return
+        observer = self._observer
+        observer.unschedule_all()
+        handler = _Handler(self)
+        for directory in existing:
+            try:
+                observer.schedule(handler, directory, recursive=False)
+            except OSError as exc:
+                log.warning("cannot watch %s for config changes: %s", directory, exc)
+        missing = set(self.config_dirs) - set(existing)
+        for directory in sorted(missing):
+            log.warning("config directory %s does not exist; its creation is watched for", directory)
+        self._scheduled = existing
 
     def stop(self) -> None:
+        self._stopping.set()
+        self._replan.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import uuid
 import warnings
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers.processes import TEST_TAG_ENV, kill_tagged
+from tests.helpers.unprivileged import Unprivileged, find_unprivileged
 
 SESSION_TAG = uuid.uuid4().hex
 os.environ[TEST_TAG_ENV] = SESSION_TAG
@@ -32,6 +34,16 @@ def _no_leaked_processes() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
+
+
+@pytest.fixture(scope="session")
+def nobody() -> Iterator[Unprivileged]:
+    """Our packages staged where the nobody user can run them (root only; skips otherwise)."""
+    runtime = find_unprivileged()
+    if isinstance(runtime, str):
+        pytest.skip(runtime)
+    yield runtime
+    shutil.rmtree(runtime.pythonpath, ignore_errors=True)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

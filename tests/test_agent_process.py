@@ -183,7 +183,7 @@ def test_sighup_and_the_reload_command_reload(agent: AgentProcess, tmp_path: Pat
     agent.write("a.json", service("a", fake_proxy("run", state)))
     result = agent.cli("reload")
     assert result.returncode == 0, result.stderr
-    assert "Configuration reload triggered" in result.stdout
+    assert "Configuration reloaded" in result.stdout
     agent.wait_state("a-proxy", "running")
 
 

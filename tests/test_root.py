@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.agent import AgentProcess, fake_proxy, starts
 from tests.helpers.processes import pid_alive, wait_until
-from tests.helpers.unprivileged import Unprivileged, find_unprivileged
+from tests.helpers.unprivileged import Unprivileged
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the root refusal needs an agent running as root")
 
@@ -31,15 +30,6 @@ def uid_of(pid: int) -> int:
             if line.startswith("Uid:"):
                 return int(line.split()[2])  # effective UID
     raise AssertionError(f"no Uid line for {pid}")
-
-
-@pytest.fixture(scope="session")
-def nobody() -> Iterator[Unprivileged]:
-    runtime = find_unprivileged()
-    if isinstance(runtime, str):
-        pytest.skip(runtime)
-    yield runtime
-    shutil.rmtree(runtime.pythonpath, ignore_errors=True)
 
 
 @needs_root

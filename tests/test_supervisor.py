@@ -401,6 +401,31 @@ def test_proxies_survive_the_supervisor_and_are_adopted_without_restart(
     assert "status unknown" in restarted.last_exit
 
 
+def test_a_service_removed_while_the_agent_was_down_has_its_proxy_stopped_at_start(
+    two_agents: tuple[Harness, Harness], tmp_path: Path
+) -> None:
+    """Regression (issue 9): the adopted proxy of a removed service kept running, shown as
+    adopted, its token and port dropped from allocations.json: the loop only woke on
+    events, and this decision needed none."""
+    first, second = two_agents
+    web_state, db_state = tmp_path / "web.state", tmp_path / "db.state"
+    first.write("web.json", {"service": service("web", proxy_command("run", web_state))})
+    first.write("db.json", {"service": service("db", proxy_command("run", db_state))})
+    first.start()
+    db = first.wait_state("db-proxy", "running")
+    first.wait_state("web-proxy", "running")
+    first.stop(stop_proxies=False)
+    first.remove("db.json")  # while no agent runs
+
+    second.start()
+    pid = db.pid
+    assert pid is not None
+    wait_until(lambda: not pid_alive(pid), timeout=5, message="the removed service's proxy to stop")
+    wait_until(lambda: second.status("db-proxy") is None, timeout=5, message="its slot to go")
+    assert stopped(db_state)  # a clean stop (SIGINT), not a kill
+    assert second.status("web-proxy") is not None and second.status("web-proxy").adopted  # type: ignore[union-attr]
+
+
 def test_record_whose_pid_is_another_process_is_neither_adopted_nor_signalled(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     state = tmp_path / "web.state"
@@ -588,6 +613,5 @@ def test_the_api_knows_every_proxy_before_it_is_started(tmp_path: Path) -> None:
         assert known_at_spawn == {f"{n}-proxy": True for n in names}
     finally:
         supervisor.post(ShutdownRequested(stop_proxies=True, reason="test"))
-        while not supervisor._stopped:
-            supervisor.step(max_wait=0.1)
+        supervisor.run()
         supervisor.close()

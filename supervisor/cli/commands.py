@@ -14,7 +14,7 @@ from supervisor.cli.client import AgentClient
 from supervisor.config import load_config
 from supervisor.config.durations import parse_duration
 from supervisor.config.keys import is_safe_id
-from supervisor.errors import AgentRequestError, UsageError
+from supervisor.errors import AgentRequestError, ReloadRefused, UsageError
 
 
 def validate(paths: Sequence[str], quiet: bool, out: TextIO) -> int:
@@ -263,8 +263,14 @@ def restart(client: AgentClient, name: str | None, restart_all: bool, timeout: s
 
 
 def reload(client: AgentClient, out: TextIO) -> int:
-    client.put("/v1/agent/reload", timeout=90)
-    out.write("Configuration reload triggered\n")
+    """Exit 2 when the agent finds the configuration invalid (it keeps the running one)."""
+    try:
+        client.put("/v1/agent/reload", timeout=90)
+    except AgentRequestError as exc:
+        if exc.status == 400:
+            raise ReloadRefused(str(exc), exc.status) from None
+        raise
+    out.write("Configuration reloaded\n")
     return 0
 
 

@@ -9,6 +9,7 @@ ConfigError; nothing is returned unless the whole configuration is valid.
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,8 @@ from supervisor.config.schema import Context, join
 from supervisor.config.sources import Source, collect_sources
 from supervisor.errors import ConfigError, ConfigProblem
 
+log = logging.getLogger("supervisor.config")
+
 COMMAND_LINE = "<command line>"
 _LOG_LEVEL_ALIASES = {"WARNING": "WARN", "ERROR": "ERR"}
 _UNSUPPORTED_CHECK_KEYS = (
@@ -54,14 +57,20 @@ def load_config(
     dev: bool = False,
 ) -> AgentConfig:
     """Read every source and build the configuration (raises ConfigError)."""
-    return build_config(collect_sources(config_files, config_dirs), flags, dev=dev)
+    sources, unreadable = collect_sources(config_files, config_dirs)
+    return build_config(sources, flags, dev=dev, problems=unreadable)
 
 
 def build_config(
-    sources: Sequence[Source], flags: Mapping[str, Any] | None = None, *, dev: bool = False
+    sources: Sequence[Source],
+    flags: Mapping[str, Any] | None = None,
+    *,
+    dev: bool = False,
+    problems: Sequence[ConfigProblem] = (),
 ) -> AgentConfig:
-    """Build from already-read sources; ``flags`` is a config document from the command line."""
-    problems: list[ConfigProblem] = []
+    """Build from already-read sources; ``flags`` is a config document from the command line.
+    ``problems`` (sources that could not be read) are reported with every other problem."""
+    problems = list(problems)
     notices: list[ConfigProblem] = []
     documents: list[dict[str, Any]] = []
     named = [(source.name, _parse(source, problems)) for source in sources]
@@ -71,14 +80,29 @@ def build_config(
         if data is None:
             continue
         ctx = Context(name)
-        cleaned = AGENT.validate(data, "", ctx)
+        try:
+            cleaned = AGENT.validate(data, "", ctx)
+        except Exception as exc:  # a validator bug must not become a crash
+            log.exception("validating %s failed", name)
+            ctx.problem(
+                "", f"cannot be validated ({type(exc).__name__}: {exc}); this is a bug, please report it"
+            )
+            cleaned = None
         problems.extend(ctx.problems)
         notices.extend(ctx.notices)
         if isinstance(cleaned, dict):
             documents.append(_tag_services(cleaned, data, name))
     if problems:
         raise ConfigError(problems)
-    return _Builder(_merge_documents(documents), tuple(notices), dev=dev).build()
+    builder = _Builder(_merge_documents(documents), tuple(notices), dev=dev)
+    try:
+        return builder.build()
+    except ConfigError:
+        raise
+    except Exception as exc:  # a builder bug must not become a crash either
+        log.exception("building the configuration failed")
+        message = f"the configuration cannot be built ({type(exc).__name__}: {exc}); please report this bug"
+        raise ConfigError.single("", "", message) from exc
 
 
 def build_service(raw: Any, source: str, defaults: ProxyDefaults) -> ServiceDef:

@@ -8,9 +8,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from supervisor.config.formats import format_for
+from supervisor.config.limits import MAX_FILE_BYTES
 from supervisor.errors import ConfigError, ConfigProblem
-
-MAX_CONFIG_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,11 @@ def files_in_dir(directory: str) -> list[str]:
         path = os.path.join(directory, name)
         try:
             if not stat.S_ISREG(os.stat(path).st_mode):
-                continue
+                continue  # a directory or a device that happens to be called *.json
         except FileNotFoundError:
-            continue  # deleted between listdir and stat: it is simply not there any more
+            continue  # deleted since listdir, or a dangling symlink: it is simply not there
+        except OSError:
+            pass  # a symlink loop, say: reading it reports the problem with the file's name
         paths.append(path)
     return paths
 
@@ -59,16 +60,19 @@ def read_source(path: str) -> Source:
             path, "", "unknown config format: the file name must end in .json, .hcl or .toml"
         )
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
+        data = _read_regular_file(path)
     except FileNotFoundError:
         raise ConfigError.single(path, "", "config file does not exist") from None
     except IsADirectoryError:
         raise ConfigError.single(path, "", "is a directory (use -config-dir for a directory)") from None
     except OSError as exc:
-        raise ConfigError.single(path, "", f"cannot read file: {exc.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError.single(path, "", f"file is larger than {MAX_CONFIG_BYTES} bytes")
+        raise ConfigError.single(path, "", f"cannot read file: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError.single(
+            path,
+            "",
+            f"file is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; split it into several drop-ins",
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -76,10 +80,27 @@ def read_source(path: str) -> Source:
     return Source(path, fmt, text)
 
 
-def collect_sources(config_files: Sequence[str], config_dirs: Sequence[str]) -> list[Source]:
+def _read_regular_file(path: str) -> bytes:
+    """Up to one byte past the size limit. Opened without blocking and checked to be a
+    regular file first: a FIFO or a device named as a config file must not hang (or
+    flood) the agent."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file (mode {stat.filemode(mode)})")
+        return handle.read(MAX_FILE_BYTES + 1)
+
+
+def collect_sources(
+    config_files: Sequence[str], config_dirs: Sequence[str]
+) -> tuple[list[Source], list[ConfigProblem]]:
     """Read every source, files first then directories (each in the order given).
 
-    All unreadable sources are reported together in one ConfigError.
+    Returns what could be read and a problem for each source that could not, so the
+    caller reports those together with whatever is wrong inside the readable ones.
     """
     paths: list[str] = list(config_files)
     problems: list[ConfigProblem] = []
@@ -94,9 +115,7 @@ def collect_sources(config_files: Sequence[str], config_dirs: Sequence[str]) -> 
             sources.append(read_source(path))
         except ConfigError as exc:
             problems.extend(exc.problems)
-    if problems:
-        raise ConfigError(problems)
-    return sources
+    return sources, problems
 
 
 def _unique(paths: Iterable[str]) -> list[str]:

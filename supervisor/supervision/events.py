@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from supervisor.config.model import AgentConfig
+from supervisor.errors import ConfigError
 from supervisor.process.marker import MarkedProcess
 
 
@@ -83,6 +85,17 @@ class DataDirChanged:
     path: str
 
 
+@dataclass(frozen=True)
+class ConfigLoaded:
+    """The configuration was read on a worker: ``config``, or the ``error`` that stopped it.
+    ``replies`` are the callers of ``reload`` waiting for this read."""
+
+    reason: str
+    config: AgentConfig | None
+    error: ConfigError | None
+    replies: tuple[concurrent.futures.Future[None], ...] = ()
+
+
 Event = (
     ReloadRequested
     | FilesChanged
@@ -91,6 +104,7 @@ Event = (
     | ServicesChanged
     | RestartRequested
     | DataDirChanged
+    | ConfigLoaded
 )
 
 
@@ -104,10 +118,12 @@ class Debounce:
     first: float | None = None
     due: float | None = None
 
-    def poke(self, now: float) -> None:
+    def poke(self, now: float) -> float:
+        """Another event at ``now``; returns when to act."""
         if self.first is None:
             self.first = now
         self.due = min(now + self.quiet, self.first + self.cap)
+        return self.due
 
     def fire(self, now: float) -> bool:
         if self.due is not None and now >= self.due:

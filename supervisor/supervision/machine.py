@@ -165,7 +165,13 @@ class ProxyMachine:
     # -- queries ----------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """The monotonic time at which ``tick`` has something to do, if any."""
+        """The monotonic time at which ``tick`` has something to do, if any.
+
+        A decision that is already due (a process adopted for a proxy nobody wants any
+        more must be stopped) has a deadline in the past: 0.
+        """
+        if self.alive and (not self.wanted or self.replace_requested) and self.state is not State.STOPPING:
+            return 0.0
         if self.state is State.STARTING and self.started_at is not None:
             return self.started_at + self.policy.startup_grace
         if self.state is State.BACKOFF:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from supervisor.process.handle import ProcessHandle
 from supervisor.state.datadir import DataDir, ProxyRecord
 from supervisor.supervision.desired import PlannedProxy
+from supervisor.supervision.loop import Alarm
 from supervisor.supervision.machine import ProxyMachine, State
 from supervisor.supervision.view import ProxyStatus
 
@@ -23,6 +24,7 @@ class Slot:
     running_spec_hash: str | None = None
     adopted: bool = False
     started_wall: float | None = None
+    alarm: Alarm | None = None  # the machine's next deadline, on the loop
 
 
 def record_of(slot: Slot) -> ProxyRecord:
@@ -52,7 +54,7 @@ def status_of(slot: Slot, data_dir: DataDir | None) -> ProxyStatus:
     return ProxyStatus(
         proxy_id=slot.proxy_id,
         service_id=planned.service.id if planned else "",
-        state=machine.state.value,
+        state=machine.state,
         pid=slot.handle.pid if slot.handle else None,
         generation=machine.generation,
         restarts=machine.restarts,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from supervisor.config.model import AgentConfig
 from supervisor.supervision.desired import PlannedProxy
+from supervisor.supervision.machine import State
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class ProxyStatus:
 
     proxy_id: str
     service_id: str
-    state: str
+    state: State
     pid: int | None
     generation: int
     restarts: int
