@@ -39,7 +39,8 @@ class AgentClient:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             message = exc.read().decode("utf-8", "replace").strip() or exc.reason
-            raise AgentRequestError(f"the agent at {self.base} answered {exc.code}: {message}", exc.code) from None
+            answer = f"the agent at {self.base} answered {exc.code}: {message}"
+            raise AgentRequestError(answer, exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise AgentRequestError(
