@@ -17,27 +17,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import Agent, Ports
+
 PROXY_SCRIPT = """#!/bin/sh
 date +%s%N >> "$1"
 exec sleep 1000000
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -46,40 +40,26 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[index]
 
 
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.0005) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(interval)
-
-
-class BenchAgent:
+class BenchAgent(Agent):
     """An agent with ``count`` shell-script proxies on a temporary data_dir."""
 
-    def __init__(self, root: Path, count: int) -> None:
-        self.root = root
-        self.conf = root / "conf.d"
-        self.conf.mkdir(parents=True)
+    def __init__(self, root: Path, count: int, ports: Ports) -> None:
+        low, high = ports.block(1000)
+        super().__init__(
+            root,
+            {
+                "data_dir": str(root / "data"),
+                "log_level": "WARN",
+                "ports": {"proxy_min_port": low, "proxy_max_port": high},
+            },
+            ports.take(),
+        )
         self.starts = root / "starts"
         self.starts.mkdir()
         self.script = root / "proxy.sh"
         self.script.write_text(PROXY_SCRIPT)
         self.script.chmod(0o755)
-        self.port = free_port()
-        agent: dict[str, Any] = {
-            "data_dir": str(root / "data"),
-            "log_level": "WARN",
-            "ports": {"http": self.port, "proxy_min_port": 40000, "proxy_max_port": 40999},
-        }
-        if os.geteuid() == 0:
-            agent["connect"] = {"proxy": {"allow_managed_root": True}}
-        (self.conf / "00-agent.json").write_text(json.dumps(agent))
         self.write_services(range(count))
-        self.process: subprocess.Popen[bytes] | None = None
 
     def service(self, index: int) -> dict[str, Any]:
         name = f"svc{index:03d}"
@@ -90,32 +70,7 @@ class BenchAgent:
         }
 
     def write_services(self, indexes: range) -> None:
-        services = [self.service(index) for index in indexes]
-        (self.conf / "10-services.json").write_text(json.dumps({"services": services}))
-
-    def start(self) -> float:
-        """Start the agent; return the monotonic time it was started."""
-        log = open(self.root / "agent.log", "ab")
-        started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "agent", "-config-dir", str(self.conf)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=REPO,
-        )
-        log.close()
-        return started
-
-    def proxies(self) -> dict[str, Any]:
-        try:
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.port}/v1/agent/connect/proxies", timeout=5
-            ) as r:
-                data: dict[str, Any] = json.load(r)
-                return data
-        except OSError:
-            return {}
+        self.write("10-services.json", {"services": [self.service(index) for index in indexes]})
 
     def wait_running(self, count: int, timeout: float = 60.0) -> dict[str, Any]:
         def ready() -> dict[str, Any] | None:
@@ -125,19 +80,13 @@ class BenchAgent:
             ]
             return data if len(running) >= count else None
 
-        result: dict[str, Any] = wait_for(ready, timeout, f"{count} running proxies", interval=0.01)
-        return result
+        return self.wait(ready, timeout, f"{count} running proxies")
 
     def start_times(self, name: str) -> list[int]:
         path = self.starts / name
         if not path.exists():
             return []
         return [int(line) for line in path.read_text().split()]
-
-    def kill9(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
 
     def agent_pid(self) -> int:
         assert self.process is not None
@@ -158,6 +107,10 @@ class BenchAgent:
                 continue
 
 
+def restarted_since(agent: BenchAgent, name: str, starts: int) -> bool:
+    return len(agent.start_times(name)) > starts
+
+
 def restart_latencies(agent: BenchAgent, names: list[str]) -> list[float]:
     """Kill each proxy once (a first exit is restarted immediately); ms to its replacement."""
     samples = []
@@ -166,13 +119,13 @@ def restart_latencies(agent: BenchAgent, names: list[str]) -> list[float]:
         before = len(agent.start_times(name))
         killed_at = time.time_ns()
         os.kill(entry["Pid"], signal.SIGKILL)
-        wait_for(lambda n=name, b=before: len(agent.start_times(n)) > b, 10, f"{name} to restart")
+        agent.wait(partial(restarted_since, agent, name, before), 10, f"{name} to restart", 0.0005)
         samples.append((agent.start_times(name)[-1] - killed_at) / 1e6)
     return samples
 
 
-def bench_restart_and_adoption(root: Path, count: int) -> dict[str, Any]:
-    agent = BenchAgent(root, count)
+def bench_restart_and_adoption(root: Path, count: int, ports: Ports) -> dict[str, Any]:
+    agent = BenchAgent(root, count, ports)
     try:
         agent.start()
         agent.wait_running(count)
@@ -191,7 +144,7 @@ def bench_restart_and_adoption(root: Path, count: int) -> dict[str, Any]:
             adopted = [entry for entry in data.values() if entry["Adopted"] and entry["Pid"]]
             return data if len(adopted) == count else None
 
-        data = wait_for(all_adopted, 60, "all proxies adopted", interval=0.005)
+        data = agent.wait(all_adopted, 60, "all proxies adopted", interval=0.005)
         adoption_seconds = time.monotonic() - started
         same_pids = sum(1 for name, entry in data.items() if before.get(name) == entry["Pid"])
         restarted = sum(len(agent.start_times(name)) for name in names) - starts_before
@@ -210,8 +163,8 @@ def bench_restart_and_adoption(root: Path, count: int) -> dict[str, Any]:
         agent.cleanup()
 
 
-def bench_drop_in(root: Path, samples: int) -> dict[str, Any]:
-    agent = BenchAgent(root, 1)
+def bench_drop_in(root: Path, samples: int, ports: Ports) -> dict[str, Any]:
+    agent = BenchAgent(root, 1, ports)
     try:
         agent.start()
         agent.wait_running(1)
@@ -222,7 +175,7 @@ def bench_drop_in(root: Path, samples: int) -> dict[str, Any]:
             temp.write_text(json.dumps({"service": agent.service(index)}))
             written_at = time.time_ns()
             os.rename(temp, agent.conf / f"20-drop-{index}.json")
-            wait_for(lambda n=name: agent.start_times(n), 10, f"{name} to start")
+            agent.wait(partial(agent.start_times, name), 10, f"{name} to start", 0.0005)
             latencies.append((agent.start_times(name)[0] - written_at) / 1e6)
             time.sleep(0.3)  # separate samples so each is its own debounce window
         return {"drop_in_to_running_ms": summarize(latencies)}
@@ -235,8 +188,8 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def bench_idle_cpu(root: Path, count: int, seconds: float) -> dict[str, Any]:
-    agent = BenchAgent(root, count)
+def bench_idle_cpu(root: Path, count: int, seconds: float, ports: Ports) -> dict[str, Any]:
+    agent = BenchAgent(root, count, ports)
     try:
         agent.start()
         agent.wait_running(count)
@@ -244,6 +197,7 @@ def bench_idle_cpu(root: Path, count: int, seconds: float) -> dict[str, Any]:
         pid = agent.agent_pid()
         ticks_before, wall_before = cpu_ticks(pid), time.monotonic()
         time.sleep(seconds)
+        agent.check()
         ticks_after, wall_after = cpu_ticks(pid), time.monotonic()
         ticks_per_second = os.sysconf("SC_CLK_TCK")
         cpu_seconds = (ticks_after - ticks_before) / ticks_per_second
@@ -278,14 +232,15 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 def run(count: int = 200, idle_seconds: float = 60.0, drop_in_samples: int = 20) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    ports = Ports()
     with tempfile.TemporaryDirectory(prefix="ps-bench-") as temp:
         base = Path(temp)
         print(f"restart latency and adoption with {count} proxies ...", flush=True)
-        results.update(bench_restart_and_adoption(base / "restart", count))
+        results.update(bench_restart_and_adoption(base / "restart", count, ports))
         print(f"drop-in to running ({drop_in_samples} samples) ...", flush=True)
-        results.update(bench_drop_in(base / "dropin", drop_in_samples))
+        results.update(bench_drop_in(base / "dropin", drop_in_samples, ports))
         print(f"idle CPU with {count} proxies over {idle_seconds:.0f}s ...", flush=True)
-        results.update(bench_idle_cpu(base / "idle", count, idle_seconds))
+        results.update(bench_idle_cpu(base / "idle", count, idle_seconds, ports))
     return results
 
 

@@ -24,9 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.agent_bench import free_port, percentile
-
-REPO = Path(__file__).resolve().parents[1]
+from bench.agent_bench import percentile
+from bench.common import (
+    REPO,
+    Agent,
+    Ports,
+)
 
 
 def raise_fd_limit() -> None:
@@ -68,42 +71,32 @@ class KeepAliveClient:
         self.sock.close()
 
 
-def start_agent(root: Path) -> tuple[subprocess.Popen[bytes], int]:
-    conf = root / "conf.d"
-    conf.mkdir(parents=True)
-    port = free_port()
-    config = {
-        "data_dir": str(root / "data"),
-        "log_level": "WARN",
-        "ports": {"http": port},
-        "services": [
-            {"name": "web", "port": 8080, "check": {"id": "web-ttl", "ttl": "1h"}},
-            {"name": "db", "port": 5432},
-        ],
-    }
-    (conf / "agent.json").write_text(json.dumps(config))
-    log = open(root / "agent.log", "ab")  # handed to the child, closed right after
-    process = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "agent", "-config-dir", str(conf)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=REPO,
+def start_agent(root: Path) -> Agent:
+    agent = Agent(
+        root,
+        {
+            "data_dir": str(root / "data"),
+            "log_level": "WARN",
+            "services": [
+                {"name": "web", "port": 8080, "check": {"id": "web-ttl", "ttl": "1h"}},
+                {"name": "db", "port": 5432},
+            ],
+        },
+        Ports().take(),
     )
-    log.close()
-    deadline = time.monotonic() + 30
-    while True:
+    agent.start()
+
+    def answers() -> bool:
         try:
-            client = KeepAliveClient(port)
+            client = KeepAliveClient(agent.port)
             status, _ = client.request("GET", "/v1/agent/connect/ca/roots")
             client.close()
-            if status == 200:
-                return process, port
         except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError("the agent did not start")
-        time.sleep(0.05)
+            return False
+        return status == 200
+
+    agent.wait(answers, 30, "the agent to answer", interval=0.05)
+    return agent
 
 
 def rss_mib(pid: int) -> float:
@@ -236,7 +229,9 @@ def run(authorize_calls: int = 5000, leaf_count: int = 100, waiters: int = 1000)
     raise_fd_limit()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ps-bench-cp-") as temp:
-        process, port = start_agent(Path(temp))
+        agent = start_agent(Path(temp))
+        assert agent.process is not None
+        process, port = agent.process, agent.port
         try:
             results["agent_idle_rss_mib"] = round(rss_mib(process.pid), 1)
             print(f"authorize ({authorize_calls} calls) ...", flush=True)

@@ -32,9 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.agent_bench import free_port
+from bench.common import Agent, Ports
 
-REPO = Path(__file__).resolve().parents[1]
+PORTS = Ports()  # one allocator for the run: no port is handed out twice
+
+
+def free_port() -> int:
+    return PORTS.take()
+
+
 PEERS = ("stunnel4", "haproxy", "iperf3")
 
 
@@ -216,32 +222,27 @@ def start(
         )
 
 
-def _wait_for_proxies(base: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while True:
+def _wait_for_proxies(agent: Agent) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
         try:
-            with urllib.request.urlopen(f"{base}/v1/agent/connect/proxies", timeout=2) as response:
-                proxies: dict[str, Any] = json.load(response)
-            health = json.load(urllib.request.urlopen(f"{base}/v1/health/connect/db?passing", timeout=2))
-            if len(proxies) == 2 and all(p["Pid"] for p in proxies.values()) and health:
-                return proxies
+            proxies = agent.proxies()
+            health = agent.api("GET", "/v1/health/connect/db?passing", timeout=2)
         except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the agent at {base} did not start both proxies within 30 s")
-        time.sleep(0.1)
+            return None
+        return proxies if len(proxies) == 2 and all(p["Pid"] for p in proxies.values()) and health else None
+
+    return agent.wait(ready, 30, "both proxies to serve", interval=0.1)
 
 
 def ours(work: Path, app_port: int) -> tuple[Candidate, dict[str, str]]:
     """Two built-in proxies behind a real agent (which also issues every pair's certificates)."""
-    conf = work / "conf.d"
-    conf.mkdir()
-    http_port, entry = free_port(), free_port()
+    entry = free_port()
+    low, high = PORTS.block(100)
     config: dict[str, Any] = {
         "data_dir": str(work / "data"),
         "log_level": "WARN",
         "bind_addr": "127.0.0.1",
-        "ports": {"http": http_port, "proxy_min_port": 42000, "proxy_max_port": 42999},
+        "ports": {"proxy_min_port": low, "proxy_max_port": high},
         "services": [
             {
                 "name": "web",
@@ -251,16 +252,13 @@ def ours(work: Path, app_port: int) -> tuple[Candidate, dict[str, str]]:
             {"name": "db", "port": app_port, "connect": {"proxy": {}}},
         ],
     }
-    if os.geteuid() == 0:
-        config["connect"] = {"proxy": {"allow_managed_root": True}}
-    (conf / "agent.json").write_text(json.dumps(config))
-    agent = start(
-        [sys.executable, "-m", "supervisor", "agent", "-config-dir", str(conf)], work / "agent.log", cwd=REPO
-    )
-    base = f"http://127.0.0.1:{http_port}"
-    candidate = Candidate("proxy-supervisor", entry, [agent], agent_url=base)
+    agent = Agent(work, config, free_port())
+    agent.start()
+    assert agent.process is not None
+    base = f"http://127.0.0.1:{agent.port}"
+    candidate = Candidate("proxy-supervisor", entry, [agent.process], agent_url=base)
     try:
-        proxies = _wait_for_proxies(base)
+        proxies = _wait_for_proxies(agent)
     except BaseException:
         candidate.stop()
         raise

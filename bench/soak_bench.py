@@ -15,29 +15,24 @@ restarts. It stops by itself and kills everything it started.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from bench.agent_bench import free_port
+from bench.common import Agent, Ports
 from bench.proxy_bench import echo_server, raise_fd_limit
 
-REPO = Path(__file__).resolve().parents[1]
 PAYLOAD = 1024
 
 
@@ -55,27 +50,26 @@ class Traffic:
                 self.errors[error] += 1
 
 
-class SoakAgent:
-    def __init__(self, root: Path, count: int, app_port: int) -> None:
-        self.root = root
-        self.conf = root / "conf.d"
-        self.conf.mkdir(parents=True)
+class SoakAgent(Agent):
+    def __init__(self, root: Path, count: int, app_port: int, ports: Ports) -> None:
+        low, high = ports.block(1000)
+        super().__init__(
+            root,
+            {
+                "data_dir": str(root / "data"),
+                "log_level": "WARN",
+                "bind_addr": "127.0.0.1",
+                "ports": {"proxy_min_port": low, "proxy_max_port": high},
+            },
+            ports.take(),
+        )
         self.count = count
         self.app_port = app_port
-        self.port = free_port()
-        self.upstream_ports = [free_port() for _ in range(count)]
-        agent: dict[str, Any] = {
-            "data_dir": str(root / "data"),
-            "log_level": "WARN",
-            "bind_addr": "127.0.0.1",
-            "ports": {"http": self.port, "proxy_min_port": 41000, "proxy_max_port": 41999},
-        }
-        if os.geteuid() == 0:
-            agent["connect"] = {"proxy": {"allow_managed_root": True}}
-        (self.conf / "00-agent.json").write_text(json.dumps(agent))
+        self.ports = ports
+        self.upstream_ports = [ports.take() for _ in range(count)]
+        self.extra_ports: dict[int, int] = {}
         for index in range(count):
             self.write_service(index)
-        self.process: subprocess.Popen[bytes] | None = None
 
     def name(self, index: int) -> str:
         return f"s{index:03d}"
@@ -87,62 +81,23 @@ class SoakAgent:
                 "local_bind_port": self.upstream_ports[index],
             }
         ]
-        if extra:  # a second upstream, added and removed live
-            upstreams.append({"destination_name": self.name((index + 2) % self.count), "local_bind_port": 0})
-            upstreams[-1]["local_bind_port"] = free_port()
+        if extra:  # a second upstream, added and removed live (on a port of its own, kept)
+            port = self.extra_ports.setdefault(index, self.ports.take())
+            upstreams.append(
+                {"destination_name": self.name((index + 2) % self.count), "local_bind_port": port}
+            )
         service = {
             "name": self.name(index),
             "port": self.app_port,
             "tags": tags or [],
             "connect": {"proxy": {"upstreams": upstreams}},
         }
-        self._write(f"{self.name(index)}.json", {"service": service})
+        self.write(f"{self.name(index)}.json", {"service": service})
 
     def write_churn_service(self, name: str) -> None:
-        self._write(
+        self.write(
             f"{name}.json", {"service": {"name": name, "port": self.app_port, "connect": {"proxy": {}}}}
         )
-
-    def _write(self, name: str, document: dict[str, Any]) -> None:
-        temp = self.conf / f".{name}.tmp"
-        temp.write_text(json.dumps(document))
-        os.replace(temp, self.conf / name)
-
-    def start(self) -> None:
-        log = open(self.root / "agent.log", "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "agent", "-config-dir", str(self.conf)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=REPO,
-        )
-        log.close()
-
-    def api(self, method: str, path: str) -> Any:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
-        with urllib.request.urlopen(request, timeout=60) as response:
-            body = response.read()
-        return json.loads(body) if body else None
-
-    def proxies(self) -> dict[str, Any]:
-        try:
-            data: dict[str, Any] = self.api("GET", "/v1/agent/connect/proxies")
-            return data
-        except OSError:
-            return {}
-
-    def stop(self) -> None:
-        try:
-            self.api("PUT", "/v1/agent/leave")
-        except OSError:
-            pass
-        if self.process is not None:
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
 
 
 def exchange(port: int) -> str | None:
@@ -160,6 +115,10 @@ def exchange(port: int) -> str | None:
         return None if received == payload else "wrong bytes"
     except OSError as exc:
         return type(exc).__name__
+
+
+def carries(port: int) -> bool:
+    return exchange(port) is None
 
 
 def measure(pid: int) -> tuple[float, int]:
@@ -192,10 +151,11 @@ def run(
 ) -> dict[str, Any]:
     raise_fd_limit()
     root = Path(tempfile.mkdtemp(prefix="soak-"))
-    app_port = free_port()
+    ports = Ports()
+    app_port = ports.take()
     app = threading.Thread(target=echo_server, args=(app_port,), daemon=True)
     app.start()
-    agent = SoakAgent(root, count, app_port)
+    agent = SoakAgent(root, count, app_port, ports)
     steady = [f"{agent.name(index)}-proxy" for index in range(count)]
     traffic = Traffic()
     stop = threading.Event()
@@ -204,20 +164,14 @@ def run(
     try:
         print(f"  starting {count} built-in proxies ...", flush=True)
         agent.start()
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            proxies = agent.proxies()
-            if sum(1 for p in proxies.values() if p["State"] == "running") >= count:
-                break
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"not all {count} proxies running after 5 minutes; see {root}/agent.log")
+        agent.wait(
+            lambda: sum(1 for p in agent.proxies().values() if p["State"] == "running") >= count,
+            300,
+            f"all {count} proxies to run",
+            interval=0.5,
+        )
         for port in agent.upstream_ports:  # every path carries traffic before we measure
-            until = time.monotonic() + 60
-            while exchange(port) is not None:
-                if time.monotonic() > until:
-                    raise RuntimeError(f"no traffic through upstream port {port}")
-                time.sleep(0.1)
+            agent.wait(partial(carries, port), 60, f"traffic through upstream port {port}", 0.1)
 
         def drive() -> None:
             interval = 4 / rate  # four drivers share the rate
@@ -264,6 +218,7 @@ def run(
         samples = []
         while time.monotonic() < end:
             time.sleep(min(60.0, max(0.0, end - time.monotonic())))
+            agent.check()
             sample = snapshot(agent, steady)
             samples.append({k: sample[k] for k in ("agent_rss_mib", "agent_fds", "proxies_rss_mib_total")})
             print(f"    {samples[-1]}  ok={traffic.ok} errors={sum(traffic.errors.values())}", flush=True)
@@ -304,7 +259,7 @@ def run(
         }
     finally:
         stop.set()
-        agent.stop()
+        agent.leave()
         shutil.rmtree(root, ignore_errors=True)
 
 

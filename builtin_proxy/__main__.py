@@ -67,6 +67,39 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+def handed_token() -> str:
+    """The token the supervisor handed over on a pipe (PROXY_SUPERVISOR_TOKEN_FD), kept
+    out of the environment, which other processes of the same user can read."""
+    fd_text = os.environ.pop("PROXY_SUPERVISOR_TOKEN_FD", "")
+    if not fd_text.isdigit():
+        return ""
+    fd = int(fd_text)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 4096):
+            chunks.append(chunk)
+        os.close(fd)
+    except OSError as exc:
+        sys.stderr.write(f"builtin_proxy: cannot read the token on fd {fd}: {exc}\n")
+        return ""
+    return b"".join(chunks).decode().strip()
+
+
+def private_memory() -> None:
+    """Non-dumpable: other processes of this user may neither ptrace it nor read its
+    /proc files (environment, memory), so one compromised proxy cannot take another's
+    token. Only asked for when proxies run as their own user: the agent must be able to
+    read the environment of proxies that run as the agent's user (to find them)."""
+    import ctypes
+
+    pr_set_dumpable = 4
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_dumpable, ctypes.c_ulong(0), 0, 0, 0) != 0:
+        sys.stderr.write(
+            f"builtin_proxy: cannot make itself non-dumpable: {os.strerror(ctypes.get_errno())}\n"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -77,10 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.proxy_id:
         sys.stderr.write("builtin_proxy: no proxy ID: set CONNECT_PROXY_ID or pass -proxy-id\n")
         return 2
+    if os.environ.get("PROXY_SUPERVISOR_NONDUMPABLE") == "1":
+        private_memory()
+    handed = handed_token()
     token = args.token
     if token is None:
-        token = os.environ.get("CONNECT_PROXY_TOKEN") or os.environ.get("CONSUL_HTTP_TOKEN", "")
-    managed = bool(os.environ.get("CONNECT_PROXY_TOKEN")) and not args.registered
+        token = handed or os.environ.get("CONNECT_PROXY_TOKEN") or os.environ.get("CONSUL_HTTP_TOKEN", "")
+    managed = bool(handed or os.environ.get("CONNECT_PROXY_TOKEN")) and not args.registered
     from builtin_proxy.proxy import Proxy
 
     return Proxy(args.http_addr, token, args.proxy_id, managed=managed).run()

@@ -33,7 +33,7 @@ def _number(value: Any, name: str, default: int) -> int:
 
 def split_address(text: str, name: str) -> tuple[str, int]:
     host, sep, port = str(text).rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5):
         raise ValueError(f"{name}: expected host:port, got {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 

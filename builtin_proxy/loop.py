@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import logging
 import os
 import select
 import threading
@@ -24,12 +25,13 @@ WRITE = select.EPOLLOUT
 ERROR = select.EPOLLERR | select.EPOLLHUP
 
 Handler = Callable[[int, int], None]
+log = logging.getLogger("builtin_proxy.loop")
 
 
 class Timer:
     __slots__ = ("deadline", "callback", "args", "cancelled")
 
-    def __init__(self, deadline: float, callback: Callable[..., None], args: tuple[Any, ...]) -> None:
+    def __init__(self, deadline: float, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
         self.deadline = deadline
         self.callback = callback
         self.args = args
@@ -51,6 +53,7 @@ class EventLoop:
         self._epoll.register(self._wake_read, READ)
         self._running = False
         self.thread_id: int | None = None
+        self._reported: set[tuple[str, str]] = set()
 
     # -- file descriptors -------------------------------------------------------------
 
@@ -82,7 +85,7 @@ class EventLoop:
 
     # -- timers and callbacks ------------------------------------------------------------
 
-    def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> Timer:
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
         timer = Timer(time.monotonic() + delay, callback, args)
         heapq.heappush(self._timers, (timer.deadline, next(self._sequence), timer))
         return timer
@@ -121,7 +124,10 @@ class EventLoop:
                     continue
                 handler = handlers.get(fd)
                 if handler is not None:
-                    handler(fd, events)
+                    try:
+                        handler(fd, events)
+                    except Exception as exc:  # noqa: BLE001 - one connection's bug must not end the others
+                        self._contain(handler, exc, fd)
             if timers:
                 self._run_timers()
             if ready:
@@ -144,13 +150,42 @@ class EventLoop:
             _, _, timer = heapq.heappop(timers)
             if not timer.cancelled:
                 timer.cancelled = True
-                timer.callback(*timer.args)
+                try:
+                    timer.callback(*timer.args)
+                except Exception as exc:  # noqa: BLE001 - as for fd handlers
+                    self._contain(timer.callback, exc)
 
     def _run_ready(self) -> None:
         ready = self._ready
         for _ in range(len(ready)):  # only what is queued now; new arrivals wait a turn
             callback, args = ready.popleft()
-            callback(*args)
+            try:
+                callback(*args)
+            except Exception as exc:  # noqa: BLE001 - as for fd handlers
+                self._contain(callback, exc)
+
+    def _contain(self, callback: Callable[..., object], exc: Exception, fd: int | None = None) -> None:
+        """A callback raised: log it (with its traceback, once per kind of failure), stop
+        watching its fd, and close what it belongs to (a connection, a listener), so one
+        bad connection costs only itself."""
+        where = getattr(callback, "__qualname__", repr(callback))
+        key = (where, type(exc).__name__)
+        if key not in self._reported:
+            self._reported.add(key)
+            log.error(
+                "internal error in %s (closing what it served; further ones are not logged)",
+                where,
+                exc_info=exc,
+            )
+        if fd is not None:
+            self.unwatch(fd)
+        owner = getattr(callback, "__self__", None)
+        close = getattr(owner, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - it is already broken; nothing more to do
+                pass
 
     def _drain_wake(self) -> None:
         try:

@@ -88,7 +88,12 @@ class _Inbound:
         if context is None:  # no certificates yet: nobody can be verified
             client.close()
             return
-        self.tls = context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        try:
+            self.tls = context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:  # the client is already gone
+            log.debug("inbound connection lost before its handshake: %s", exc)
+            client.close()
+            return
         self.fd = self.tls.fileno()
         self.timer: Timer | None = runtime.loop.call_later(
             runtime.config.handshake_timeout_ms / 1000, self._timeout, "TLS handshake"

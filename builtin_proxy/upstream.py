@@ -178,7 +178,14 @@ class _Outbound:
         assert context is not None
         self.generation = runtime.identity.generation
         session = runtime.sessions.get((host, port, self.generation))
-        self.tls = context.wrap_socket(raw, server_side=False, do_handshake_on_connect=False, session=session)
+        try:
+            self.tls = context.wrap_socket(
+                raw, server_side=False, do_handshake_on_connect=False, session=session
+            )
+        except OSError as exc:  # the connect already failed (refused at once, on loopback)
+            raw.close()
+            self._dial_failed(exc)
+            return
         runtime.loop.watch(self.tls.fileno(), WRITE, self._handshake)
 
     def _handshake(self, fd: int, _events: int) -> None:

@@ -44,6 +44,7 @@ from supervisor.supervision.events import (
     ShutdownRequested,
 )
 from supervisor.supervision.manager import Supervisor, SupervisorOptions
+from supervisor.supervision.ports import ephemeral_overlap
 from supervisor.supervision.view import AgentView, ViewBoard
 from supervisor.watch import ConfigWatcher
 
@@ -151,6 +152,9 @@ class Agent:
         )
         for notice in config.notices:
             log.info("config: %s", notice)
+        overlap = ephemeral_overlap(config.proxy_min_port, config.proxy_max_port)
+        if overlap:
+            log.warning("config: %s", overlap)
         # Every resource is stopped on every path out, in reverse order of starting.
         with contextlib.ExitStack() as resources:
             self.notifier = SdNotifier.from_environment(unset=True)

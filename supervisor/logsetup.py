@@ -11,6 +11,7 @@ import logging
 import logging.handlers
 import os
 import sys
+from typing import Any
 
 TRACE = 5
 LEVELS = {
@@ -61,7 +62,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-class KeepAllRotatingHandler(logging.handlers.RotatingFileHandler):
+LOG_FILE_MODE = 0o600  # the agent's log names proxies, addresses and errors: its user's only
+
+
+def private_file(path: str) -> int:
+    """Open ``path`` for appending, created 0600 (an older, looser file is tightened)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, LOG_FILE_MODE)
+    if os.fstat(fd).st_mode & 0o077:
+        os.fchmod(fd, LOG_FILE_MODE)
+    return fd
+
+
+class _Private(logging.FileHandler):
+    """Every file a log handler opens (the first and each after a rotation) is 0600."""
+
+    def _open(self) -> Any:
+        os.close(private_file(self.baseFilename))
+        return super()._open()
+
+
+class PrivateWatchedFileHandler(_Private, logging.handlers.WatchedFileHandler):
+    pass
+
+
+class PrivateRotatingFileHandler(_Private, logging.handlers.RotatingFileHandler):
+    pass
+
+
+class KeepAllRotatingHandler(PrivateRotatingFileHandler):
     """Size rotation that never deletes (Consul's ``log_rotate_max_files = 0``): the full
     file is renamed to ``<name>.<UTC timestamp>`` and a new one is started."""
 
@@ -80,12 +108,10 @@ def file_handler(path: str, rotate_bytes: int, rotate_max_files: int) -> logging
     ``rotate_max_files`` > 0 keeps that many (``.1`` newest), 0 keeps all (timestamped),
     -1 keeps none."""
     if rotate_bytes <= 0:
-        return logging.handlers.WatchedFileHandler(path)
+        return PrivateWatchedFileHandler(path)
     if rotate_max_files == 0:
         return KeepAllRotatingHandler(path, maxBytes=rotate_bytes)
-    return logging.handlers.RotatingFileHandler(
-        path, maxBytes=rotate_bytes, backupCount=max(rotate_max_files, 0)
-    )
+    return PrivateRotatingFileHandler(path, maxBytes=rotate_bytes, backupCount=max(rotate_max_files, 0))
 
 
 def configure_logging(

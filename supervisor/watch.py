@@ -83,6 +83,14 @@ def plan_watches(config_dirs: Iterable[str], config_files: Iterable[str]) -> Wat
     return WatchPlan({directory: frozenset(wanted) for directory, wanted in names.items()})
 
 
+def _inode(directory: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if os.path.isdir(directory) else None
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, watcher: ConfigWatcher) -> None:
         self.watcher = watcher
@@ -108,7 +116,9 @@ class ConfigWatcher:
         self.on_change = on_change
         self.plan = WatchPlan()
         self._observer: Any = None
-        self._scheduled: list[str] = []
+        # directory -> (its inode, watchdog's ObservedWatch): a directory deleted and made
+        # again is a new inode, and the old watch died with the old one
+        self._watches: dict[str, tuple[tuple[int, int], Any]] = {}
         self._replan = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,23 +148,32 @@ class ConfigWatcher:
                 log.exception("cannot update the watches on the config directories")
 
     def _apply_plan(self) -> None:
+        """Watch what the plan names now. Watches that stay are left alone: tearing one
+        down would drop the events it still buffers (watchdog holds a rename back for
+        half a second to pair its two halves)."""
         plan = plan_watches(self.config_dirs, self.config_files)
         self.plan = plan
-        existing = [directory for directory in plan.directories if os.path.isdir(directory)]
-        if existing == self._scheduled:
-            return
+        existing = {directory: inode for directory in plan.directories if (inode := _inode(directory))}
         observer = self._observer
-        observer.unschedule_all()
+        for directory, (inode, watch) in list(self._watches.items()):
+            if existing.get(directory) != inode:
+                del self._watches[directory]
+                try:
+                    observer.unschedule(watch)
+                except (KeyError, OSError):
+                    pass  # its directory is gone, and the watch with it
+        added = sorted(set(existing) - set(self._watches))
         handler = _Handler(self)
-        for directory in existing:
+        for directory in added:
             try:
-                observer.schedule(handler, directory, recursive=False)
+                self._watches[directory] = (existing[directory], observer.schedule(handler, directory))
             except OSError as exc:
                 log.warning("cannot watch %s for config changes: %s", directory, exc)
-        missing = set(self.config_dirs) - set(existing)
-        for directory in sorted(missing):
+        for directory in sorted(set(self.config_dirs) - set(existing)):
             log.warning("config directory %s does not exist; its creation is watched for", directory)
-        self._scheduled = existing
+        if added and observer.is_alive():
+            # Something may have changed in a directory before its watch was in place.
+            self.on_change(added[0])
 
     def stop(self) -> None:
         self._stopping.set()

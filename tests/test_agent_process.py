@@ -164,7 +164,7 @@ def test_broken_edit_keeps_the_running_config_and_is_reported(agent: AgentProces
     self_info = agent.get("/v1/agent/self")
     assert "service.port" in self_info["Stats"]["proxy-supervisor"]["reload_error"]
     result = agent.cli("reload")
-    assert result.returncode == 1 and "service.port: expected an integer" in result.stderr
+    assert result.returncode == 2 and "service.port: expected an integer" in result.stderr
     entry = agent.proxy("web-proxy")
     assert entry is not None and entry["Pid"] == web["Pid"] and entry["State"] == "running"
     # fixing it clears the error

@@ -192,7 +192,7 @@ def test_malformed_http_gets_a_4xx_and_the_agent_keeps_serving(agent: AgentProce
             reply = sock.recv(4096)
         assert reply.split(b" ")[1][:1] in (b"4", b"5") and b" 500 " not in reply
     with socket.create_connection(("127.0.0.1", agent.port), timeout=5) as sock:
-        sock.sendall(b"PUT /v1/agent/reload HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")
+        sock.sendall(b"PUT /v1/agent/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n")
         assert b" 413 " in sock.recv(4096)
     assert agent.http("GET", "/v1/agent/self")[0] == 200
 

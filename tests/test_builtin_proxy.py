@@ -566,3 +566,28 @@ def test_upstream_resumes_tls_sessions(tmp_path: Path) -> None:
         assert full <= 2, f"{full} full handshakes for 6 connections to one instance"
     finally:
         mesh.close()
+
+
+def test_a_stopped_proxy_leaves_discovery_and_shows_in_proxies(mesh: Mesh) -> None:
+    """Regression (issue 9): after ``kill -STOP`` its listening check stayed passing (the
+    kernel still completes handshakes into the backlog) and traffic blackholed."""
+    pid = mesh.agent.proxies()["db-proxy"]["Pid"]
+
+    def discoverable() -> bool:
+        return bool(mesh.agent.get("/v1/health/connect/db?passing"))
+
+    assert discoverable()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: not discoverable(), timeout=12, interval=0.2, message="db to leave discovery")
+        entry = mesh.agent.proxies()["db-proxy"]
+        assert entry["State"] == "running" and entry["Check"]["Status"] == "critical"
+        assert "is stopped" in entry["Check"]["Output"]
+        row = next(
+            line for line in mesh.agent.cli("proxies").stdout.splitlines() if line.startswith("db-proxy")
+        )
+        assert "NOT SERVING" in row
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(discoverable, timeout=12, interval=0.2, message="db to come back")
+    assert talk(mesh.upstream_port) == b"ping|db"

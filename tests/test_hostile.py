@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from supervisor.config import load_config
 from supervisor.errors import ConfigError
 from tests.helpers.agent import AgentProcess, fake_proxy
+from tests.helpers.processes import wait_until
 
 # Keys a config file may use, at the places they may appear, mixed with junk keys.
 AGENT_KEYS = [
@@ -220,7 +221,9 @@ def test_slow_and_oversized_requests_cost_the_agent_nothing(agent: AgentProcess)
         assert time.monotonic() - began < 2.0
         # Bodies and headers past the limits are refused without being read whole.
         with socket.create_connection(("127.0.0.1", agent.port), timeout=5) as sock:
-            sock.sendall(b"PUT /v1/agent/service/register HTTP/1.1\r\nContent-Length: 1073741824\r\n\r\n{")
+            sock.sendall(
+                b"PUT /v1/agent/service/register HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n{"
+            )
             assert sock.recv(200).startswith(b"HTTP/1.1 413")  # answered before a GiB arrives
         with socket.create_connection(("127.0.0.1", agent.port), timeout=5) as sock:
             sock.sendall(b"GET /v1/agent/self HTTP/1.1\r\n" + b"X-Junk: " + b"y" * 200_000 + b"\r\n\r\n")
@@ -277,3 +280,155 @@ def test_a_proxy_token_cannot_reach_other_services(agent: AgentProcess, tmp_path
     for method, path, body in foreign:
         assert agent.http(method, path, body, token=token)[0] == 403, path
     assert agent.proxies()["db-proxy"]["State"] == "running"
+
+
+def _exchange(port: int, raw: bytes, wait: float = 5.0) -> bytes:
+    """Send ``raw`` and read until the agent closes the connection (or ``wait`` passes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(raw)
+        chunks = []
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+HTTP_HOLES = {
+    # what the hand-written parser did with each: no answer and a traceback, or a wrong one
+    "negative chunk size": (
+        b"PUT /v1/agent/reload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
+        b"400",
+    ),
+    "chunk line over 64 KiB": (
+        b"PUT /v1/agent/reload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1;" + b"x" * 70_000,
+        b"431",
+    ),
+    "gzip, chunked": (
+        b"PUT /v1/agent/reload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n"
+        b"Content-Length: 2\r\n\r\n{}",
+        b"501",
+    ),
+    "conflicting Content-Length": (
+        b"PUT /v1/agent/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 0\r\n\r\n",
+        b"400",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HTTP_HOLES))
+def test_malformed_http_is_answered_and_logs_no_traceback(agent: AgentProcess, case: str) -> None:
+    raw, status = HTTP_HOLES[case]
+    reply = _exchange(agent.port, raw)
+    assert reply.split(b" ", 2)[1] == status, reply[:120]
+    assert "Traceback" not in agent.current_log()
+    assert agent.http("GET", "/v1/agent/self")[0] == 200
+
+
+def test_expect_continue_http_1_0_and_bare_lf_are_served(agent: AgentProcess) -> None:
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=5) as sock:
+        sock.sendall(
+            b"PUT /v1/agent/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        )
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 ")  # the old parser never said it
+        sock.sendall(b"{}")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+    began = time.monotonic()
+    reply = _exchange(agent.port, b"GET /v1/agent/self HTTP/1.0\r\n\r\n", wait=10)
+    assert reply.startswith(b"HTTP/1.1 200 ") and time.monotonic() - began < 5  # not held 120 s
+    assert _exchange(agent.port, b"GET /v1/agent/self HTTP/1.0\n\n").startswith(b"HTTP/1.1 200 ")
+
+
+def test_hostile_numbers_and_depth_in_requests_are_400s(agent: AgentProcess) -> None:
+    deep = "[" * 800 + "]" * 800
+    bodies = {
+        "deep JSON": deep,
+        "5,000-digit integer": '{"Name": "x", "Port": ' + "9" * 5000 + "}",
+        "deep Proxy.Config": json.dumps({"Name": "p", "Kind": "connect-proxy", "Port": 1})[:-1]
+        + ', "Proxy": {"DestinationServiceName": "web", "Config": '
+        + '{"a": ' * 800
+        + "1"
+        + "}" * 800
+        + "}}",
+    }
+    for what, body in bodies.items():
+        status, _, message = agent.http_raw("PUT", "/v1/agent/service/register", body.encode())
+        assert status == 400, (what, status, message)
+        assert "decode failed" in str(message) or "nested" in str(message), (what, message)
+    for query in ("index=%C2%B2", "index=" + "9" * 5000, "wait=" + "9" * 5000 + "s"):
+        status, _, message = agent.http("GET", f"/v1/catalog/services?{query}")
+        assert status == 400 or (query.startswith("wait") and status == 200), (query, status, message)
+    assert agent.http("POST", "/v1/query", {"Name": "q", "Service": {"Service": "web"}})[0] == 200
+    for query in ("limit=%C2%B2", "limit=" + "9" * 5000):
+        assert agent.http("GET", f"/v1/query/q/execute?{query}")[0] == 400, query
+    assert "Traceback" not in agent.current_log()
+
+
+def test_an_api_flood_cannot_take_the_descriptors_supervision_needs(tmp_path: Path) -> None:
+    """Regression (issue 9): ~1,100 held blocking queries on an endpoint that needs no
+    token exhausted the agent's descriptors: proxies could not be restarted and operator
+    calls timed out. Now the API keeps a reserve for supervision and answers 429."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096 and hard >= 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
+    agent = AgentProcess(
+        tmp_path,
+        extra={"connect": {"proxy": {"allow_managed_root": True}}, "acl": {"tokens": {"master": "ops"}}},
+        command_prefix=["prlimit", "--nofile=1024:1024", "--"],
+    )
+    flood: list[socket.socket] = []
+    try:
+        agent.write(
+            "web.json",
+            {
+                "service": {
+                    "name": "web",
+                    "port": 1,
+                    "connect": {"proxy": {"command": fake_proxy("run", tmp_path / "w.state")}},
+                }
+            },
+        )
+        agent.start()
+        pid = agent.wait_state("web-proxy", "running")["Pid"]
+        index = agent.http("GET", "/v1/agent/connect/ca/roots")[1]["X-Consul-Index"]
+        query = f"GET /v1/agent/connect/ca/roots?index={index}&wait=5m HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        for number in range(1100):  # from six addresses, so the per-client limit alone would not stop it
+            sock = socket.socket()
+            sock.bind((f"127.0.0.{2 + number % 6}", 0))
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", agent.port))
+            sock.sendall(query)
+            flood.append(sock)
+        refused: set[int] = set()
+
+        def some_refused() -> bool:
+            for number, sock in enumerate(flood):
+                if number not in refused:
+                    sock.setblocking(False)
+                    try:
+                        if sock.recv(64).startswith(b"HTTP/1.1 429"):
+                            refused.add(number)
+                    except (BlockingIOError, ConnectionResetError):
+                        pass
+            return len(refused) > 0
+
+        wait_until(some_refused, timeout=10, interval=0.2, message="429s")  # not descriptors running out
+        os.kill(pid, 9)
+        agent.wait_proxy(
+            "web-proxy", lambda e: e["Pid"] not in (None, pid) and e["State"] == "running", timeout=15
+        )
+        status, _, _ = agent.http("GET", "/v1/agent/self", token="ops", timeout=5)
+        assert status == 200  # the operator gets in: identified callers have headroom
+        log = agent.current_log()
+        assert "Too many open files" not in log and "Traceback" not in log
+    finally:
+        for sock in flood:
+            sock.close()
+        agent.kill_everything()

@@ -67,3 +67,14 @@ def test_size_rotation_with_zero_max_files_keeps_everything(tmp_path: Path) -> N
     kept = "".join(p.read_text() for p in sorted(tmp_path.iterdir()))
     assert all(f"line {index:03d}" in kept for index in range(100))  # Consul's 0: nothing deleted
     assert len(list(tmp_path.iterdir())) > 3
+
+
+@pytest.mark.parametrize("rotate_bytes, max_files", [(0, 0), (100, 2), (100, 0)])
+def test_the_agent_log_file_is_private(tmp_path: Path, rotate_bytes: int, max_files: int) -> None:
+    path = tmp_path / "agent.log"
+    configure_logging("INFO", log_file=str(path), rotate_bytes=rotate_bytes, rotate_max_files=max_files)
+    logger = logging.getLogger(f"{ROOT}.test")
+    for number in range(20):  # past the rotation size, when there is one
+        logger.info("line %d of the agent's log, long enough to rotate", number)
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("agent.log")]
+    assert files and all(oct(p.stat().st_mode & 0o777) == oct(0o600) for p in files), files

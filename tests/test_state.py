@@ -124,3 +124,24 @@ def test_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(DataDirError, match="cannot create data_dir"):
         DataDir(str(blocker / "data")).prepare()
+
+
+def test_an_existing_loose_data_dir_is_tightened_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "data"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    DataDir(str(root)).prepare()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert any("was mode 0755; tightened it to 0700" in record.getMessage() for record in caplog.records)
+
+
+def test_proxy_ports_overlapping_the_ephemeral_range_are_warned_about(tmp_path: Path) -> None:
+    from supervisor.supervision.ports import ephemeral_overlap
+
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("32768\t60999\n")
+    assert ephemeral_overlap(20000, 20255, str(ranges)) is None
+    warning = ephemeral_overlap(40000, 40100, str(ranges))
+    assert warning is not None and "32768-60999" in warning and "40000-40100" in warning

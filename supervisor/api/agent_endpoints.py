@@ -22,9 +22,10 @@ from supervisor.api.shapes import (
     proxy_config_json,
     proxy_status_json,
 )
-from supervisor.catalog.checks import CRITICAL, PASSING, WARNING
+from supervisor.catalog.status import CheckStatus
 from supervisor.config.build import build_service
 from supervisor.config.durations import parse_duration
+from supervisor.config.limits import parse_uint
 from supervisor.config.model import ServiceDef
 from supervisor.controlplane import ControlPlane
 from supervisor.errors import ConfigError, SupervisorError
@@ -62,10 +63,11 @@ def _timeout_arg(request: Request, default: float) -> float:
     text = request.arg("timeout")
     if not text:
         return default
+    whole = parse_uint(text)
     try:
-        seconds = parse_duration(text) if not text.isdigit() else float(text)
+        seconds = float(whole) if whole is not None else parse_duration(text)
     except ValueError:
-        raise HttpError(400, f"Invalid timeout {text!r}: use a duration such as 30s or 2m") from None
+        raise HttpError(400, f"Invalid timeout {text[:40]!r}: use a duration such as 30s or 2m") from None
     return min(seconds, MAX_WAIT)
 
 
@@ -159,8 +161,12 @@ class AgentEndpoints:
         view = self.board.current
         require_operator(identify(request, view), view)
         now = time.monotonic()
+        checks = self.plane.catalog.checks
         return Response.json(
-            {proxy_id: proxy_status_json(status, now) for proxy_id, status in view.statuses.items()}
+            {
+                proxy_id: proxy_status_json(status, now, checks.get(f"service:{proxy_id}"))
+                for proxy_id, status in view.statuses.items()
+            }
         )
 
     async def reload(self, request: Request) -> Response:
@@ -233,7 +239,7 @@ class AgentEndpoints:
         require_operator(identify(request, view), view)
         return Response.json(self.plane.catalog.checks_json())
 
-    def _ttl_update(self, request: Request, status: str, output: str) -> Response:
+    def _ttl_update(self, request: Request, status: CheckStatus, output: str) -> Response:
         view = self.board.current
         require_operator(identify(request, view), view)
         check_id = request.params["id"]
@@ -246,13 +252,13 @@ class AgentEndpoints:
         return Response()
 
     async def check_pass(self, request: Request) -> Response:
-        return self._ttl_update(request, PASSING, request.arg("note") or "")
+        return self._ttl_update(request, CheckStatus.PASSING, request.arg("note") or "")
 
     async def check_warn(self, request: Request) -> Response:
-        return self._ttl_update(request, WARNING, request.arg("note") or "")
+        return self._ttl_update(request, CheckStatus.WARNING, request.arg("note") or "")
 
     async def check_fail(self, request: Request) -> Response:
-        return self._ttl_update(request, CRITICAL, request.arg("note") or "")
+        return self._ttl_update(request, CheckStatus.CRITICAL, request.arg("note") or "")
 
     async def check_update(self, request: Request) -> Response:
         body = request.json()
@@ -263,11 +269,11 @@ class AgentEndpoints:
         if unknown:
             raise HttpError(400, f"Request decode failed: unknown field(s) {sorted(unknown)}")
         status, output = fields.get("status"), fields.get("output", "")
-        if status not in (PASSING, WARNING, CRITICAL):
+        if status not in tuple(CheckStatus):
             raise HttpError(400, f"Invalid check status {status!r}: use passing, warning or critical")
         if not isinstance(output, str):
             raise HttpError(400, "Output must be a string")
-        return self._ttl_update(request, status, output)
+        return self._ttl_update(request, CheckStatus(status), output)
 
     # -- registration ---------------------------------------------------------------------
 

@@ -54,6 +54,17 @@ def identify(request: Request, view: AgentView) -> Caller:
     return Caller("unknown")
 
 
+def principal_of(request: Request, view: AgentView, host: str) -> str | None:
+    """Who a request's connection counts against for the connection limits: a proxy by
+    its token, everyone else by address; the master token is never limited (None)."""
+    caller = identify(request, view)
+    if caller.kind == "master":
+        return None
+    if caller.is_proxy:
+        return f"proxy:{caller.proxy_id}"
+    return f"addr:{host}"
+
+
 def _denied() -> HttpError:
     return HttpError(403, "Permission denied")
 

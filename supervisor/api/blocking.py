@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from supervisor.api.http import HttpError, Request
 from supervisor.config.durations import parse_duration
+from supervisor.config.limits import parse_uint
 
 DEFAULT_WAIT = 300.0
 MAX_WAIT = 600.0
@@ -49,10 +50,12 @@ def parse_wait(request: Request) -> float:
     if text is None or text == "":
         wait = DEFAULT_WAIT
     else:
+        seconds = parse_uint(text)
         try:
-            wait = parse_duration(text) if not text.isdigit() else float(text)
+            wait = float(seconds) if seconds is not None else parse_duration(text)
         except ValueError:
-            raise HttpError(400, f"Invalid wait time {text!r}: use a duration such as 30s or 5m") from None
+            message = f"Invalid wait time {text[:40]!r}: use a duration such as 30s or 5m"
+            raise HttpError(400, message) from None
     wait = min(wait, MAX_WAIT)
     return wait + random.uniform(0, wait / 16)
 
@@ -61,9 +64,11 @@ def parse_index(request: Request) -> int | None:
     text = request.arg("index")
     if text is None or text == "":
         return None
-    if not text.isdigit():
-        raise HttpError(400, f"Invalid index {text!r}: it must be a non-negative integer")
-    return int(text)
+    index = parse_uint(text, 20)
+    if index is None:
+        message = f"Invalid index {text[:40]!r}: it must be a non-negative integer of at most 20 digits"
+        raise HttpError(400, message)
+    return index
 
 
 def content_hash(data: Any) -> str:

@@ -11,6 +11,7 @@ from supervisor.api.catalog_endpoints import truthy
 from supervisor.api.http import HttpError, Request, Response
 from supervisor.api.router import READ, Router
 from supervisor.catalog.queries import QueryError, parse_query, shuffled
+from supervisor.config.limits import parse_uint
 from supervisor.controlplane import ControlPlane
 from supervisor.errors import ConfigError
 
@@ -82,9 +83,10 @@ class QueryEndpoints:
         name_or_id = request.params["id"]
         self._call(self.plane.queries.resolve, name_or_id)  # 404 now, not inside the blocking loop
         connect = truthy(request, "connect")
-        limit = request.arg("limit")
-        if limit and not limit.isdigit():
-            raise HttpError(400, f"Invalid limit {limit!r}")
+        limit_text = request.arg("limit")
+        limit = parse_uint(limit_text) if limit_text else None
+        if limit_text and limit is None:
+            raise HttpError(400, f"Invalid limit {limit_text[:40]!r}: it must be a non-negative integer")
 
         def compute() -> Any:
             return self._execute(name_or_id, connect)
@@ -98,7 +100,7 @@ class QueryEndpoints:
         )
         nodes = shuffled(list(data["Nodes"]))  # a copy: the cached answer stays as it is
         if limit:
-            nodes = nodes[: int(limit)]
+            nodes = nodes[:limit]
         return Response.json({**data, "Nodes": nodes}, headers={"X-Consul-Index": str(index)})
 
     def _execute(self, name_or_id: str, connect_param: bool) -> dict[str, Any]:

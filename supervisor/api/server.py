@@ -10,10 +10,12 @@ import threading
 from collections.abc import Callable
 
 from supervisor.api.agent_endpoints import AgentEndpoints
+from supervisor.api.auth import principal_of
 from supervisor.api.catalog_endpoints import CatalogEndpoints
 from supervisor.api.connect_endpoints import ConnectEndpoints
-from supervisor.api.http import MAX_HEADER_BYTES, HttpServer, watching_protocol_factory
+from supervisor.api.http import HttpServer
 from supervisor.api.intention_endpoints import IntentionEndpoints
+from supervisor.api.limits import Caps, ConnectionBook, caps_for, open_file_limit
 from supervisor.api.query_endpoints import QueryEndpoints
 from supervisor.api.router import Router
 from supervisor.controlplane import ControlPlane
@@ -116,18 +118,26 @@ class ApiServer:
         CatalogEndpoints(self.plane).register(router)
         IntentionEndpoints(self.plane).register(router)
         QueryEndpoints(self.plane).register(router)
-        http = HttpServer(router)
-        factory = watching_protocol_factory(http.serve_connection, MAX_HEADER_BYTES)
-        server = await asyncio.get_running_loop().create_server(factory, sock=self.sock)
+        file_limit = open_file_limit()
+
+        def caps() -> Caps:
+            view = self.board.current
+            config = view.config
+            return caps_for(
+                config.http_max_conns_per_client, config.http_max_conns, len(view.proxies), file_limit
+            )
+
+        book = ConnectionBook(caps, lambda request, host: principal_of(request, self.board.current, host))
+        http = HttpServer(router, book)
+        http.serve(self.sock)
         self._ready.set()
-        async with server:
-            await self._stop.wait()
-            server.close()
-            # Held blocking queries are cut off; let each connection task finish closing.
-            pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._stop.wait()
+        # Held blocking queries are cut off; let each connection finish closing.
+        http.close()
+        pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     def stop(self) -> None:
         if self._thread is None:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from supervisor.api.blocking import content_hash
+from supervisor.catalog.checks import CheckState
+from supervisor.config.limits import parse_uint
 from supervisor.config.model import ServiceDef, Upstream, thaw
 from supervisor.supervision.desired import PlannedProxy
 from supervisor.supervision.view import AgentView, ProxyStatus
@@ -96,7 +98,7 @@ def managed_proxy_service_json(planned: PlannedProxy) -> dict[str, Any]:
             "DestinationServiceName": service.name,
             "DestinationServiceID": service.id,
             "LocalServiceAddress": local_address.strip("[]"),
-            "LocalServicePort": int(local_port) if local_port.isdigit() else service.port,
+            "LocalServicePort": parse_uint(local_port, 5) or service.port,
             "Config": thaw(planned.config),
             "Upstreams": [upstream_json(upstream) for upstream in planned.upstreams],
         },
@@ -139,8 +141,11 @@ def _iso(timestamp: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
-def proxy_status_json(status: ProxyStatus, now_monotonic: float) -> dict[str, Any]:
-    """One entry of ``GET /v1/agent/connect/proxies`` (ours, not Consul's)."""
+def proxy_status_json(
+    status: ProxyStatus, now_monotonic: float, check: CheckState | None = None
+) -> dict[str, Any]:
+    """One entry of ``GET /v1/agent/connect/proxies`` (ours, not Consul's); ``check`` is
+    its listening check, whose verdict shows a proxy that runs but does not serve."""
     uptime = now_monotonic - status.started_monotonic if status.started_monotonic is not None else None
     next_in = (
         max(0.0, status.next_attempt_monotonic - now_monotonic)
@@ -165,6 +170,7 @@ def proxy_status_json(status: ProxyStatus, now_monotonic: float) -> dict[str, An
         "Command": list(status.command),
         "StdoutLog": status.stdout_log,
         "StderrLog": status.stderr_log,
+        "Check": {"Status": check.status, "Output": check.output} if check is not None else None,
     }
 
 

@@ -20,8 +20,9 @@ from typing import Any
 
 from supervisor.api.blocking import ChangeSignal
 from supervisor.api.shapes import managed_proxy_service_json, service_json
-from supervisor.catalog.checks import CRITICAL, FAST_PROBE_WINDOW, PASSING, CheckSpec, CheckState, run_check
+from supervisor.catalog.checks import CRITICAL, PASSING, CheckSpec, CheckState, run_check
 from supervisor.catalog.index import Index, Results
+from supervisor.catalog.status import CheckKind, CheckStatus, worst
 from supervisor.config.model import ServiceDef
 from supervisor.supervision.desired import PlannedProxy
 from supervisor.supervision.view import AgentView, ProxyStatus
@@ -71,12 +72,12 @@ def service_checks(service: ServiceDef) -> list[CheckSpec]:
             service_id=service.id,
             service_name=service.name,
             service_tags=service.tags,
-            kind=check.kind,
+            kind=CheckKind(check.kind),
             target=check.target,
             interval=check.interval,
             timeout=check.timeout,
             ttl=check.ttl,
-            initial_status=check.status,
+            initial_status=CheckStatus(check.status),
             notes=check.notes,
             method=check.method,
             header=tuple((name, tuple(values)) for name, values in check.header.items()),
@@ -173,11 +174,12 @@ class Catalog:
             service_id=planned.proxy_id,
             service_name=planned.service.proxy_name,
             service_tags=(),
-            kind="tcp",
+            kind=CheckKind.TCP,
             target=target,
             interval=PROXY_CHECK_INTERVAL,
             timeout=PROXY_CHECK_INTERVAL,
             proxy_id=planned.proxy_id,
+            tls_listener=planned.spec.is_builtin,
         )
 
     def _reconcile_checks(self, specs: dict[str, CheckSpec]) -> bool:
@@ -197,12 +199,13 @@ class Catalog:
             status = state.status if state is not None else spec.initial_status
             output = state.output if state is not None else ""
             new = CheckState(spec, status, output, index, index)
-            if spec.kind == "ttl" and spec.ttl > 0:
+            if spec.kind is CheckKind.TTL and spec.ttl > 0:
                 new.ttl_deadline = time.monotonic() + spec.ttl
             if spec.proxy_id:
                 # A new or moved proxy listener comes up a moment after the config says so:
                 # probe quickly until it answers instead of waiting a full interval.
-                new.fast_until = time.monotonic() + FAST_PROBE_WINDOW
+                new.pid = self._proxy_pids.get(spec.proxy_id)
+                new.probe_fast(time.monotonic())
             self.checks[check_id] = new
             self._tasks[check_id] = asyncio.get_running_loop().create_task(
                 run_check(new, self._report), name=f"check {check_id}"
@@ -222,12 +225,12 @@ class Catalog:
             state = self.checks.get(f"service:{proxy_id}")
             if state is None:
                 continue
+            state.pid = status.pid
             if status.pid is None:
                 why = status.blocked_reason or status.last_exit or status.state
                 changed |= self._set(state, CRITICAL, f"proxy process is not running ({status.state}: {why})")
             else:
-                state.fast_until = time.monotonic() + FAST_PROBE_WINDOW
-                state.wake.set()
+                state.probe_fast(time.monotonic())
         return changed
 
     def close(self) -> None:
@@ -241,11 +244,11 @@ class Catalog:
 
     # -- check results ---------------------------------------------------------------------
 
-    def _report(self, state: CheckState, status: str, output: str) -> None:
+    def _report(self, state: CheckState, status: CheckStatus, output: str) -> None:
         if self.checks.get(state.spec.check_id) is state and self._set(state, status, output):
             self._bump()
 
-    def _set(self, state: CheckState, status: str, output: str) -> bool:
+    def _set(self, state: CheckState, status: CheckStatus, output: str) -> bool:
         if state.status == status and state.output == output:
             return False
         if state.status != status:
@@ -254,10 +257,10 @@ class Catalog:
         state.modify_index = self.index.next()
         return True
 
-    def update_ttl(self, check_id: str, status: str, output: str) -> None:
+    def update_ttl(self, check_id: str, status: CheckStatus, output: str) -> None:
         """``PUT /v1/agent/check/{pass,warn,fail,update}/:id`` (raises KeyError / ValueError)."""
         state = self.checks[check_id]
-        if state.spec.kind != "ttl":
+        if state.spec.kind is not CheckKind.TTL:
             raise ValueError(f"check {check_id!r} is a {state.spec.kind} check, not a TTL check")
         if state.spec.ttl > 0:
             state.ttl_deadline = time.monotonic() + state.spec.ttl
@@ -302,13 +305,9 @@ class Catalog:
     def instance_checks(self, instance: Instance) -> list[CheckState]:
         return [self.checks[check_id] for check_id in instance.check_ids if check_id in self.checks]
 
-    def health_status(self, instance: Instance) -> str:
+    def health_status(self, instance: Instance) -> CheckStatus:
         """The worst status of an instance's checks (passing when it has none)."""
-        statuses = {state.status for state in self.instance_checks(instance)}
-        for status in (CRITICAL, "warning"):
-            if status in statuses:
-                return status
-        return PASSING
+        return worst([state.status for state in self.instance_checks(instance)])
 
     def select(
         self,

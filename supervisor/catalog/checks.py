@@ -1,25 +1,33 @@
 """Health checks: TCP, HTTP and TTL, run as asyncio tasks on the API's event loop.
 
 A managed proxy gets Consul's "Connect Proxy Listening" TCP check on its public
-listener. Beyond Consul, the catalog marks that check critical the moment the proxy
-process exits and, after a (re)start, probes every 50 ms until the listener accepts, so
-a dead proxy leaves discovery within milliseconds and a new one joins as soon as it
-listens -- not at the next 10 s probe.
+listener. Beyond Consul:
+
+* the catalog marks that check critical the moment the proxy process exits, and after
+  a (re)start probes quickly until the listener accepts -- 50 ms, then backing off
+  (100, 200, 400 ms ... up to the interval), so a new proxy joins discovery as soon as
+  it listens, and 300 proxies that never listen cost a few probes each, not a core;
+* a stopped (SIGSTOP) proxy process is critical at the next probe, though its socket
+  still accepts; the built-in proxy's listener must also answer a TLS hello, so a
+  wedged one leaves discovery too (a plain TCP connect succeeds into the backlog).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
-PASSING, WARNING, CRITICAL = "passing", "warning", "critical"
+from supervisor.catalog.probes import probe_http, probe_tcp, probe_tls_listener
+from supervisor.catalog.status import CheckKind, CheckStatus
+from supervisor.process.identity import read_stat
+
+PASSING, WARNING, CRITICAL = CheckStatus.PASSING, CheckStatus.WARNING, CheckStatus.CRITICAL
 FAST_PROBE_INTERVAL = 0.05
 FAST_PROBE_WINDOW = 30.0
+TLS_ANSWER_TIMEOUT = 2.0  # a serving built-in proxy answers a TLS hello in microseconds
 
 
 @dataclass(frozen=True)
@@ -29,29 +37,38 @@ class CheckSpec:
     service_id: str
     service_name: str
     service_tags: tuple[str, ...]
-    kind: str  # "tcp" | "http" | "ttl"
+    kind: CheckKind
     target: str = ""
     interval: float = 10.0
     timeout: float = 10.0
     ttl: float = 0.0
-    initial_status: str = CRITICAL
+    initial_status: CheckStatus = CRITICAL
     notes: str = ""
     method: str = "GET"
     header: tuple[tuple[str, tuple[str, ...]], ...] = ()
     tls_skip_verify: bool = False
     proxy_id: str = ""  # set for a managed proxy's listening check
+    tls_listener: bool = False  # the listener is the built-in proxy's: it must answer TLS
 
 
 @dataclass
 class CheckState:
     spec: CheckSpec
-    status: str
+    status: CheckStatus
     output: str
     create_index: int
     modify_index: int
     ttl_deadline: float | None = None  # monotonic; TTL checks only
-    fast_until: float = 0.0  # monotonic; probe every 50 ms until passing or this time
+    fast_until: float = 0.0  # monotonic; probe quickly (backing off) until passing or this time
+    fast_probes: int = 0  # probes since fast probing began
+    pid: int | None = None  # a managed proxy's current process
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def probe_fast(self, now: float) -> None:
+        """A proxy (re)started: probe from 50 ms again, until its listener answers."""
+        self.fast_until = now + FAST_PROBE_WINDOW
+        self.fast_probes = 0
+        self.wake.set()
 
     def to_json(self, node: str) -> dict[str, Any]:
         spec = self.spec
@@ -71,95 +88,60 @@ class CheckState:
         }
 
 
-def split_host_port(target: str) -> tuple[str, int]:
-    host, _, port = target.rpartition(":")
-    return host.strip("[]"), int(port)
+Report = Callable[[CheckState, CheckStatus, str], None]
 
 
-async def probe_tcp(target: str, timeout: float) -> tuple[str, str]:
-    try:
-        host, port = split_host_port(target)
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except TimeoutError:
-        return CRITICAL, f"dial tcp {target}: i/o timeout"
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        return CRITICAL, f"dial tcp {target}: connect: {reason.lower()}"
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except OSError:
-        pass
-    return PASSING, f"TCP connect {target}: Success"
+def next_delay(state: CheckState, status: CheckStatus, now: float) -> float:
+    """How long until the next probe: the interval, or -- while a new proxy is awaited --
+    50 ms doubling with every probe that found it not yet listening."""
+    interval = state.spec.interval
+    if status is PASSING or now >= state.fast_until:
+        return interval
+    delay = FAST_PROBE_INTERVAL * 2.0 ** min(state.fast_probes, 20)
+    state.fast_probes += 1
+    return min(delay, interval)
 
 
-async def probe_http(spec: CheckSpec) -> tuple[str, str]:
-    """GET (or ``method``) the URL: 2xx passing, 429 warning, anything else critical."""
-    url = urlsplit(spec.target)
-    secure = url.scheme == "https"
-    port = url.port or (443 if secure else 80)
-    context = None
-    if secure:
-        context = ssl.create_default_context()
-        if spec.tls_skip_verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(url.hostname, port, ssl=context), spec.timeout
+def stopped_process(pid: int | None) -> str | None:
+    """Why a proxy's process cannot be serving although it exists, if it cannot."""
+    if pid is None:
+        return None
+    stat = read_stat(pid)
+    if stat is not None and stat.state in ("T", "t"):
+        return (
+            f"proxy process {pid} is stopped (SIGSTOP or a debugger): it accepts connections but serves none"
         )
-    except TimeoutError:
-        return CRITICAL, f"{spec.method} {spec.target}: timeout after {spec.timeout:g}s"
-    except (OSError, ValueError) as exc:
-        return CRITICAL, f"{spec.method} {spec.target}: {exc}"
-    try:
-        headers = {
-            "Host": url.netloc,
-            "User-Agent": "Consul Health Check",
-            "Accept": "text/plain, text/*, */*",
-        }
-        lines = [f"{spec.method} {path} HTTP/1.1"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        lines += [f"{name}: {value}" for name, values in spec.header for value in values]
-        lines.append("Connection: close")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        await writer.drain()
-        status_line = await asyncio.wait_for(reader.readline(), spec.timeout)
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), spec.timeout)
-        body = await asyncio.wait_for(reader.read(4096), spec.timeout) if b"\r\n" in head else b""
-    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
-        return CRITICAL, f"{spec.method} {spec.target}: {exc or type(exc).__name__}"
-    finally:
-        writer.close()
-    parts = status_line.decode("latin-1").split(" ", 2)
-    try:
-        code = int(parts[1])
-    except (IndexError, ValueError):
-        return CRITICAL, f"{spec.method} {spec.target}: malformed response {status_line[:80]!r}"
-    reason = " ".join(parts[1:]).strip()
-    output = f"HTTP {spec.method} {spec.target}: {reason} Output: {body.decode(errors='replace')}"
-    if 200 <= code < 300:
-        return PASSING, output
-    if code == 429:
-        return WARNING, output
-    return CRITICAL, output
+    return None
 
 
-async def run_check(state: CheckState, report: Callable[[CheckState, str, str], None]) -> None:
-    """Probe ``state``'s target forever (cancelled by the catalog when the check goes)."""
+async def probe(state: CheckState) -> tuple[CheckStatus, str]:
     spec = state.spec
-    if spec.kind == "ttl":
+    timeout = min(spec.timeout, spec.interval)
+    if spec.kind is CheckKind.HTTP:
+        return await probe_http(
+            spec.target,
+            method=spec.method,
+            headers=spec.header,
+            timeout=spec.timeout,
+            tls_skip_verify=spec.tls_skip_verify,
+        )
+    stopped = stopped_process(state.pid)
+    if stopped is not None:
+        return CRITICAL, stopped
+    if spec.tls_listener:
+        return await probe_tls_listener(spec.target, min(timeout, TLS_ANSWER_TIMEOUT))
+    return await probe_tcp(spec.target, timeout)
+
+
+async def run_check(state: CheckState, report: Report) -> None:
+    """Probe ``state``'s target forever (cancelled by the catalog when the check goes)."""
+    if state.spec.kind is CheckKind.TTL:
         await _run_ttl(state, report)
         return
     while True:
-        if spec.kind == "http":
-            status, output = await probe_http(spec)
-        else:
-            status, output = await probe_tcp(spec.target, min(spec.timeout, spec.interval))
+        status, output = await probe(state)
         report(state, status, output)
-        fast = status != PASSING and time.monotonic() < state.fast_until
-        delay = FAST_PROBE_INTERVAL if fast else spec.interval
+        delay = next_delay(state, status, time.monotonic())
         state.wake.clear()
         try:
             await asyncio.wait_for(state.wake.wait(), delay)
@@ -167,7 +149,7 @@ async def run_check(state: CheckState, report: Callable[[CheckState, str, str], 
             pass
 
 
-async def _run_ttl(state: CheckState, report: Callable[[CheckState, str, str], None]) -> None:
+async def _run_ttl(state: CheckState, report: Report) -> None:
     while True:
         state.wake.clear()
         deadline = state.ttl_deadline

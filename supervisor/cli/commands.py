@@ -14,7 +14,9 @@ from supervisor.cli.client import AgentClient
 from supervisor.config import load_config
 from supervisor.config.durations import parse_duration
 from supervisor.config.keys import is_safe_id
+from supervisor.config.limits import parse_uint
 from supervisor.errors import AgentRequestError, ReloadRefused, UsageError
+from supervisor.supervision.ports import ephemeral_overlap
 
 
 def validate(paths: Sequence[str], quiet: bool, out: TextIO) -> int:
@@ -29,6 +31,9 @@ def validate(paths: Sequence[str], quiet: bool, out: TextIO) -> int:
     if not quiet:
         for notice in config.notices:
             out.write(f"note: {notice}\n")
+        overlap = ephemeral_overlap(config.proxy_min_port, config.proxy_max_port)
+        if overlap:
+            out.write(f"warning: {overlap}\n")
         managed = len(config.managed_services())
         out.write(
             f"Configuration is valid! {len(config.services)} service(s), {managed} managed prox"
@@ -74,6 +79,9 @@ def _note(entry: dict[str, Any]) -> str:
             at = time.strftime("%H:%M:%S", time.localtime(time.time() + next_in))
             when = f"next attempt at {at} (in {next_in:.1f}s)"
         return f"{when}; last: {entry.get('LastExit') or 'unknown'}"
+    check = entry.get("Check") or {}
+    if state == "running" and check.get("Status") == "critical" and check.get("Output"):
+        return f"NOT SERVING: {check['Output']}"
     if entry.get("Adopted"):
         return "adopted from an earlier agent run"
     if entry.get("LastExit") and entry.get("Restarts"):
@@ -222,7 +230,8 @@ def restart(client: AgentClient, name: str | None, restart_all: bool, timeout: s
     if (name is None) == (not restart_all):
         raise UsageError("restart needs either a proxy (or service) name or -all, not both")
     try:
-        seconds = parse_duration(timeout) if not timeout.isdigit() else float(timeout)
+        whole = parse_uint(timeout)
+        seconds = float(whole) if whole is not None else parse_duration(timeout)
     except ValueError:
         raise UsageError(f"-timeout {timeout!r}: use a duration such as 30s or 2m") from None
     data = client.get("/v1/agent/connect/proxies")

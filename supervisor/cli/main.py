@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from supervisor.cli import commands, connect_commands
 from supervisor.cli.client import AgentClient
 from supervisor.errors import ConfigError, SupervisorError, UsageError
+from supervisor.logsetup import private_file
 from supervisor.version import __version__
 
 
@@ -163,7 +164,7 @@ def _run_agent(args: argparse.Namespace, out: TextIO) -> int:
         agent = Agent(replace(options, flags={**options.flags, "log_file": log_file}))
     try:
         # Not a with-block: the daemon keeps it as its stdout/stderr for its whole life.
-        output = open(log_file, "a", buffering=1)
+        output = os.fdopen(private_file(log_file), "a", buffering=1)
     except OSError as exc:
         raise UsageError(f"-log-file {log_file}: cannot open it for writing: {exc.strerror}") from None
     outcome = daemonize(pid_file, output)

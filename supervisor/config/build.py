@@ -115,7 +115,7 @@ def build_service(raw: Any, source: str, defaults: ProxyDefaults) -> ServiceDef:
     cleaned = SERVICE.validate(raw, "", ctx)
     if ctx.problems:
         raise ConfigError(ctx.problems)
-    builder = _Builder({"__services__": []}, (), dev=False)
+    builder = _Builder({"__services__": []}, (), dev=False, from_api=True)
     service = builder._service(cleaned, source, "", defaults) if isinstance(cleaned, dict) else None
     if builder.problems or service is None:
         raise ConfigError(builder.problems or [ConfigProblem(source, "", "not a service definition")])
@@ -169,9 +169,12 @@ def _merge_values(old: Any, new: Any) -> Any:
 class _Builder:
     """Turns one merged, type-checked document into an AgentConfig (or a ConfigError)."""
 
-    def __init__(self, doc: dict[str, Any], notices: tuple[ConfigProblem, ...], *, dev: bool) -> None:
+    def __init__(
+        self, doc: dict[str, Any], notices: tuple[ConfigProblem, ...], *, dev: bool, from_api: bool = False
+    ) -> None:
         self.doc = doc
         self.dev = dev
+        self.from_api = from_api
         self.notices = list(notices)
         self.problems: list[ConfigProblem] = []
 
@@ -203,11 +206,15 @@ class _Builder:
             bind_addr=doc.get("bind_addr") or "0.0.0.0",
             http_host=self._http_host(),
             http_port=ports.get("http", 8500),
+            http_max_conns_per_client=doc.get("limits", {}).get("http_max_conns_per_client", 200),
+            http_max_conns=doc.get("limits", {}).get("http_max_conns", 0),
             proxy_min_port=ports.get("proxy_min_port", 20000),
             proxy_max_port=ports.get("proxy_max_port", 20255),
             connect_enabled=connect.get("enabled", True),
             allow_managed_root=proxy_flags.get("allow_managed_root", False),
             allow_managed_api_registration=proxy_flags.get("allow_managed_api_registration", False),
+            proxy_user=proxy_flags.get("user", ""),
+            proxy_group=proxy_flags.get("group", ""),
             proxy_log_max_bytes=proxy_flags.get("log_max_bytes", DEFAULT_PROXY_LOG_MAX_BYTES),
             proxy_log_max_files=proxy_flags.get("log_max_files", DEFAULT_PROXY_LOG_MAX_FILES),
             proxy_defaults=defaults,
@@ -362,11 +369,21 @@ class _Builder:
     ) -> ManagedProxyDef:
         config, upstreams = self._split_legacy_upstreams(raw, source, path)
         command = raw.get("command")
+        if raw.get("group") and not raw.get("user"):
+            self.problem(source, join(path, "group"), "needs user: a proxy's group is set with its user")
+        if self.from_api and (raw.get("user") or raw.get("group")):
+            self.problem(
+                source,
+                join(path, "user"),
+                "who a proxy runs as can only be set in the agent's config files, not through the API",
+            )
         return ManagedProxyDef(
             exec_mode=raw.get("exec_mode", defaults.exec_mode),
             command=tuple(command) if command else None,
             config=freeze(config),
             upstreams=upstreams,
+            user=raw.get("user", ""),
+            group=raw.get("group", ""),
         )
 
     def _connect_proxy(self, raw: dict[str, Any], source: str, path: str) -> ConnectProxyDef | None:
@@ -461,6 +478,10 @@ class _Builder:
                 "",
                 "ports.proxy_max_port",
                 f"{config.proxy_max_port} is below proxy_min_port {config.proxy_min_port}",
+            )
+        if config.proxy_group and not config.proxy_user:
+            self.problem(
+                "", "connect.proxy.group", "needs connect.proxy.user: a proxy's group is set with its user"
             )
         managed = config.managed_services()
         if managed and not config.connect_enabled:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from supervisor.config.limits import parse_uint
 from supervisor.config.schema import (
     Bool,
     Context,
@@ -52,8 +53,8 @@ def check_safe_id(value: Any, path: str, ctx: Context) -> str:
 def check_port_number(value: Any, path: str, ctx: Context) -> int:
     """A TCP port in a proxy ``config`` map, decoded weakly as Consul did ("1234", 1234.0)."""
     number = as_int(value)
-    if number is None and isinstance(value, str) and value.strip().isdigit():
-        number = int(value.strip())
+    if number is None and isinstance(value, str):
+        number = parse_uint(value.strip(), 5)
     if number is None:
         raise Invalid(f"expected a port number, got {describe(value)}")
     if not 0 <= number <= 65535:
@@ -178,12 +179,25 @@ UPSTREAM = Obj(
 LEGACY_UPSTREAM = Custom(check_legacy_upstream)
 UPSTREAM.fields["destination_datacenter"] = UPSTREAM.fields["datacenter"]
 
+
+def check_account(value: Any, path: str, ctx: Context) -> str:
+    """A user or group: a name or a number (resolved on the host when proxies start)."""
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise Invalid(f"expected a user or group name, got {describe(value)}")
+    text = str(value)
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?", text):
+        raise Invalid(f"{text!r} is not a user or group name")
+    return text
+
+
 MANAGED_PROXY = Obj(
     {
         "exec_mode": Custom(check_exec_mode),
         "command": Custom(check_command),
         "config": Custom(check_proxy_config),
         "upstreams": List(UPSTREAM),
+        "user": Custom(check_account),
+        "group": Custom(check_account),
     }
 )
 
@@ -281,7 +295,7 @@ CONSUL_ONLY_TOP_LEVEL = tuple(
     enable_acl_replication enable_agent_tls_for_checks enable_central_service_config
     enable_debug enable_script_checks enable_local_script_checks enable_syslog encrypt
     encrypt_verify_incoming encrypt_verify_outgoing gossip_lan gossip_wan http_config
-    leave_on_terminate limits log_rotate_duration
+    leave_on_terminate log_rotate_duration
     node_meta non_voting_server performance pid_file primary_datacenter protocol
     raft_protocol raft_snapshot_threshold raft_snapshot_interval raft_trailing_logs
     reconnect_timeout reconnect_timeout_wan recursors rejoin_after_leave retry_interval
@@ -334,6 +348,8 @@ CONNECT = Obj(
                 "allow_managed_api_registration": Bool(),
                 "log_max_bytes": Custom(check_size),
                 "log_max_files": Int(0, 1000),
+                "user": Custom(check_account),
+                "group": Custom(check_account),
             }
         ),
         "proxy_defaults": Obj(
@@ -394,6 +410,18 @@ AGENT = Obj(
             ),
         ),
         "connect": CONNECT,
+        "limits": Obj(
+            {"http_max_conns_per_client": Int(0), "http_max_conns": Int(0)},
+            ignored=_unused(
+                "rpc_rate",
+                "rpc_max_burst",
+                "rpc_max_conns_per_client",
+                "rpc_handshake_timeout",
+                "https_handshake_timeout",
+                "kv_max_value_size",
+                "txn_max_req_len",
+            ),
+        ),
         "acl": ACL,
         "acl_master_token": Str(),
         "acl_default_policy": Str(("allow", "deny")),

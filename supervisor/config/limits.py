@@ -80,6 +80,15 @@ def loads_json(text: str | bytes) -> Any:
     return data
 
 
+def parse_uint(text: str, max_digits: int = 19) -> int | None:
+    """``text`` as a non-negative integer if it is plain ASCII digits, at most
+    ``max_digits`` of them (19 fit an int64), else None. ``str.isdigit`` alone is not
+    enough: it accepts "²", which ``int`` refuses, and any number of digits."""
+    if not text or len(text) > max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 def number_too_large(exc: BaseException) -> bool:
     """Whether a parser's ValueError comes from CPython's cap on integer digits."""
     return isinstance(exc, ValueError) and "integer string conversion" in str(exc)

@@ -79,6 +79,8 @@ class ManagedProxyDef:
     command: tuple[str, ...] | None = None  # None: proxy_defaults, else the built-in proxy
     config: JSONMap = field(default_factory=lambda: EMPTY_MAP)
     upstreams: tuple[Upstream, ...] = ()
+    user: str = ""  # "": connect.proxy.user, else the agent's own user
+    group: str = ""  # "": the user's own group
 
 
 @dataclass(frozen=True)
@@ -161,11 +163,15 @@ class AgentConfig:
     bind_addr: str = "0.0.0.0"
     http_host: str = "127.0.0.1"
     http_port: int = 8500
+    http_max_conns_per_client: int = 200  # Consul 1.6+'s limits key; 0: no limit
+    http_max_conns: int = 0  # ours: a cap on all API connections; 0: the open-file limit decides
     proxy_min_port: int = 20000
     proxy_max_port: int = 20255
     connect_enabled: bool = True
     allow_managed_root: bool = False
     allow_managed_api_registration: bool = False
+    proxy_user: str = ""  # connect.proxy.user: who managed proxies run as ("": the agent's user)
+    proxy_group: str = ""
     proxy_log_max_bytes: int = DEFAULT_PROXY_LOG_MAX_BYTES  # 0: the agent never rotates proxy logs
     proxy_log_max_files: int = DEFAULT_PROXY_LOG_MAX_FILES
     proxy_defaults: ProxyDefaults = field(default_factory=ProxyDefaults)

@@ -24,6 +24,7 @@ from typing import IO
 
 import daemon
 
+from supervisor.config.limits import parse_uint
 from supervisor.errors import DaemonError
 
 READY = b"READY "
@@ -93,7 +94,7 @@ class PidFile:
 
 def _read_pid(fd: int) -> int | None:
     text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-    return int(text) if text.isdigit() else None
+    return parse_uint(text, 10)
 
 
 def _same_file(fd: int, path: str) -> bool:

@@ -18,6 +18,8 @@ import socket
 import time
 from collections.abc import Mapping
 
+from supervisor.config.limits import parse_uint
+
 log = logging.getLogger("supervisor.sdnotify")
 
 
@@ -95,7 +97,7 @@ class SdNotifier:
 def watchdog_interval(env: Mapping[str, str]) -> float | None:
     """Seconds between watchdog pings, or None when no watchdog is asked of this process."""
     usec = env.get("WATCHDOG_USEC", "")
-    if not usec.isdigit() or int(usec) == 0:
+    if not parse_uint(usec):
         return None
     pid = env.get("WATCHDOG_PID", "")
     if pid and pid != str(os.getpid()):

@@ -62,6 +62,8 @@ class ProcessHandle:
         self.is_child = is_child
         self._reaped = False
         self._exit: ExitStatus | None = None
+        # Set for a process held by the exec wrapper until the agent has recorded it.
+        self.release_fd: int | None = None
 
     @property
     def pid(self) -> int:
@@ -131,7 +133,24 @@ class ProcessHandle:
         except PermissionError:
             pass  # a member changed credentials; the leader was still signalled
 
+    @property
+    def held(self) -> bool:
+        return self.release_fd is not None
+
+    def release(self) -> None:
+        """Let a held process go on to run the proxy (it is in the record now)."""
+        if self.release_fd is not None:
+            try:
+                os.write(self.release_fd, b"1")
+            except OSError:
+                pass  # it is gone already; its exit is seen through the pidfd
+            os.close(self.release_fd)
+            self.release_fd = None
+
     def close(self) -> None:
+        if self.release_fd is not None:  # never released: the wrapper exits without running
+            os.close(self.release_fd)
+            self.release_fd = None
         if self.pidfd >= 0:
             try:
                 os.close(self.pidfd)

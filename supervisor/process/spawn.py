@@ -9,10 +9,12 @@ program); the working directory is the agent's.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import stat
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,9 +22,28 @@ from typing import Protocol
 from supervisor.errors import SpawnError
 from supervisor.process.handle import ProcessHandle
 from supervisor.process.identity import ProcessIdentity, boot_id, open_pidfd, read_stat
+from supervisor.process.privileges import RunAs
 
 LOG_FILE_MODE = 0o600
 LOG_DIR_MODE = 0o700
+
+
+EXECWRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "execwrap.py")
+SECRET_FD = 3  # where a proxy finds the secret handed to it (the built-in proxy's token)
+HOLD_FD = 4  # where the exec wrapper waits for the agent's go-ahead
+
+
+@dataclass(frozen=True)
+class Wrapping:
+    """What the exec wrapper (``execwrap.py``) does before the proxy's own program runs.
+
+    Wrapping also drops every capability and sets no_new_privs, unless the proxy is one
+    allowed to run as root (``keep_privileges``)."""
+
+    run_as: RunAs | None = None  # switch to this user and its groups
+    die_with_agent: bool = False  # -dev: killed by the kernel when the agent dies
+    hold: bool = False  # start only once the agent has recorded the process
+    keep_privileges: bool = False
 
 
 @dataclass(frozen=True)
@@ -34,6 +55,8 @@ class LaunchSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     stdout_path: str | None = None  # None: inherit the agent's stdout (dev mode)
     stderr_path: str | None = None
+    wrapping: Wrapping | None = None  # None: exec the program directly
+    secret: bytes | None = None  # delivered on a pipe at SECRET_FD, never in the environment
 
 
 class Spawner(Protocol):
@@ -67,21 +90,70 @@ def resolve_program(program: str, env: Mapping[str, str]) -> str:
     return found
 
 
+def seal_inherited_fds() -> None:
+    """Mark every descriptor above stderr close-on-exec, so a proxy gets only the ones it
+    is handed. Python opens everything close-on-exec, but libraries need not: watchdog's
+    inotify descriptors are inheritable, and every proxy used to hold a copy."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in names:
+        fd = int(name)
+        if fd <= 2:
+            continue
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+            if not flags & fcntl.FD_CLOEXEC:
+                fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+        except OSError:
+            continue  # the listing's own descriptor, or one closed meanwhile
+
+
+def wrapped_argv(program: str, argv: list[str], wrapping: Wrapping, hold_fd: int | None) -> list[str]:
+    """The exec wrapper's command line around ``program argv[1:]``."""
+    options: list[str] = []
+    if wrapping.die_with_agent:
+        options += ["--pdeathsig", "SIGKILL", "--parent", str(os.getpid())]
+    if hold_fd is not None:
+        options += ["--hold", str(hold_fd)]
+    if wrapping.keep_privileges:
+        options += ["--keep-privileges", "yes"]
+    if wrapping.run_as is not None:
+        run_as = wrapping.run_as
+        groups = ",".join(str(group) for group in run_as.groups)
+        options += ["--gid", str(run_as.gid), "--groups", groups, "--uid", str(run_as.uid)]
+    return [sys.executable, "-I", "-S", EXECWRAP, *options, "--", program, *argv[1:]]
+
+
+def _high_pipe() -> tuple[int, int]:
+    """A close-on-exec pipe whose ends are above the fds a proxy is handed (0-4)."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        return fcntl.fcntl(read_end, fcntl.F_DUPFD_CLOEXEC, 10), fcntl.fcntl(
+            write_end, fcntl.F_DUPFD_CLOEXEC, 10
+        )
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 class PosixSpawner:
     """The real spawner (``posix_spawn``: no fork of the whole agent, no ``preexec_fn``)."""
 
     def spawn(self, launch: LaunchSpec, generation: int) -> ProcessHandle:
         argv = list(launch.argv)
         program = resolve_program(argv[0], launch.env)
-        stdout = stderr = None
+        if launch.wrapping is not None and not os.access(program, os.X_OK):
+            raise SpawnError(f"command {program!r} does not exist or is not executable")
+        opened: list[int] = []  # ours to close once the child has its copies
+        hold_write: int | None = None
         try:
-            if launch.stdout_path:
-                stdout = open_log(launch.stdout_path)
-            if launch.stderr_path:
-                stderr = open_log(launch.stderr_path)
+            stdout = open_log(launch.stdout_path) if launch.stdout_path else None
+            stderr = open_log(launch.stderr_path) if launch.stderr_path else None
         except OSError as exc:
-            _close_all(stdout, stderr)
             raise SpawnError(f"cannot open log file {exc.filename}: {exc.strerror}") from exc
+        opened += [fd for fd in (stdout, stderr) if fd is not None]
         file_actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = [
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
         ]
@@ -89,10 +161,27 @@ class PosixSpawner:
             file_actions.append((os.POSIX_SPAWN_DUP2, stdout, 1))
         if stderr is not None:
             file_actions.append((os.POSIX_SPAWN_DUP2, stderr, 2))
+        if launch.secret is not None:
+            secret_read, secret_write = _high_pipe()
+            opened.append(secret_read)
+            os.write(secret_write, launch.secret)  # a few bytes: the pipe buffer holds them
+            os.close(secret_write)
+            file_actions.append((os.POSIX_SPAWN_DUP2, secret_read, SECRET_FD))
+        seal_inherited_fds()
+        executable, run_argv = program, argv
+        if launch.wrapping is not None:
+            hold_fd = None
+            if launch.wrapping.hold:
+                hold_read, hold_write = _high_pipe()
+                opened.append(hold_read)
+                file_actions.append((os.POSIX_SPAWN_DUP2, hold_read, HOLD_FD))
+                hold_fd = HOLD_FD
+            executable = sys.executable
+            run_argv = wrapped_argv(program, argv, launch.wrapping, hold_fd)
         try:
             pid = os.posix_spawn(
-                program,
-                argv,
+                executable,
+                run_argv,
                 dict(launch.env),
                 file_actions=file_actions,
                 setsid=True,
@@ -101,14 +190,19 @@ class PosixSpawner:
                 setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
             )
         except PermissionError as exc:
+            _close_all(hold_write)
             raise SpawnError(f"command {program!r} is not executable: {exc.strerror}") from exc
         except FileNotFoundError as exc:
+            _close_all(hold_write)
             raise SpawnError(f"command {program!r} does not exist") from exc
         except OSError as exc:
+            _close_all(hold_write)
             raise SpawnError(f"cannot start {program!r}: {exc.strerror or exc}") from exc
         finally:
-            _close_all(stdout, stderr)
-        return handle_for_child(pid, generation)
+            _close_all(*opened)
+        handle = handle_for_child(pid, generation)
+        handle.release_fd = hold_write
+        return handle
 
 
 def _close_all(*fds: int | None) -> None:

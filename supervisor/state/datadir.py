@@ -18,7 +18,9 @@ Consul kept the same ``proxy/`` sub-layout, so operators find logs where they us
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 import time
 import uuid
 from collections.abc import Mapping
@@ -29,6 +31,8 @@ from supervisor.errors import DataDirError
 from supervisor.process.identity import ProcessIdentity
 from supervisor.state.atomic import atomic_write, remove_stale_temp_files
 from supervisor.state.lock import AgentLock
+
+log = logging.getLogger("supervisor.datadir")
 
 SNAPSHOT_VERSION = 2
 ALLOCATIONS_VERSION = 1
@@ -93,8 +97,11 @@ class DataDir:
         try:
             for directory in (self.root, self.proxy_dir, self.logs_dir, self.pids_dir):
                 os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
-            for directory in (self.proxy_dir, self.logs_dir, self.pids_dir):
-                os.chmod(directory, DIR_MODE)  # tokens and logs inside: never group/world-readable
+            for directory in (self.root, self.proxy_dir, self.logs_dir, self.pids_dir):
+                mode = stat.S_IMODE(os.stat(directory).st_mode)
+                if mode & 0o077:  # tokens, the CA key and logs inside: never group/world-readable
+                    os.chmod(directory, DIR_MODE)
+                    log.warning("%s was mode %04o; tightened it to 0700 (it holds secrets)", directory, mode)
         except OSError as exc:
             raise DataDirError(
                 f"cannot create data_dir {exc.filename or self.root}: {exc.strerror}; "

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor.config.model import BUILTIN_COMMAND, AgentConfig, ServiceDef, Upstream, freeze, thaw
+from supervisor.process.privileges import RunAs, UnknownUser, resolve_run_as
 from supervisor.state.datadir import Allocation
 
 ENV_PROXY_ID = "CONNECT_PROXY_ID"
@@ -36,19 +37,21 @@ class ProxySpec:
     exec_mode: str
     token: str
     env: tuple[tuple[str, str], ...]
+    user: str = ""  # "user" or "user:group" as configured; "": the agent's user
+    die_with_agent: bool = False
 
     @property
     def hash(self) -> str:
-        canonical = json.dumps(
-            [
-                self.proxy_id,
-                list(self.command),
-                self.exec_mode,
-                self.token,
-                [list(pair) for pair in self.env],
-            ],
-            separators=(",", ":"),
-        )
+        parts: list[Any] = [
+            self.proxy_id,
+            list(self.command),
+            self.exec_mode,
+            self.token,
+            [list(pair) for pair in self.env],
+        ]
+        if self.user or self.die_with_agent:  # (absent before: the hashes of running proxies hold)
+            parts += [self.user, self.die_with_agent]
+        canonical = json.dumps(parts, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     @property
@@ -67,6 +70,7 @@ class PlannedProxy:
     config: Mapping[str, Any]  # the effective config the proxy sees (defaults filled in)
     upstreams: tuple[Upstream, ...]
     problem: str | None = None  # why it cannot be started, if it cannot
+    run_as: RunAs | None = None  # None: the agent's own user
 
     @property
     def proxy_id(self) -> str:
@@ -102,6 +106,7 @@ def plan_proxies(
     new_token: Callable[[], str] = lambda: str(uuid.uuid4()),
     rng: random.Random | None = None,
     registered: Sequence[ServiceDef] = (),
+    resolve_user: Callable[[str, str | None], RunAs] = resolve_run_as,
 ) -> Plan:
     """Plan every managed proxy of ``config`` (and of API ``registered`` services), reusing
     earlier tokens and ports."""
@@ -129,6 +134,7 @@ def plan_proxies(
             port_is_free,
             new_token,
             rng,
+            resolve_user,
         )
         plan.allocations[service.proxy_id] = allocation
     return plan
@@ -150,6 +156,7 @@ def _plan_one(
     port_is_free: Callable[[str, int], bool],
     new_token: Callable[[], str],
     rng: random.Random,
+    resolve_user: Callable[[str, str | None], RunAs],
 ) -> tuple[PlannedProxy, Allocation]:
     proxy = service.managed_proxy
     assert proxy is not None
@@ -174,6 +181,13 @@ def _plan_one(
                 f"({config.proxy_min_port}-{config.proxy_max_port}); widen the range or free a port"
             )
     taken.add(port)
+    user, group = (proxy.user, proxy.group) if proxy.user else (config.proxy_user, config.proxy_group)
+    run_as = None
+    if user:
+        try:
+            run_as = resolve_user(user, group or None)
+        except UnknownUser as exc:
+            problem = problem or f"{exc}; create it, or change the setting"
     command = proxy.command or config.proxy_defaults.command or BUILTIN_COMMAND
     spec = ProxySpec(
         proxy_id=service.proxy_id,
@@ -186,6 +200,8 @@ def _plan_one(
             (ENV_PROXY_ID, service.proxy_id),
             (ENV_PROXY_TOKEN, token),
         ),
+        user=f"{user}:{group}" if user and group else user,
+        die_with_agent=config.data_dir is None,
     )
     planned = PlannedProxy(
         service=service,
@@ -195,6 +211,7 @@ def _plan_one(
         config=freeze(effective_config(config, service, bind_address, port)),
         upstreams=proxy.upstreams,
         problem=problem,
+        run_as=run_as,
     )
     return planned, Allocation(token=token, port=port, port_auto=port_auto)
 

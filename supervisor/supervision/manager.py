@@ -31,11 +31,17 @@ from typing import Any
 from supervisor.config.model import AgentConfig, ServiceDef
 from supervisor.errors import ConfigError, SpawnError, SupervisorError
 from supervisor.process.marker import MarkedProcess, find_marked, kill_marked
+from supervisor.process.privileges import (
+    agent_user,
+    can_signal_other_users,
+    can_switch_users,
+    has_capabilities,
+)
 from supervisor.process.spawn import PosixSpawner, Spawner
 from supervisor.state.datadir import DataDir, ProxyRecord
 from supervisor.state.guard import DataDirGuard, Repair
 from supervisor.supervision.adoption import AdoptionResult, adopt_survivors
-from supervisor.supervision.desired import Plan, plan_proxies
+from supervisor.supervision.desired import Plan, PlannedProxy, plan_proxies
 from supervisor.supervision.events import (
     Clock,
     ConfigLoaded,
@@ -112,6 +118,10 @@ class SupervisorOptions:
     guard: DataDirGuard | None = None
     storage_retry: float = STORAGE_RETRY
     run_in_background: Background = in_thread
+    # What the agent may do about proxies' users (see supervisor.process.privileges).
+    has_capabilities: bool = field(default_factory=has_capabilities)
+    can_switch_users: bool = field(default_factory=can_switch_users)
+    can_signal_other_users: bool = field(default_factory=can_signal_other_users)
 
 
 class Supervisor:
@@ -145,6 +155,7 @@ class Supervisor:
         self._shutdown_replies: list[Any] = []
         self._stopped = False
         self._flush_scheduled = False
+        self._said_who_proxies_run_as = False
         self._config_debounce = options.debounce
         self._config_alarm = Alarm(self.loop, self._config_settled)
         self._data_dir_debounce = Debounce()
@@ -377,16 +388,23 @@ class Supervisor:
             registered=self.options.registered_services(),
         )
         unsaved = self._save_allocations()
-        blocked = ROOT_BLOCKED if self.options.is_root and not config.allow_managed_root else None
-        if blocked and self._plan.proxies:
-            count = len(self._plan.proxies)
+        refused = {
+            proxy_id: why
+            for proxy_id, planned in self._plan.proxies.items()
+            if (why := self._refusal(planned))
+        }
+        as_root = sum(1 for why in refused.values() if why == ROOT_BLOCKED)
+        if as_root:
             log.error(
                 "agent runs as root and connect.proxy.allow_managed_root is false: %d managed "
-                "prox%s will NOT be started. Run the agent as an unprivileged user, or set "
+                "prox%s will NOT be started. Run the agent as an unprivileged user, set "
+                "connect.proxy.user to run proxies as another user, or set "
                 "connect.proxy.allow_managed_root = true to allow proxies to run as root.",
-                count,
-                "y" if count == 1 else "ies",
+                as_root,
+                "y" if as_root == 1 else "ies",
             )
+        if not self._said_who_proxies_run_as:
+            self._say_who_proxies_run_as()
         for proxy_id, planned in self._plan.proxies.items():
             self._slot(proxy_id).planned = planned
         # Publish the plan before starting anything: a new proxy asks the API for its
@@ -395,7 +413,7 @@ class Supervisor:
         now = self.clock.monotonic()
         for proxy_id, planned in self._plan.proxies.items():
             slot = self._slots[proxy_id]
-            reason = blocked or planned.problem or unsaved.get(proxy_id)
+            reason = planned.problem or refused.get(proxy_id) or unsaved.get(proxy_id)
             self._drive(slot, slot.machine.want(now, reason))
             changed = slot.running_spec_hash not in (None, planned.spec_hash)
             if changed and (slot.machine.alive or slot.machine.state is State.BACKOFF):
@@ -410,6 +428,48 @@ class Supervisor:
             # removed while the agent was down included, which nothing else would stop.
             self._drive(slot, slot.machine.unwant(now))
         self._mark_dirty()
+
+    def _refusal(self, planned: PlannedProxy) -> str | None:
+        """Why this agent may not start ``planned`` as it is configured, if it may not."""
+        run_as = planned.run_as
+        if self.options.is_root and (run_as is None or run_as.is_root):
+            return None if self._config is not None and self._config.allow_managed_root else ROOT_BLOCKED
+        if run_as is None:
+            return None
+        if not self.options.can_switch_users:
+            return (
+                f"cannot run as user {run_as.user}: the agent ({agent_user()}) may not switch users; run it "
+                "as root, or grant it CAP_SETUID, CAP_SETGID and CAP_KILL (systemd: AmbientCapabilities=)"
+            )
+        if not self.options.can_signal_other_users and not self.options.is_root:
+            return (
+                f"cannot run as user {run_as.user}: the agent could not stop it without CAP_KILL "
+                "(systemd: AmbientCapabilities=CAP_SETUID CAP_SETGID CAP_KILL)"
+            )
+        return None
+
+    def _runs_as_root(self, planned: PlannedProxy) -> bool:
+        """A proxy allowed to run as root keeps root's powers (a port below 1024, say)."""
+        return self.options.is_root and (planned.run_as is None or planned.run_as.is_root)
+
+    def _say_who_proxies_run_as(self) -> None:
+        """Once: where proxies share the agent's user, say plainly what any of them can read."""
+        shared = [proxy_id for proxy_id, planned in self._plan.proxies.items() if planned.run_as is None]
+        if not shared:
+            return
+        self._said_who_proxies_run_as = True
+        where = self.options.data_dir.root if self.options.data_dir is not None else "data_dir"
+        log.warning(
+            "%d managed prox%s run as the agent's own user, %s: each can read everything the agent can, "
+            "the CA private key (%s/connect/ca.json) and every proxy's token (%s/proxy/allocations.json) "
+            "included. Set connect.proxy.user to run proxies as a user of their own "
+            "(the agent then needs root, or CAP_SETUID, CAP_SETGID and CAP_KILL: see contrib/systemd).",
+            len(shared),
+            "y" if len(shared) == 1 else "ies",
+            agent_user(),
+            where,
+            where,
+        )
 
     def _save_allocations(self) -> dict[str, str]:
         """Save the planned tokens and ports; returns the proxies that must wait (and why)
@@ -486,7 +546,12 @@ class Supervisor:
         assert planned is not None, "a proxy is only started with a plan"
         log_level = self._config.log_level if self._config is not None else "INFO"
         launch = launch_for(
-            planned, self.options.node_id, self.options.ambient_env, self.options.data_dir, log_level
+            planned,
+            self.options.node_id,
+            self.options.ambient_env,
+            self.options.data_dir,
+            log_level,
+            drop_capabilities=self.options.has_capabilities and not self._runs_as_root(planned),
         )
         now = self.clock.monotonic()
         try:
@@ -500,6 +565,13 @@ class Supervisor:
         slot.started_wall = self.clock.wall()
         self._watch(slot)
         self._records.process_started(slot.proxy_id, handle.pid)
+        if handle.held:
+            # It waits in the exec wrapper: let it run once the record names it, so no
+            # later agent can miss it (it cannot find it by its marker: another user's).
+            if self._records.sync(self._current_records()):
+                handle.release()
+            else:
+                handle.kill_group(signal.SIGKILL)  # its exit follows: backoff, then a retry
         log.info(
             "proxy %s: started pid %d (generation %d): %s",
             slot.proxy_id,
@@ -552,9 +624,12 @@ class Supervisor:
                 assert slot.alarm is not None
                 slot.alarm.cancel()
                 del self._slots[proxy_id]
-        self._records.sync({proxy_id: record_of(slot) for proxy_id, slot in self._slots.items()})
+        self._records.sync(self._current_records())
         self._publish()
         self._maybe_finish_shutdown()
+
+    def _current_records(self) -> dict[str, ProxyRecord]:
+        return {proxy_id: record_of(slot) for proxy_id, slot in self._slots.items()}
 
     def _maybe_finish_shutdown(self) -> None:
         shutdown = self._shutdown

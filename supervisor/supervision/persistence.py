@@ -62,18 +62,20 @@ class RecordBook:
         self.data_dir = data_dir
         self._written: dict[str, ProxyRecord] | None = None
 
-    def sync(self, records: Mapping[str, ProxyRecord]) -> None:
-        """Write the record if it differs from what was last written."""
+    def sync(self, records: Mapping[str, ProxyRecord]) -> bool:
+        """Write the record if it differs from what was last written; False if it could
+        not be written."""
         if self.data_dir is None or records == self._written:
-            return
+            return True
         try:
             self.data_dir.save_records(records)
         except SupervisorError as exc:
             # Not fatal: proxies keep running and carry their marker, so the next agent
             # still finds them; say it loudly and retry on the next change.
             log.error("cannot save the supervision record: %s", exc)
-            return
+            return False
         self._written = dict(records)
+        return True
 
     def invalidate(self) -> None:
         """Rewrite the record on the next ``sync`` (data_dir was rebuilt)."""

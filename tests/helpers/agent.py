@@ -177,6 +177,11 @@ class AgentProcess:
         self, method: str, path: str, body: Any = None, token: str | None = None, timeout: float = 30.0
     ) -> tuple[int, dict[str, str], Any]:
         data = json.dumps(body).encode() if body is not None else None
+        return self.http_raw(method, path, data, token, timeout)
+
+    def http_raw(
+        self, method: str, path: str, data: bytes | None, token: str | None = None, timeout: float = 30.0
+    ) -> tuple[int, dict[str, str], Any]:
         request = urllib.request.Request(f"http://{self.address}{path}", data=data, method=method)
         if token:
             request.add_header("X-Consul-Token", token)

@@ -11,6 +11,8 @@ stop appends {"stopped": pid, "time": t}. Modes:
   flood N        write N lines to stdout as fast as possible, then wait
   tick           like run, plus a "tick N" line on stdout every 50 ms
   fail-if PATH   exit 3 at once if PATH exists, else like run (a broken upgrade)
+  inspect PATH.. record whether each PATH can be read, its credentials and capabilities
+                 (from /proc/self/status) and open fds, then like run
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ def record(statefile: str, entry: dict[str, object]) -> None:
     with open(statefile, "a") as handle:
         handle.write(json.dumps(entry) + "\n")
         handle.flush()
+
+
+def _open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the directory listing's own fd, gone by now
+    return fds
 
 
 def main() -> None:
@@ -73,6 +85,26 @@ def main() -> None:
                 time.sleep(3600)
             os._exit(0)
         sys.exit(0)
+    if mode == "inspect":
+        readable = {}
+        for path in sys.argv[3:]:
+            try:
+                with open(path, "rb") as secret:
+                    secret.read(1)
+                readable[path] = True
+            except OSError:
+                readable[path] = False
+        with open("/proc/self/status") as lines:
+            wanted = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapAmb", "NoNewPrivs")
+            status = {
+                name: value.strip()
+                for name, _, value in (line.partition(":") for line in lines)
+                if name in wanted
+            }
+        record(
+            statefile,
+            {"readable": readable, "status": status, "fds": _open_fds()},
+        )
     if mode == "worker":
         if os.fork() == 0:
             record(statefile, {"worker": os.getpid()})
