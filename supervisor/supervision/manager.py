@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import random
 import signal
 import threading
@@ -85,9 +86,33 @@ ROOT_BLOCKED = (
 )
 
 
-def in_thread(work: Callable[[], None]) -> None:
-    """Run ``work`` on a daemon thread of its own (the default ``run_in_background``)."""
-    threading.Thread(target=work, name="supervisor-worker", daemon=True).start()
+class Workers:
+    """Two long-lived worker threads for what must not run on the loop (reading the
+    config, scanning /proc): a thread per job would churn the allocator's per-thread
+    arenas, which is where a long-running agent's memory went."""
+
+    def __init__(self, count: int = 2) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"supervisor-worker-{n}", daemon=True)
+            for n in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def __call__(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # a job reports its own outcome; a surprise must not end the worker
+                log.exception("a background job of the supervisor failed")
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
 
 
 Adopt = Callable[
@@ -117,7 +142,7 @@ class SupervisorOptions:
     hooks: LoopHooks = field(default_factory=LoopHooks)
     guard: DataDirGuard | None = None
     storage_retry: float = STORAGE_RETRY
-    run_in_background: Background = in_thread
+    run_in_background: Background | None = None  # None: the supervisor's own two workers
     # What the agent may do about proxies' users (see supervisor.process.privileges).
     has_capabilities: bool = field(default_factory=has_capabilities)
     can_switch_users: bool = field(default_factory=can_switch_users)
@@ -141,14 +166,17 @@ class Supervisor:
         self._allocations = Allocations(options.data_dir)
         self._records = RecordBook(options.data_dir)
         self._restarts_seed: dict[str, ProxyRecord] = {}
+        self._workers = Workers() if options.run_in_background is None else None
+        background = options.run_in_background or self._workers
+        assert background is not None
         self._sweeper = LeftoverSweeper(
             options.node_id,
             options.scan_marked,
             self.post,
-            options.run_in_background,
+            background,
             options.kill_marked,
         )
-        self._loader = ConfigLoader(options.load_config, self.post, options.run_in_background)
+        self._loader = ConfigLoader(options.load_config, self.post, background)
         self._reload_error: str | None = None
         self._view_version = 0
         self._shutdown: ShutdownRequested | None = None
@@ -206,6 +234,8 @@ class Supervisor:
             if slot.handle is not None:
                 self._unwatch(slot)
                 slot.handle.close()
+        if self._workers is not None:
+            self._workers.stop()
         self.loop.close()
 
     def _adopt(self, store: DataDir) -> None:
