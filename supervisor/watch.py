@@ -30,6 +30,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from supervisor.config.sources import is_config_name
+from supervisor.process.spawn import seal_inherited_fds
 
 log = logging.getLogger("supervisor.watch")
 
@@ -169,6 +170,8 @@ class ConfigWatcher:
                 self._watches[directory] = (existing[directory], observer.schedule(handler, directory))
             except OSError as exc:
                 log.warning("cannot watch %s for config changes: %s", directory, exc)
+        if added:
+            seal_inherited_fds()  # watchdog's inotify descriptors are inheritable
         for directory in sorted(set(self.config_dirs) - set(existing)):
             log.warning("config directory %s does not exist; its creation is watched for", directory)
         if added and observer.is_alive():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from supervisor.process.identity import ProcStat, open_pidfd, read_stat
@@ -77,18 +77,20 @@ def marker_of(pid: int) -> Marker | None:
     return Marker.parse(value) if value else None
 
 
-def find_marked(owner: str) -> list[MarkedProcess]:
-    """Every live process on the host that carries a marker of ``owner``."""
+def find_marked(owner: str, skip_sessions: Collection[int] = ()) -> list[MarkedProcess]:
+    """Every live process on the host that carries a marker of ``owner``, except those in
+    ``skip_sessions`` (the sessions of proxies known to be alive: reading every process's
+    environment is the slow part, and a sweep only looks for processes outside them)."""
     found = []
     own_pid = os.getpid()
     for pid in _pids():
         if pid == own_pid:
             continue
+        stat = read_stat(pid)
+        if stat is None or stat.state in ("Z", "X") or stat.session in skip_sessions:
+            continue
         marker = marker_of(pid)
         if marker is None or marker.owner != owner:
-            continue
-        stat = read_stat(pid)
-        if stat is None or stat.state in ("Z", "X"):
             continue
         found.append(MarkedProcess(pid=pid, marker=marker, stat=stat))
     return found

@@ -93,7 +93,9 @@ def resolve_program(program: str, env: Mapping[str, str]) -> str:
 def seal_inherited_fds() -> None:
     """Mark every descriptor above stderr close-on-exec, so a proxy gets only the ones it
     is handed. Python opens everything close-on-exec, but libraries need not: watchdog's
-    inotify descriptors are inheritable, and every proxy used to hold a copy."""
+    inotify descriptors are inheritable, and every proxy used to hold a copy. Called
+    where such descriptors appear (a watch placed) and when supervision starts, not per
+    spawn: listing /proc/self/fd of an agent with hundreds of proxies costs milliseconds."""
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:
@@ -167,7 +169,6 @@ class PosixSpawner:
             os.write(secret_write, launch.secret)  # a few bytes: the pipe buffer holds them
             os.close(secret_write)
             file_actions.append((os.POSIX_SPAWN_DUP2, secret_read, SECRET_FD))
-        seal_inherited_fds()
         executable, run_argv = program, argv
         if launch.wrapping is not None:
             hold_fd = None

@@ -200,7 +200,8 @@ class DataDir:
                 for proxy_id, record in sorted(records.items())
             },
         }
-        self._write(self.snapshot_path, json.dumps(document, indent=1).encode())
+        # Compact: written at every start and exit of every proxy (the C encoder is 10x faster).
+        self._write(self.snapshot_path, json.dumps(document, separators=(",", ":")).encode())
 
     # -- tokens and ports -------------------------------------------------------------------
 
@@ -231,7 +232,7 @@ class DataDir:
                 for proxy_id, alloc in sorted(allocations.items())
             },
         }
-        self._write(self.allocations_path, json.dumps(document, indent=1).encode())
+        self._write(self.allocations_path, json.dumps(document, separators=(",", ":")).encode())
 
     # -- PID files -------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from supervisor.errors import AgentLockedError, DataDirError
+from supervisor.process.spawn import seal_inherited_fds
 from supervisor.state.datadir import Allocation, DataDir
 from supervisor.state.lock import AgentLock
 
@@ -133,6 +134,7 @@ class DataDirWatcher:
         observer.daemon = True
         observer.start()
         self._observer = observer
+        seal_inherited_fds()  # watchdog's inotify descriptors are inheritable
 
     def restart(self) -> None:
         """Watch the re-created directories (a watch dies with the directory it watched)."""

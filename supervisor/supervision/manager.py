@@ -25,7 +25,7 @@ import queue
 import random
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ from supervisor.process.privileges import (
     can_switch_users,
     has_capabilities,
 )
-from supervisor.process.spawn import PosixSpawner, Spawner
+from supervisor.process.spawn import PosixSpawner, Spawner, seal_inherited_fds
 from supervisor.state.datadir import DataDir, ProxyRecord
 from supervisor.state.guard import DataDirGuard, Repair
 from supervisor.supervision.adoption import AdoptionResult, adopt_survivors
@@ -79,6 +79,10 @@ log = logging.getLogger("supervisor.manager")
 
 # After a failed write to data_dir (disk full, directory gone), how long until the next try.
 STORAGE_RETRY = 5.0
+# Leftovers of exited proxies are looked for once exits have been quiet this long (at most
+# SWEEP_CAP after the first): the /proc scan would compete with restarts.
+SWEEP_QUIET = 0.3
+SWEEP_CAP = 2.0
 
 ROOT_BLOCKED = (
     "running as root: managed proxies are not started as root; run the agent as an "
@@ -134,7 +138,7 @@ class SupervisorOptions:
     rng: random.Random = field(default_factory=random.Random)
     ambient_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     port_is_free: Callable[[str, int], bool] | None = None
-    scan_marked: Callable[[str], list[MarkedProcess]] = find_marked
+    scan_marked: Callable[[str, Collection[int]], list[MarkedProcess]] = find_marked
     kill_marked: Callable[[MarkedProcess], bool] = kill_marked
     adopt: Adopt = adopt_survivors
     debounce: Debounce = field(default_factory=Debounce)
@@ -190,6 +194,8 @@ class Supervisor:
         self._data_dir_alarm = Alarm(self.loop, self._check_data_dir)
         self._storage_alarm = Alarm(self.loop, self._retry_storage)
         self._heartbeat_alarm = Alarm(self.loop, self._heartbeat)
+        self._sweep_debounce = Debounce(quiet=SWEEP_QUIET, cap=SWEEP_CAP)
+        self._sweep_alarm = Alarm(self.loop, self._sweep)
         self._handlers: dict[type[Any], Callable[[Any], None]] = {
             ReloadRequested: self._on_reload_requested,
             FilesChanged: self._on_files_changed,
@@ -211,6 +217,7 @@ class Supervisor:
 
     def start(self, config: AgentConfig) -> None:
         """Adopt survivors of an earlier run, then converge on ``config``."""
+        seal_inherited_fds()  # whatever the agent opened so far stays out of its proxies
         if self.options.data_dir is not None:
             self._allocations.load()
             self._adopt(self.options.data_dir)
@@ -243,7 +250,9 @@ class Supervisor:
         if loaded.problem:
             log.error("%s; running proxies are found by their marker instead", loaded.problem)
         options = self.options
-        result = options.adopt(loaded.records, options.node_id, options.scan_marked, options.kill_marked)
+        result = options.adopt(
+            loaded.records, options.node_id, lambda owner: options.scan_marked(owner, ()), options.kill_marked
+        )
         for description in result.killed:
             log.warning("killed %s", description)
         self._restarts_seed = result.records
@@ -367,6 +376,8 @@ class Supervisor:
     def _on_sweep_scanned(self, event: SweepScanned) -> None:
         sessions = {slot.handle.pid for slot in self._slots.values() if slot.handle is not None}
         self._sweeper.scanned(event, sessions)
+        if self._sweeper.pending:
+            self._sweep_alarm.set(self._sweep_debounce.poke(self.clock.monotonic()))
 
     # -- deadlines ----------------------------------------------------------------------------
 
@@ -396,6 +407,11 @@ class Supervisor:
         if self._config is not None and self._shutdown is None:
             self._apply(self._config)
         self._mark_dirty()
+
+    def _sweep(self) -> None:
+        self._sweep_debounce.fire(self.clock.monotonic())
+        live = [slot.handle.pid for slot in self._slots.values() if slot.handle is not None]
+        self._sweeper.start_if_needed(live)
 
     def _heartbeat(self) -> None:
         interval = self.options.hooks.heartbeat_interval
@@ -632,6 +648,8 @@ class Supervisor:
         handle.close()
         slot.handle = None
         self._sweeper.exited(proxy_id)
+        # Swept once the exits stop: reading /proc competes with the restarts for the CPU.
+        self._sweep_alarm.set(self._sweep_debounce.poke(self.clock.monotonic()))
         level = logging.INFO if slot.machine.state is State.STOPPING else logging.WARNING
         log.log(level, "proxy %s: pid %d %s", proxy_id, handle.pid, status.describe())
         self._drive(slot, slot.machine.exited(handle.generation, self.clock.monotonic(), status.describe()))
@@ -648,7 +666,6 @@ class Supervisor:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        self._sweeper.start_if_needed()
         for proxy_id, slot in list(self._slots.items()):
             if slot.machine.finished:
                 assert slot.alarm is not None

@@ -24,7 +24,7 @@ class LeftoverSweeper:
     def __init__(
         self,
         node_id: str,
-        scan: Callable[[str], list[MarkedProcess]],
+        scan: Callable[[str, Collection[int]], list[MarkedProcess]],
         post: Callable[[SweepScanned], None],
         run_in_background: Background,
         kill: Callable[[MarkedProcess], bool] = kill_marked,
@@ -41,15 +41,17 @@ class LeftoverSweeper:
         """A process of ``proxy_id`` is gone: look for what it left once the loop is free."""
         self._needed.add(proxy_id)
 
-    def start_if_needed(self) -> None:
+    def start_if_needed(self, live_sessions: Collection[int] = ()) -> None:
+        """Scan now, skipping the sessions of proxies alive now (what is in them is theirs)."""
         if not self._needed or self._scanning:
             return
         proxy_ids, self._needed = frozenset(self._needed), set()
         self._scanning = True
+        skip = frozenset(live_sessions)
 
         def scan() -> None:
             try:
-                found = tuple(self.scan(self.node_id))
+                found = tuple(self.scan(self.node_id, skip))
             except OSError as exc:
                 log.warning("cannot scan /proc for leftover proxy processes: %s", exc)
                 found = ()
@@ -69,16 +71,20 @@ class LeftoverSweeper:
                         process.pid,
                         process.stat.comm,
                     )
-        self.start_if_needed()
 
     @property
     def busy(self) -> bool:
         return self._scanning
 
+    @property
+    def pending(self) -> bool:
+        """Exits wait for a sweep that has not started yet."""
+        return bool(self._needed)
+
     def kill_all_marked(self) -> None:
         """After ``leave`` stopped every proxy: anything still carrying our marker is a
         leftover that no later agent would know to clean up."""
-        for process in self.scan(self.node_id):
+        for process in self.scan(self.node_id, ()):
             if self.kill(process):
                 log.warning(
                     "killed leftover process %d (%s) of proxy %s",
