@@ -327,6 +327,7 @@ class Supervisor:
         finally:
             self.options.hooks.reloaded()
             self._loader.finished()
+        self._flush()  # a caller told "done" must find the outcome in the view already
         for reply in event.replies:
             if self._reload_error:
                 reply.set_exception(ConfigError.single("", "", self._reload_error))
