@@ -10,6 +10,7 @@ in Consul; with it, operator calls need the master token unless the default poli
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from dataclasses import dataclass
 
@@ -39,19 +40,46 @@ def token_of(request: Request) -> str:
     return token
 
 
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+_tokens: tuple[AgentView | None, dict[bytes, Caller]] = (None, {})
+
+
+def _proxy_tokens(view: AgentView) -> dict[bytes, Caller]:
+    """Proxies by the digest of their token, worked out once per view. Looking up the
+    digest, not the token, tells a timing observer nothing about the token itself."""
+    global _tokens
+    known, index = _tokens
+    if known is not view:
+        index = {
+            _digest(planned.spec.token): Caller(
+                "proxy", proxy_id=proxy_id, service_id=planned.service.id, service_name=planned.service.name
+            )
+            for proxy_id, planned in view.proxies.items()
+        }
+        _tokens = (view, index)
+    return index
+
+
 def identify(request: Request, view: AgentView) -> Caller:
+    memo = request.memo.get("caller")
+    if isinstance(memo, Caller):
+        return memo
+    caller = _identify(request, view)
+    request.memo["caller"] = caller
+    return caller
+
+
+def _identify(request: Request, view: AgentView) -> Caller:
     token = token_of(request)
     if not token:
         return Caller("anonymous")
     master = view.config.acl.master_token
     if master and hmac.compare_digest(token.encode(), master.encode()):
         return Caller("master")
-    for proxy_id, planned in view.proxies.items():
-        if hmac.compare_digest(token.encode(), planned.spec.token.encode()):
-            return Caller(
-                "proxy", proxy_id=proxy_id, service_id=planned.service.id, service_name=planned.service.name
-            )
-    return Caller("unknown")
+    return _proxy_tokens(view).get(_digest(token)) or Caller("unknown")
 
 
 def principal_of(request: Request, view: AgentView, host: str) -> str | None:
