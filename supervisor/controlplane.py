@@ -14,12 +14,12 @@ import os
 import time
 from collections.abc import Callable
 
-from supervisor.api.blocking import ChangeSignal
 from supervisor.catalog.catalog import Catalog
 from supervisor.catalog.index import Index
-from supervisor.catalog.intentions import IntentionStore
-from supervisor.catalog.queries import QueryStore
+from supervisor.catalog.intentions import IntentionFile, Intentions
+from supervisor.catalog.queries import Queries, QueryFile
 from supervisor.catalog.registry import Registry
+from supervisor.changes import ChangeSignal
 from supervisor.config.model import AgentConfig
 from supervisor.connect.ca import CertificateAuthority
 from supervisor.connect.leaves import LeafManager
@@ -48,11 +48,15 @@ class ControlPlane:
         self.ca: CertificateAuthority | None = None
         self.leaves: LeafManager | None = None
         self.catalog = Catalog(index, self.changes)
-        self.intentions = IntentionStore(
-            os.path.join(connect_dir, "intentions.json") if connect_dir else None, index.next, self.changed
+        self.intentions = Intentions(
+            IntentionFile(os.path.join(connect_dir, "intentions.json")) if connect_dir else None,
+            index.next,
+            self.changed,
         )
-        self.queries = QueryStore(
-            os.path.join(connect_dir, "queries.json") if connect_dir else None, index.next, self.changed
+        self.queries = Queries(
+            QueryFile(os.path.join(connect_dir, "queries.json")) if connect_dir else None,
+            index.next,
+            self.changed,
         )
         self.view: AgentView | None = None
         self._prune_task: asyncio.Task[None] | None = None

@@ -99,6 +99,10 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
+        if event.event_type in ("deleted", "moved"):
+            # A watched directory deleted or renamed away takes its watch with it, even if
+            # a new one appears at once (with, as likely as not, the same inode number).
+            self.watcher.gone(os.fsdecode(event.src_path))
         for raw in (event.src_path, getattr(event, "dest_path", "")):
             path = os.fsdecode(raw) if raw else ""
             if path and self.watcher.plan.wants(path):
@@ -120,6 +124,7 @@ class ConfigWatcher:
         # directory -> (its inode, watchdog's ObservedWatch): a directory deleted and made
         # again is a new inode, and the old watch died with the old one
         self._watches: dict[str, tuple[tuple[int, int], Any]] = {}
+        self._dead: set[str] = set()  # watched directories seen deleted: watch them anew
         self._replan = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -136,6 +141,11 @@ class ConfigWatcher:
     def changed(self, path: str) -> None:
         self.on_change(path)
         self._replan.set()
+
+    def gone(self, path: str) -> None:
+        if os.path.abspath(path) in self._watches:
+            self._dead.add(os.path.abspath(path))
+            self._replan.set()
 
     def _follow(self) -> None:
         while True:
@@ -156,8 +166,9 @@ class ConfigWatcher:
         self.plan = plan
         existing = {directory: inode for directory in plan.directories if (inode := _inode(directory))}
         observer = self._observer
+        dead, self._dead = self._dead, set()
         for directory, (inode, watch) in list(self._watches.items()):
-            if existing.get(directory) != inode:
+            if existing.get(directory) != inode or directory in dead:
                 del self._watches[directory]
                 try:
                     observer.unschedule(watch)

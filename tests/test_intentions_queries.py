@@ -10,17 +10,18 @@ from typing import Any
 
 import pytest
 
-from supervisor.catalog.intentions import IntentionError, IntentionStore, parse_intention
-from supervisor.catalog.queries import QueryError, QueryStore, parse_query
-from supervisor.errors import ConfigError, DataDirError
+from supervisor.catalog.errors import Conflict, NotFound
+from supervisor.catalog.intentions import Action, IntentionFile, Intentions, parse_intention
+from supervisor.catalog.queries import Queries, QueryFile, parse_query
+from supervisor.errors import ConfigError, CorruptStateError
 
 
-def store(path: Path | None = None) -> IntentionStore:
+def store(path: Path | None = None) -> Intentions:
     counter = itertools.count(1)
-    return IntentionStore(str(path) if path else None, lambda: next(counter), lambda: None)
+    return Intentions(IntentionFile(str(path)) if path else None, lambda: next(counter), lambda: None)
 
 
-def create(ixns: IntentionStore, source: str, destination: str, action: str) -> Any:
+def create(ixns: Intentions, source: str, destination: str, action: str) -> Any:
     return ixns.create(
         parse_intention({"SourceName": source, "DestinationName": destination, "Action": action})
     )
@@ -60,18 +61,17 @@ def test_no_match_falls_back_to_acl_defaults() -> None:
 def test_duplicates_updates_deletes() -> None:
     ixns = store()
     first = create(ixns, "web", "db", "allow")
-    with pytest.raises(IntentionError) as exc:
+    with pytest.raises(Conflict) as exc:
         create(ixns, "web", "db", "deny")
-    assert exc.value.status == 409 and first.id in str(exc.value)
+    assert first.id in str(exc.value)
     updated = ixns.update(
         first.id, parse_intention({"SourceName": "web", "DestinationName": "db", "Action": "deny"})
     )
-    assert updated.action == "deny" and updated.modify_index > first.modify_index
+    assert updated.action is Action.DENY and updated.modify_index > first.modify_index
     assert updated.created_at == first.created_at
     ixns.delete(first.id)
-    with pytest.raises(IntentionError) as missing:
+    with pytest.raises(NotFound):
         ixns.delete(first.id)
-    assert missing.value.status == 404
 
 
 def test_match_by_source_and_destination() -> None:
@@ -121,13 +121,13 @@ def test_intentions_persist_privately(tmp_path: Path) -> None:
     again.load()
     assert again.intentions[created.id] == created
     path.write_text("{broken")
-    with pytest.raises(DataDirError, match="cannot be read"):
+    with pytest.raises(CorruptStateError, match="cannot be used .*restore it from a backup"):
         store(path).load()
 
 
-def queries(path: Path | None = None) -> QueryStore:
+def queries(path: Path | None = None) -> Queries:
     counter = itertools.count(1)
-    return QueryStore(str(path) if path else None, lambda: next(counter), lambda: None)
+    return Queries(QueryFile(str(path)) if path else None, lambda: next(counter), lambda: None)
 
 
 def test_query_resolution_by_id_name_and_template(tmp_path: Path) -> None:
@@ -145,19 +145,17 @@ def test_query_resolution_by_id_name_and_template(tmp_path: Path) -> None:
             }
         )
     )
-    assert store_.resolve(plain.id)[1]["service"] == "db"
-    assert store_.resolve("db-query")[1]["tags"] == ["primary"]
+    assert store_.resolve(plain.id)[1].service == "db"
+    assert store_.resolve("db-query")[1].tags == ("primary",)
     query, service = store_.resolve("geo-web-eu")
-    assert query.id == template.id and service["service"] == "web" and service["tags"] == ["eu", "web-eu"]
-    with pytest.raises(QueryError) as missing:
+    assert query.id == template.id and service.service == "web" and service.tags == ("eu", "web-eu")
+    with pytest.raises(NotFound):
         store_.resolve("nothing")
-    assert missing.value.status == 404
-    with pytest.raises(QueryError) as clash:
+    with pytest.raises(Conflict):
         store_.create(parse_query({"Name": "db-query", "Service": {"Service": "x"}}))
-    assert clash.value.status == 409
     reloaded = queries(path)
     reloaded.load()
-    assert set(reloaded.queries) == {plain.id, template.id}
+    assert reloaded.queries == store_.queries  # typed definitions survive the file exactly
     assert json.loads(path.read_text())["Version"] == 1
 
 

@@ -71,9 +71,8 @@ def test_a_deleted_and_recreated_config_dir_is_watched_again(
         path.unlink()
     conf.rmdir()
     recorder.wait_for("conf.d")
-    conf.mkdir()
+    conf.mkdir()  # at once: the new directory very likely reuses the old inode number
     recorder.wait_for("conf.d")
-    wait_until(lambda: str(conf) in stop_after[0].plan.names, timeout=5)
     recorder.take()
 
     def edit_seen() -> bool:  # the new directory's watch is placed a moment after it appears

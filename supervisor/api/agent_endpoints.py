@@ -14,14 +14,16 @@ from typing import Any
 
 from supervisor.api.auth import identify, may_read_service, require_operator, require_service_read
 from supervisor.api.blocking import MAX_WAIT, block_until_changed
+from supervisor.api.catalog_shapes import check_json
 from supervisor.api.http import HttpError, Request, Response
-from supervisor.api.router import READ, WRITE, Router
+from supervisor.api.router import READ_METHODS, WRITE_METHODS, Router
 from supervisor.api.shapes import (
     agent_self_json,
     agent_services,
     proxy_config_json,
     proxy_status_json,
 )
+from supervisor.catalog.catalog import NotATTLCheck, UnknownCheck
 from supervisor.catalog.status import CheckStatus
 from supervisor.config.build import build_service
 from supervisor.config.durations import parse_duration
@@ -85,21 +87,21 @@ class AgentEndpoints:
         return agent_services(view, self.plane.registry.services)
 
     def register(self, router: Router) -> None:
-        router.add(READ, "/v1/agent/self", self.agent_self)
-        router.add(READ, "/v1/agent/services", self.services)
-        router.add(READ, "/v1/agent/service/:id", self.service)
-        router.add(READ, "/v1/agent/connect/proxy/:id", self.proxy_config)
-        router.add(READ, "/v1/agent/connect/proxies", self.proxies)
-        router.add(WRITE, "/v1/agent/reload", self.reload)
-        router.add(WRITE, "/v1/agent/leave", self.leave)
-        router.add(WRITE, "/v1/agent/connect/proxies/:id/restart", self.restart_proxy)
-        router.add(READ, "/v1/agent/checks", self.checks)
-        router.add(WRITE, "/v1/agent/check/pass/:id", self.check_pass)
-        router.add(WRITE, "/v1/agent/check/warn/:id", self.check_warn)
-        router.add(WRITE, "/v1/agent/check/fail/:id", self.check_fail)
-        router.add(WRITE, "/v1/agent/check/update/:id", self.check_update)
-        router.add(WRITE, "/v1/agent/service/register", self.register_service)
-        router.add(WRITE, "/v1/agent/service/deregister/:id", self.deregister_service)
+        router.add(READ_METHODS, "/v1/agent/self", self.agent_self)
+        router.add(READ_METHODS, "/v1/agent/services", self.services)
+        router.add(READ_METHODS, "/v1/agent/service/:id", self.service)
+        router.add(READ_METHODS, "/v1/agent/connect/proxy/:id", self.proxy_config)
+        router.add(READ_METHODS, "/v1/agent/connect/proxies", self.proxies)
+        router.add(WRITE_METHODS, "/v1/agent/reload", self.reload)
+        router.add(WRITE_METHODS, "/v1/agent/leave", self.leave)
+        router.add(WRITE_METHODS, "/v1/agent/connect/proxies/:id/restart", self.restart_proxy)
+        router.add(READ_METHODS, "/v1/agent/checks", self.checks)
+        router.add(WRITE_METHODS, "/v1/agent/check/pass/:id", self.check_pass)
+        router.add(WRITE_METHODS, "/v1/agent/check/warn/:id", self.check_warn)
+        router.add(WRITE_METHODS, "/v1/agent/check/fail/:id", self.check_fail)
+        router.add(WRITE_METHODS, "/v1/agent/check/update/:id", self.check_update)
+        router.add(WRITE_METHODS, "/v1/agent/service/register", self.register_service)
+        router.add(WRITE_METHODS, "/v1/agent/service/deregister/:id", self.deregister_service)
 
     async def agent_self(self, request: Request) -> Response:
         view = self.board.current
@@ -161,10 +163,10 @@ class AgentEndpoints:
         view = self.board.current
         require_operator(identify(request, view), view)
         now = time.monotonic()
-        checks = self.plane.catalog.checks
+        catalog = self.plane.catalog
         return Response.json(
             {
-                proxy_id: proxy_status_json(status, now, checks.get(f"service:{proxy_id}"))
+                proxy_id: proxy_status_json(status, now, catalog.check(f"service:{proxy_id}"))
                 for proxy_id, status in view.statuses.items()
             }
         )
@@ -237,7 +239,10 @@ class AgentEndpoints:
     async def checks(self, request: Request) -> Response:
         view = self.board.current
         require_operator(identify(request, view), view)
-        return Response.json(self.plane.catalog.checks_json())
+        catalog = self.plane.catalog
+        return Response.json(
+            {check.check_id: check_json(check, catalog.node.name) for check in catalog.local_checks()}
+        )
 
     def _ttl_update(self, request: Request, status: CheckStatus, output: str) -> Response:
         view = self.board.current
@@ -245,9 +250,9 @@ class AgentEndpoints:
         check_id = request.params["id"]
         try:
             self.plane.catalog.update_ttl(check_id, status, output)
-        except KeyError:
+        except UnknownCheck:
             raise HttpError(404, f"Unknown check ID {check_id!r}") from None
-        except ValueError as exc:
+        except NotATTLCheck as exc:
             raise HttpError(400, str(exc)) from None
         return Response()
 

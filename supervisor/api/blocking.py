@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from supervisor.api.http import HttpError, Request
+from supervisor.changes import ChangeSignal
 from supervisor.config.durations import parse_duration
 from supervisor.config.limits import parse_uint
 
@@ -25,24 +26,6 @@ DEFAULT_WAIT = 300.0
 MAX_WAIT = 600.0
 
 T = TypeVar("T")
-
-
-class ChangeSignal:
-    """Wakes waiters when the agent's state changes. Lives on the API's event loop."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-        self.count = 0
-
-    def fire(self) -> None:
-        """Must run on the event loop (use ``loop.call_soon_threadsafe`` from elsewhere)."""
-        self.count += 1
-        event, self._event = self._event, asyncio.Event()
-        event.set()
-
-    def current(self) -> asyncio.Event:
-        """The event the *next* change will set; take it before reading state."""
-        return self._event
 
 
 def parse_wait(request: Request) -> float:

@@ -8,9 +8,11 @@ from typing import Any
 
 from supervisor.api.auth import identify, require_operator
 from supervisor.api.blocking import block_until_changed
+from supervisor.api.catalog_shapes import catalog_entry_json, check_json, health_entry_json, node_json
 from supervisor.api.connect_endpoints import valid_service_name
 from supervisor.api.http import HttpError, Request, Response
-from supervisor.api.router import READ, Router
+from supervisor.api.results import Results
+from supervisor.api.router import READ_METHODS, Router
 from supervisor.controlplane import ControlPlane
 
 
@@ -29,18 +31,19 @@ def truthy(request: Request, name: str) -> bool:
 @dataclass
 class CatalogEndpoints:
     plane: ControlPlane
+    results: Results
 
     def register(self, router: Router) -> None:
-        router.add(READ, "/v1/health/service/:service", self.health_service)
-        router.add(READ, "/v1/health/connect/:service", self.health_connect)
-        router.add(READ, "/v1/health/checks/:service", self.health_checks)
-        router.add(READ, "/v1/catalog/services", self.catalog_services)
-        router.add(READ, "/v1/catalog/service/:service", self.catalog_service)
-        router.add(READ, "/v1/catalog/connect/:service", self.catalog_connect)
-        router.add(READ, "/v1/catalog/nodes", self.catalog_nodes)
-        router.add(READ, "/v1/catalog/datacenters", self.datacenters)
-        router.add(READ, "/v1/status/leader", self.leader)
-        router.add(READ, "/v1/status/peers", self.peers)
+        router.add(READ_METHODS, "/v1/health/service/:service", self.health_service)
+        router.add(READ_METHODS, "/v1/health/connect/:service", self.health_connect)
+        router.add(READ_METHODS, "/v1/health/checks/:service", self.health_checks)
+        router.add(READ_METHODS, "/v1/catalog/services", self.catalog_services)
+        router.add(READ_METHODS, "/v1/catalog/service/:service", self.catalog_service)
+        router.add(READ_METHODS, "/v1/catalog/connect/:service", self.catalog_connect)
+        router.add(READ_METHODS, "/v1/catalog/nodes", self.catalog_nodes)
+        router.add(READ_METHODS, "/v1/catalog/datacenters", self.datacenters)
+        router.add(READ_METHODS, "/v1/status/leader", self.leader)
+        router.add(READ_METHODS, "/v1/status/peers", self.peers)
 
     def _check_access(self, request: Request) -> None:
         """Discovery is open to proxies; other callers follow the ACL rules."""
@@ -57,7 +60,7 @@ class CatalogEndpoints:
 
     async def _blocking(self, request: Request, key: Any, compute: Callable[[], Any]) -> Response:
         self._check_access(request)
-        results = self.plane.catalog.results
+        results = self.results
         data, index = await block_until_changed(
             request, self.plane.changes, lambda: results.get(key, compute), lambda r: r[1], param="index"
         )
@@ -70,7 +73,10 @@ class CatalogEndpoints:
         catalog = self.plane.catalog
 
         def compute() -> Any:
-            return catalog.health_entries(catalog.select(name, connect=connect, tags=tags, passing=passing))
+            return [
+                health_entry_json(e)
+                for e in catalog.select(name, connect=connect, tags=tags, passing=passing)
+            ]
 
         return ("health", connect, name, tags, passing), compute
 
@@ -86,7 +92,7 @@ class CatalogEndpoints:
         catalog = self.plane.catalog
 
         def compute() -> Any:
-            return list(catalog.checks_json(lambda state: state.spec.service_name == name).values())
+            return [check_json(check, catalog.node.name) for check in catalog.service_checks(name)]
 
         return await self._blocking(request, ("checks", name), compute)
 
@@ -94,9 +100,9 @@ class CatalogEndpoints:
         name = valid_service_name(request.params["service"])
         tags = tuple(request.query.get("tag", []))
         catalog = self.plane.catalog
-        return ("catalog", connect, name, tags), lambda: catalog.catalog_entries(
-            catalog.select(name, connect=connect, tags=tags)
-        )
+        return ("catalog", connect, name, tags), lambda: [
+            catalog_entry_json(entry) for entry in catalog.select(name, connect=connect, tags=tags)
+        ]
 
     async def catalog_service(self, request: Request) -> Response:
         return await self._blocking(request, *self._catalog(request, False))
@@ -105,14 +111,13 @@ class CatalogEndpoints:
         return await self._blocking(request, *self._catalog(request, True))
 
     async def catalog_services(self, request: Request) -> Response:
-        return await self._blocking(request, ("services",), self.plane.catalog.services_json)
+        return await self._blocking(request, ("services",), self.plane.catalog.services)
 
     async def catalog_nodes(self, request: Request) -> Response:
         catalog = self.plane.catalog
 
         def compute() -> Any:
-            node = catalog.node_json()
-            return [node]
+            return [node_json(node) for node in catalog.nodes()]
 
         return await self._blocking(request, ("nodes",), compute)
 

@@ -8,7 +8,7 @@ from typing import Any
 from supervisor.api.auth import Caller, identify, require_operator
 from supervisor.api.blocking import block_until_changed
 from supervisor.api.http import HttpError, Request, Response
-from supervisor.api.router import READ, WRITE, Router
+from supervisor.api.router import READ_METHODS, WRITE_METHODS, Router
 from supervisor.config.keys import check_safe_id
 from supervisor.config.schema import Context, Invalid, Obj, Str
 from supervisor.connect.spiffe import InvalidSpiffeID, parse_service
@@ -29,10 +29,10 @@ class ConnectEndpoints:
     plane: ControlPlane
 
     def register(self, router: Router) -> None:
-        router.add(READ, "/v1/agent/connect/ca/roots", self.roots)
-        router.add(READ, "/v1/connect/ca/roots", self.roots)
-        router.add(READ, "/v1/agent/connect/ca/leaf/:service", self.leaf)
-        router.add(WRITE, "/v1/agent/connect/authorize", self.authorize)
+        router.add(READ_METHODS, "/v1/agent/connect/ca/roots", self.roots)
+        router.add(READ_METHODS, "/v1/connect/ca/roots", self.roots)
+        router.add(READ_METHODS, "/v1/agent/connect/ca/leaf/:service", self.leaf)
+        router.add(WRITE_METHODS, "/v1/agent/connect/authorize", self.authorize)
 
     def _view(self) -> Any:
         assert self.plane.view is not None

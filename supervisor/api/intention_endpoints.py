@@ -7,14 +7,16 @@ from typing import Any
 
 from supervisor.api.auth import identify, require_operator
 from supervisor.api.blocking import block_until_changed
+from supervisor.api.connect_shapes import intention_json
 from supervisor.api.http import HttpError, Request, Response
-from supervisor.api.router import READ, Router
-from supervisor.catalog.intentions import IntentionError, parse_intention
+from supervisor.api.results import Results
+from supervisor.api.router import READ_METHODS, Router
+from supervisor.catalog.intentions import IntentionFields, parse_intention
 from supervisor.controlplane import ControlPlane
 from supervisor.errors import ConfigError
 
 
-def _decode(body: Any) -> dict[str, Any]:
+def _decode(body: Any) -> IntentionFields:
     try:
         return parse_intention(body, "request body")
     except ConfigError as exc:
@@ -24,12 +26,13 @@ def _decode(body: Any) -> dict[str, Any]:
 @dataclass
 class IntentionEndpoints:
     plane: ControlPlane
+    results: Results
 
     def register(self, router: Router) -> None:
         router.add(("GET", "HEAD", "POST", "PUT"), "/v1/connect/intentions", self.collection)
-        router.add(READ, "/v1/connect/intentions/exact", self.exact)
-        router.add(READ, "/v1/connect/intentions/check", self.check)
-        router.add(READ, "/v1/connect/intentions/match", self.match)
+        router.add(READ_METHODS, "/v1/connect/intentions/exact", self.exact)
+        router.add(READ_METHODS, "/v1/connect/intentions/check", self.check)
+        router.add(READ_METHODS, "/v1/connect/intentions/match", self.match)
         router.add(("GET", "HEAD", "PUT", "POST", "DELETE"), "/v1/connect/intentions/:id", self.single)
 
     def _operator(self, request: Request) -> None:
@@ -37,24 +40,16 @@ class IntentionEndpoints:
         assert view is not None
         require_operator(identify(request, view), view)
 
-    def _call(self, action: Any, *args: Any) -> Any:
-        try:
-            return action(*args)
-        except IntentionError as exc:
-            raise HttpError(exc.status, str(exc)) from None
-
     async def collection(self, request: Request) -> Response:
         self._operator(request)
         store = self.plane.intentions
         if request.method in ("POST", "PUT"):
-            intention = self._call(store.create, _decode(request.json()))
+            intention = store.create(_decode(request.json()))
             return Response.json({"ID": intention.id})
         data, index = await block_until_changed(
             request,
             self.plane.changes,
-            lambda: self.plane.catalog.results.get(
-                ("intentions",), lambda: [i.to_json() for i in store.sorted()]
-            ),
+            lambda: self.results.get(("intentions",), lambda: [intention_json(i) for i in store.sorted()]),
             lambda r: r[1],
             param="index",
         )
@@ -65,15 +60,12 @@ class IntentionEndpoints:
         store = self.plane.intentions
         intention_id = request.params["id"]
         if request.method in ("PUT", "POST"):
-            self._call(store.update, intention_id, _decode(request.json()))
+            store.update(intention_id, _decode(request.json()))
             return Response()
         if request.method == "DELETE":
-            self._call(store.delete, intention_id)
+            store.delete(intention_id)
             return Response()
-        intention = store.intentions.get(intention_id)
-        if intention is None:
-            raise HttpError(404, f"Intention not found: {intention_id}")
-        return Response.json(intention.to_json())
+        return Response.json(intention_json(store.get(intention_id)))
 
     def _pair(self, request: Request) -> tuple[str, str]:
         source, destination = request.arg("source"), request.arg("destination")
@@ -87,7 +79,7 @@ class IntentionEndpoints:
         intention = self.plane.intentions.exact(source, destination)
         if intention is None:
             raise HttpError(404, f"Intention not found: {source} => {destination}")
-        return Response.json(intention.to_json())
+        return Response.json(intention_json(intention))
 
     async def check(self, request: Request) -> Response:
         self._operator(request)
@@ -122,12 +114,12 @@ class IntentionEndpoints:
         store = self.plane.intentions
 
         def compute() -> Any:
-            return {name: [i.to_json() for i in store.match(by, name)] for name in names}
+            return {name: [intention_json(i) for i in store.match(by, name)] for name in names}
 
         data, index = await block_until_changed(
             request,
             self.plane.changes,
-            lambda: self.plane.catalog.results.get(("match", by, names), compute),
+            lambda: self.results.get(("match", by, names), compute),
             lambda r: r[1],
             param="index",
         )

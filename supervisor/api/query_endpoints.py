@@ -8,9 +8,12 @@ from typing import Any
 from supervisor.api.auth import identify, require_operator
 from supervisor.api.blocking import block_until_changed
 from supervisor.api.catalog_endpoints import truthy
+from supervisor.api.catalog_shapes import health_entry_json
+from supervisor.api.connect_shapes import query_json
 from supervisor.api.http import HttpError, Request, Response
-from supervisor.api.router import READ, Router
-from supervisor.catalog.queries import QueryError, parse_query, shuffled
+from supervisor.api.results import Results
+from supervisor.api.router import READ_METHODS, Router
+from supervisor.catalog.queries import QueryDefinition, parse_query, shuffled
 from supervisor.config.limits import parse_uint
 from supervisor.controlplane import ControlPlane
 from supervisor.errors import ConfigError
@@ -19,11 +22,12 @@ from supervisor.errors import ConfigError
 @dataclass
 class QueryEndpoints:
     plane: ControlPlane
+    results: Results
 
     def register(self, router: Router) -> None:
         router.add(("GET", "HEAD", "POST", "PUT"), "/v1/query", self.collection)
-        router.add(READ, "/v1/query/:id/execute", self.execute)
-        router.add(READ, "/v1/query/:id/explain", self.explain)
+        router.add(READ_METHODS, "/v1/query/:id/execute", self.execute)
+        router.add(READ_METHODS, "/v1/query/:id/explain", self.explain)
         router.add(("GET", "HEAD", "PUT", "POST", "DELETE"), "/v1/query/:id", self.single)
 
     def _caller(self, request: Request, operator: bool = True) -> bool:
@@ -36,7 +40,7 @@ class QueryEndpoints:
         require_operator(caller, view)
         return caller.kind == "master" or not view.config.acl.enabled
 
-    def _decode(self, request: Request) -> dict[str, Any]:
+    def _decode(self, request: Request) -> QueryDefinition:
         try:
             return parse_query(request.json(), "request body")
         except ConfigError as exc:
@@ -44,34 +48,25 @@ class QueryEndpoints:
                 400, "Invalid prepared query: " + "; ".join(str(p) for p in exc.problems)
             ) from None
 
-    def _call(self, action: Any, *args: Any) -> Any:
-        try:
-            return action(*args)
-        except QueryError as exc:
-            raise HttpError(exc.status, str(exc)) from None
-
     async def collection(self, request: Request) -> Response:
         show = self._caller(request)
         store = self.plane.queries
         if request.method in ("POST", "PUT"):
-            query = self._call(store.create, self._decode(request))
+            query = store.create(self._decode(request))
             return Response.json({"ID": query.id})
-        return Response.json([query.to_json(show) for query in store.list()])
+        return Response.json([query_json(query, show) for query in store.list()])
 
     async def single(self, request: Request) -> Response:
         show = self._caller(request)
         store = self.plane.queries
         query_id = request.params["id"]
         if request.method in ("PUT", "POST"):
-            self._call(store.update, query_id, self._decode(request))
+            store.update(query_id, self._decode(request))
             return Response()
         if request.method == "DELETE":
-            self._call(store.delete, query_id)
+            store.delete(query_id)
             return Response()
-        query = store.queries.get(query_id)
-        if query is None:
-            raise HttpError(404, f"Query not found: {query_id}")
-        return Response.json([query.to_json(show)])
+        return Response.json([query_json(store.get(query_id), show)])
 
     async def execute(self, request: Request) -> Response:
         self._caller(request, operator=False)
@@ -81,7 +76,7 @@ class QueryEndpoints:
         if dc and dc != view.config.datacenter:
             raise HttpError(404, f"No path to datacenter {dc!r}")
         name_or_id = request.params["id"]
-        self._call(self.plane.queries.resolve, name_or_id)  # 404 now, not inside the blocking loop
+        self.plane.queries.resolve(name_or_id)  # 404 now, not inside the blocking loop
         connect = truthy(request, "connect")
         limit_text = request.arg("limit")
         limit = parse_uint(limit_text) if limit_text else None
@@ -94,7 +89,7 @@ class QueryEndpoints:
         data, index = await block_until_changed(
             request,
             self.plane.changes,
-            lambda: self.plane.catalog.results.get(("execute", name_or_id, connect), compute),
+            lambda: self.results.get(("execute", name_or_id, connect), compute),
             lambda r: r[1],
             param="index",
         )
@@ -106,37 +101,34 @@ class QueryEndpoints:
     def _execute(self, name_or_id: str, connect_param: bool) -> dict[str, Any]:
         view = self.plane.view
         assert view is not None
-        query, service = self._call(self.plane.queries.resolve, name_or_id)
-        catalog = self.plane.catalog
-        connect = connect_param or bool(service.get("connect"))
-        instances = catalog.select(
-            service["service"],
-            connect=connect,
-            tags=tuple(service.get("tags") or ()),
-            passing=bool(service.get("only_passing")),
+        query, service = self.plane.queries.resolve(name_or_id)
+        entries = self.plane.catalog.select(
+            service.service,
+            connect=connect_param or service.connect,
+            tags=service.tags or (),
+            passing=service.only_passing,
             exclude_critical=True,
         )
-        service_meta = service.get("service_meta") or {}
-        node_meta = service.get("node_meta") or {}
-        if any(catalog.node_meta.get(key) != value for key, value in node_meta.items()):
-            instances = []
-        instances = [
-            instance
-            for instance in instances
-            if all(instance.service["Meta"].get(key) == value for key, value in service_meta.items())
+        node_meta = service.node_meta or {}
+        service_meta = service.service_meta or {}
+        entries = [
+            entry
+            for entry in entries
+            if all(entry.node.meta.get(key) == value for key, value in node_meta.items())
+            and all(entry.instance.meta.get(key) == value for key, value in service_meta.items())
         ]
         return {
-            "Service": service["service"],
-            "Nodes": catalog.health_entries(instances),
-            "DNS": {"TTL": query.fields.get("dns", {}).get("ttl", "")},
+            "Service": service.service,
+            "Nodes": [health_entry_json(entry) for entry in entries],
+            "DNS": {"TTL": query.definition.dns_ttl},
             "Datacenter": view.config.datacenter,
             "Failovers": 0,
         }
 
     async def explain(self, request: Request) -> Response:
         show = self._caller(request)
-        query, service = self._call(self.plane.queries.resolve, request.params["id"])
-        rendered = query.to_json(show)
-        rendered["Service"]["Service"] = service["service"]
-        rendered["Service"]["Tags"] = service.get("tags")
+        query, service = self.plane.queries.resolve(request.params["id"])
+        rendered = query_json(query, show)
+        rendered["Service"]["Service"] = service.service
+        rendered["Service"]["Tags"] = list(service.tags) if service.tags is not None else None
         return Response.json({"Query": rendered})

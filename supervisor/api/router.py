@@ -1,14 +1,30 @@
-"""Map (method, path) to handlers; ``:name`` segments become ``request.params``."""
+"""Map (method, path) to handlers; ``:name`` segments become ``request.params``.
+
+Domain errors raised by a handler become their HTTP status here (the domain knows
+nothing of HTTP): not found 404, a conflict 409, an unusable definition 400.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from supervisor.api.http import Handler, HttpError, Request, Response
+from supervisor.catalog.errors import CatalogError, Conflict, InvalidDefinition, NotFound
 
 # Consul accepted PUT and POST interchangeably on its write endpoints.
-WRITE = ("PUT", "POST")
-READ = ("GET", "HEAD")
+WRITE_METHODS = ("PUT", "POST")
+READ_METHODS = ("GET", "HEAD")
+
+STATUS_OF: tuple[tuple[type[CatalogError], int], ...] = (
+    (NotFound, 404),
+    (Conflict, 409),
+    (InvalidDefinition, 400),
+)
+
+
+def status_of(error: CatalogError) -> int:
+    return next((status for kind, status in STATUS_OF if isinstance(error, kind)), 400)
 
 
 @dataclass(frozen=True)
@@ -50,7 +66,10 @@ class Router:
                 allowed.extend(route.methods)
                 continue
             request.params = params
-            return await route.handler(request)
+            try:
+                return await route.handler(request)
+            except CatalogError as exc:
+                raise HttpError(status_of(exc), str(exc)) from None
         if allowed:
             raise HttpError(
                 405, f"Method {request.method} not allowed", {"Allow": ", ".join(sorted(set(allowed)))}
@@ -59,6 +78,4 @@ class Router:
 
 
 def _unquote(part: str) -> str:
-    from urllib.parse import unquote
-
     return unquote(part)

@@ -17,6 +17,7 @@ from supervisor.api.http import HttpServer
 from supervisor.api.intention_endpoints import IntentionEndpoints
 from supervisor.api.limits import Caps, ConnectionBook, caps_for, open_file_limit
 from supervisor.api.query_endpoints import QueryEndpoints
+from supervisor.api.results import Results
 from supervisor.api.router import Router
 from supervisor.controlplane import ControlPlane
 from supervisor.errors import ListenError
@@ -113,11 +114,12 @@ class ApiServer:
         self._stop = asyncio.Event()
         self.plane.start(self.board.current)
         router = Router()
+        results = Results(self.plane.index)  # blocking queries' answers, and when each last changed
         AgentEndpoints(self.board, self.supervisor, self.plane).register(router)
         ConnectEndpoints(self.plane).register(router)
-        CatalogEndpoints(self.plane).register(router)
-        IntentionEndpoints(self.plane).register(router)
-        QueryEndpoints(self.plane).register(router)
+        CatalogEndpoints(self.plane, results).register(router)
+        IntentionEndpoints(self.plane, results).register(router)
+        QueryEndpoints(self.plane, results).register(router)
         file_limit = open_file_limit()
 
         def caps() -> Caps:

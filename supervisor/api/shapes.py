@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from supervisor.api.blocking import content_hash
-from supervisor.catalog.checks import CheckState
+from supervisor.catalog.model import CheckResult
 from supervisor.config.limits import parse_uint
 from supervisor.config.model import ServiceDef, Upstream, thaw
 from supervisor.supervision.desired import PlannedProxy
@@ -142,7 +142,7 @@ def _iso(timestamp: float | None) -> str | None:
 
 
 def proxy_status_json(
-    status: ProxyStatus, now_monotonic: float, check: CheckState | None = None
+    status: ProxyStatus, now_monotonic: float, check: CheckResult | None = None
 ) -> dict[str, Any]:
     """One entry of ``GET /v1/agent/connect/proxies`` (ours, not Consul's); ``check`` is
     its listening check, whose verdict shows a proxy that runs but does not serve."""

@@ -1,12 +1,13 @@
-"""The local catalog: every service instance on this agent, its health, and discovery.
+"""The catalog: this agent's service instances, their health, and discovery.
 
 Sources: services from config files, services registered through the API, and the
-``<service>-proxy`` registration of every managed proxy. Lives on the API's event loop
-(single-threaded: no locks); ``update`` is called whenever the supervision loop
-publishes a new view or a registration changes.
+``<service>-proxy`` instance of every managed proxy. The catalog turns them into typed
+instances, runs their health checks, and writes the result -- entries with their checks
+-- to its storage (``storage.py``); every query reads from the storage, so a store shared
+by a cluster would answer for every node without a change here or in the endpoints.
 
-Discovery is local to this agent: it answers for the services registered here, in this
-agent's datacenter.
+Lives on the API's event loop (single-threaded: no locks); ``update`` is called whenever
+the supervision loop publishes a new view or a registration changes.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from supervisor.api.blocking import ChangeSignal
-from supervisor.api.shapes import managed_proxy_service_json, service_json
 from supervisor.catalog.checks import CRITICAL, PASSING, CheckSpec, CheckState, run_check
-from supervisor.catalog.index import Index, Results
-from supervisor.catalog.status import CheckKind, CheckStatus, worst
+from supervisor.catalog.index import Index
+from supervisor.catalog.model import CheckResult, Entry, Instance, InstanceSource, Node
+from supervisor.catalog.status import CheckKind, CheckStatus
+from supervisor.catalog.storage import CatalogStorage, LocalStorage
+from supervisor.changes import ChangeSignal
 from supervisor.config.model import ServiceDef
+from supervisor.net import join_host_port
 from supervisor.supervision.desired import PlannedProxy
 from supervisor.supervision.view import AgentView, ProxyStatus
 
@@ -34,21 +35,12 @@ PROXY_CHECK_NAME = "Connect Proxy Listening"
 PROXY_CHECK_INTERVAL = 10.0
 
 
-@dataclass(frozen=True)
-class Instance:
-    """One service instance as discovery sees it."""
+class UnknownCheck(LookupError):
+    """No check of that ID on this agent."""
 
-    service_id: str
-    name: str
-    kind: str
-    tags: tuple[str, ...]
-    service: dict[str, Any]  # Consul's AgentService shape
-    connect_target: str | None  # the service it serves over Connect (proxy or native), if any
-    check_ids: tuple[str, ...]
-    source: str  # "config", "api" or "managed proxy"
-    # Tags that Connect lookups filter by: a managed proxy answers for its service, so it is
-    # matched by that service's tags (as Consul 1.3+ sidecars, which copy them).
-    connect_tags: tuple[str, ...] = ()
+
+class NotATTLCheck(ValueError):
+    """A TTL update for a check of another kind."""
 
 
 def proxy_check_target(planned: PlannedProxy) -> str | None:
@@ -60,8 +52,7 @@ def proxy_check_target(planned: PlannedProxy) -> str | None:
     if not address:
         bind = planned.bind_address.strip("[]")
         address = "127.0.0.1" if bind in ("", "0.0.0.0", "::") else bind
-    host = f"[{address}]" if ":" in address else address
-    return f"{host}:{planned.port}"
+    return join_host_port(address, planned.port)
 
 
 def service_checks(service: ServiceDef) -> list[CheckSpec]:
@@ -87,72 +78,72 @@ def service_checks(service: ServiceDef) -> list[CheckSpec]:
     ]
 
 
-def _with_index(data: dict[str, Any], index: int) -> dict[str, Any]:
-    service = {key: value for key, value in data.items() if key != "ContentHash"}
-    service["CreateIndex"] = index
-    service["ModifyIndex"] = index
-    return service
+def proxy_check(planned: PlannedProxy) -> CheckSpec | None:
+    target = proxy_check_target(planned)
+    if target is None:
+        return None
+    return CheckSpec(
+        check_id=f"service:{planned.proxy_id}",
+        name=PROXY_CHECK_NAME,
+        service_id=planned.proxy_id,
+        service_name=planned.service.proxy_name,
+        service_tags=(),
+        kind=CheckKind.TCP,
+        target=target,
+        interval=PROXY_CHECK_INTERVAL,
+        timeout=PROXY_CHECK_INTERVAL,
+        proxy_id=planned.proxy_id,
+        tls_listener=planned.spec.is_builtin,
+    )
+
+
+def instances_of(
+    view: AgentView, registered: Sequence[ServiceDef]
+) -> tuple[dict[str, Instance], dict[str, CheckSpec]]:
+    """The instances (by service ID) and check specs a view and the API registrations make."""
+    instances: dict[str, Instance] = {}
+    specs: dict[str, CheckSpec] = {}
+    sources = [
+        *((s, InstanceSource.CONFIG) for s in view.config.services),
+        *((s, InstanceSource.API) for s in registered),
+    ]
+    for service, source in sources:
+        planned = view.proxies.get(service.proxy_id) if service.managed_proxy is not None else None
+        checks = service_checks(service)
+        specs.update((spec.check_id, spec) for spec in checks)
+        instances[service.id] = Instance(service, source, tuple(spec.check_id for spec in checks), planned)
+    for planned in view.proxies.values():
+        spec = proxy_check(planned)
+        if spec is not None:
+            specs[spec.check_id] = spec
+        ids = (spec.check_id,) if spec is not None else ()
+        instances[planned.proxy_id] = Instance(planned.service, InstanceSource.MANAGED_PROXY, ids, planned)
+    return instances, specs
 
 
 class Catalog:
-    def __init__(self, index: Index, changes: ChangeSignal) -> None:
+    def __init__(self, index: Index, changes: ChangeSignal, storage: CatalogStorage | None = None) -> None:
         self.index = index
         self.changes = changes
-        self.results = Results(index)
+        self.storage: CatalogStorage = storage if storage is not None else LocalStorage()
         self.instances: dict[str, Instance] = {}
         self.checks: dict[str, CheckState] = {}
+        self.node = Node("", "localhost", "127.0.0.1", "dc1", {})
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._proxy_pids: dict[str, int | None] = {}
-        self.node_name = "localhost"
-        self.node_id = ""
-        self.datacenter = "dc1"
-        self.node_address = "127.0.0.1"
-        self.node_meta: dict[str, str] = {}
-        self.registry_ids: set[str] = set()
         self._instance_index: dict[str, int] = {}  # index at which each instance last changed
+        self._serf_index = index.next()
 
     # -- keeping up with the agent ---------------------------------------------------------
 
     def update(self, view: AgentView, registered: Sequence[ServiceDef]) -> None:
         config = view.config
-        self.node_name, self.node_id, self.datacenter = config.node_name, view.node_id, config.datacenter
         bind = config.bind_addr
-        self.node_address = bind if bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        self.registry_ids = {service.id for service in registered}
-        instances: dict[str, Instance] = {}
-        specs: dict[str, CheckSpec] = {}
-        for service, source in [*((s, "config") for s in config.services), *((s, "api") for s in registered)]:
-            planned = view.proxies.get(service.proxy_id) if service.managed_proxy is not None else None
-            checks = service_checks(service)
-            specs.update((spec.check_id, spec) for spec in checks)
-            target = service.proxy.destination_service_name if service.proxy is not None else None
-            instances[service.id] = Instance(
-                service.id,
-                service.name,
-                service.kind,
-                service.tags,
-                service_json(service, planned),
-                target if target else (service.name if service.native else None),
-                tuple(spec.check_id for spec in checks),
-                source,
-                service.tags,
-            )
-        for planned in view.proxies.values():
-            proxy_check = self._proxy_check(planned)
-            if proxy_check is not None:
-                specs[proxy_check.check_id] = proxy_check
-            instances[planned.proxy_id] = Instance(
-                planned.proxy_id,
-                planned.service.proxy_name,
-                "connect-proxy",
-                (),
-                managed_proxy_service_json(planned),
-                planned.service.name,
-                (proxy_check.check_id,) if proxy_check else (),
-                "managed proxy",
-                planned.service.tags,
-            )
-        changed = instances != self.instances
+        address = bind if bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        node = Node(view.node_id, config.node_name, address, config.datacenter, {})
+        instances, specs = instances_of(view, registered)
+        changed = node != self.node or instances != self.instances
+        self.node = node
         for service_id, instance in instances.items():
             if self.instances.get(service_id) != instance:
                 self._instance_index[service_id] = self.index.next()
@@ -163,24 +154,6 @@ class Catalog:
         changed |= self._follow_proxies(view.statuses)
         if changed:
             self._bump()
-
-    def _proxy_check(self, planned: PlannedProxy) -> CheckSpec | None:
-        target = proxy_check_target(planned)
-        if target is None:
-            return None
-        return CheckSpec(
-            check_id=f"service:{planned.proxy_id}",
-            name=PROXY_CHECK_NAME,
-            service_id=planned.proxy_id,
-            service_name=planned.service.proxy_name,
-            service_tags=(),
-            kind=CheckKind.TCP,
-            target=target,
-            interval=PROXY_CHECK_INTERVAL,
-            timeout=PROXY_CHECK_INTERVAL,
-            proxy_id=planned.proxy_id,
-            tls_listener=planned.spec.is_builtin,
-        )
 
     def _reconcile_checks(self, specs: dict[str, CheckSpec]) -> bool:
         changed = False
@@ -213,11 +186,10 @@ class Catalog:
             changed = True
         return changed
 
-    def _follow_proxies(self, statuses: Iterable[tuple[str, ProxyStatus]] | Any) -> bool:
+    def _follow_proxies(self, statuses: Mapping[str, ProxyStatus]) -> bool:
         """Critical the moment a proxy's process goes; probe fast when a new one starts."""
         changed = False
-        items = statuses.items() if hasattr(statuses, "items") else statuses
-        for proxy_id, status in items:
+        for proxy_id, status in statuses.items():
             previous = self._proxy_pids.get(proxy_id, -1)
             if status.pid == previous:
                 continue
@@ -258,10 +230,12 @@ class Catalog:
         return True
 
     def update_ttl(self, check_id: str, status: CheckStatus, output: str) -> None:
-        """``PUT /v1/agent/check/{pass,warn,fail,update}/:id`` (raises KeyError / ValueError)."""
-        state = self.checks[check_id]
+        """``PUT /v1/agent/check/{pass,warn,fail,update}/:id``."""
+        state = self.checks.get(check_id)
+        if state is None:
+            raise UnknownCheck(check_id)
         if state.spec.kind is not CheckKind.TTL:
-            raise ValueError(f"check {check_id!r} is a {state.spec.kind} check, not a TTL check")
+            raise NotATTLCheck(f"check {check_id!r} is a {state.spec.kind} check, not a TTL check")
         if state.spec.ttl > 0:
             state.ttl_deadline = time.monotonic() + state.spec.ttl
             state.wake.set()
@@ -269,45 +243,28 @@ class Catalog:
             self._bump()
 
     def _bump(self) -> None:
+        self._publish()
         self.index.next()
         self.changes.fire()
 
+    def _publish(self) -> None:
+        entries = {
+            service_id: Entry(
+                self.node,
+                instance,
+                (self._serf(), *(result_of(self.checks[c]) for c in instance.check_ids if c in self.checks)),
+                self._instance_index.get(service_id, 1),
+            )
+            for service_id, instance in self.instances.items()
+        }
+        self.storage.put_local(self.node, entries, (self._serf(),))
+
+    def _serf(self) -> CheckResult:
+        return CheckResult(
+            SERF_CHECK, "Serf Health Status", PASSING, "Agent alive and reachable", "", "", "", (), 1, 1
+        )
+
     # -- answers -----------------------------------------------------------------------------
-
-    def node_json(self) -> dict[str, Any]:
-        return {
-            "ID": self.node_id,
-            "Node": self.node_name,
-            "Address": self.node_address,
-            "Datacenter": self.datacenter,
-            "TaggedAddresses": {"lan": self.node_address, "wan": self.node_address},
-            "Meta": {"consul-network-segment": "", **self.node_meta},
-            "CreateIndex": 1,
-            "ModifyIndex": 1,
-        }
-
-    def serf_check_json(self) -> dict[str, Any]:
-        return {
-            "Node": self.node_name,
-            "CheckID": SERF_CHECK,
-            "Name": "Serf Health Status",
-            "Status": PASSING,
-            "Notes": "",
-            "Output": "Agent alive and reachable",
-            "ServiceID": "",
-            "ServiceName": "",
-            "ServiceTags": [],
-            "Definition": {},
-            "CreateIndex": 1,
-            "ModifyIndex": 1,
-        }
-
-    def instance_checks(self, instance: Instance) -> list[CheckState]:
-        return [self.checks[check_id] for check_id in instance.check_ids if check_id in self.checks]
-
-    def health_status(self, instance: Instance) -> CheckStatus:
-        """The worst status of an instance's checks (passing when it has none)."""
-        return worst([state.status for state in self.instance_checks(instance)])
 
     def select(
         self,
@@ -317,83 +274,69 @@ class Catalog:
         tags: Sequence[str] = (),
         passing: bool = False,
         exclude_critical: bool = False,
-    ) -> list[Instance]:
-        """Instances of ``name`` (its Connect-capable ones with ``connect``), filtered."""
+    ) -> list[Entry]:
+        """Entries of ``name`` (its Connect-capable ones with ``connect``), filtered."""
         chosen = []
-        for instance in sorted(self.instances.values(), key=lambda i: i.service_id):
+        for entry in self.storage.entries():
+            instance = entry.instance
             if (instance.connect_target if connect else instance.name) != name:
                 continue
-            if not _tags_match(instance.connect_tags if connect else instance.tags, tags):
+            if not tags_match(instance.connect_tags if connect else instance.tags, tags):
                 continue
-            status = self.health_status(instance)
-            if passing and status != PASSING:
+            status = entry.status
+            if passing and status is not PASSING:
                 continue
-            if exclude_critical and status == CRITICAL:
+            if exclude_critical and status is CRITICAL:
                 continue
-            chosen.append(instance)
+            chosen.append(entry)
         return chosen
 
-    def health_entries(self, instances: Sequence[Instance]) -> list[dict[str, Any]]:
-        node = self.node_json()
-        return [
-            {
-                "Node": node,
-                "Service": _with_index(instance.service, self._instance_index.get(instance.service_id, 1)),
-                "Checks": [
-                    self.serf_check_json(),
-                    *(state.to_json(self.node_name) for state in self.instance_checks(instance)),
-                ],
-            }
-            for instance in instances
-        ]
+    def entries(self) -> Iterable[Entry]:
+        return self.storage.entries()
 
-    def catalog_entries(self, instances: Sequence[Instance]) -> list[dict[str, Any]]:
-        entries = []
-        for instance in instances:
-            service = instance.service
-            entries.append(
-                {
-                    "ID": self.node_id,
-                    "Node": self.node_name,
-                    "Address": self.node_address,
-                    "Datacenter": self.datacenter,
-                    "TaggedAddresses": {"lan": self.node_address, "wan": self.node_address},
-                    "NodeMeta": {"consul-network-segment": "", **self.node_meta},
-                    "ServiceKind": service["Kind"],
-                    "ServiceID": service["ID"],
-                    "ServiceName": service["Service"],
-                    "ServiceTags": service["Tags"],
-                    "ServiceAddress": service["Address"],
-                    "ServiceWeights": service["Weights"],
-                    "ServiceMeta": service["Meta"],
-                    "ServicePort": service["Port"],
-                    "ServiceEnableTagOverride": service["EnableTagOverride"],
-                    "ServiceProxyDestination": service.get("ProxyDestination", ""),
-                    "ServiceProxy": service.get("Proxy", {}),
-                    "ServiceConnect": service.get("Connect", {}),
-                    "CreateIndex": self._instance_index.get(instance.service_id, 1),
-                    "ModifyIndex": self._instance_index.get(instance.service_id, 1),
-                }
-            )
-        return entries
+    def nodes(self) -> list[Node]:
+        return self.storage.nodes()
 
-    def services_json(self) -> dict[str, list[str]]:
+    def services(self) -> dict[str, list[str]]:
+        """Every service name with the union of its instances' tags."""
         services: dict[str, set[str]] = {}
-        for instance in self.instances.values():
-            services.setdefault(instance.name, set()).update(instance.tags)
+        for entry in self.storage.entries():
+            services.setdefault(entry.instance.name, set()).update(entry.instance.tags)
         return {name: sorted(tags) for name, tags in sorted(services.items())}
 
-    def checks_json(
-        self, predicate: Callable[[CheckState], bool] = lambda _: True
-    ) -> dict[str, dict[str, Any]]:
-        return {
-            check_id: state.to_json(self.node_name)
-            for check_id, state in sorted(self.checks.items())
-            if predicate(state)
-        }
+    def local_checks(self, predicate: Callable[[CheckResult], bool] = lambda _: True) -> list[CheckResult]:
+        """This agent's checks (not the node's serfHealth), by ID."""
+        results = (result_of(self.checks[check_id]) for check_id in sorted(self.checks))
+        return [result for result in results if predicate(result)]
+
+    def service_checks(self, name: str) -> list[CheckResult]:
+        """The checks of every instance of ``name``, on every node."""
+        return [
+            check for entry in self.select(name) for check in entry.checks if check.check_id != SERF_CHECK
+        ]
+
+    def check(self, check_id: str) -> CheckResult | None:
+        state = self.checks.get(check_id)
+        return result_of(state) if state is not None else None
 
 
-def _tags_match(have: Sequence[str], wanted: Sequence[str]) -> bool:
+def result_of(state: CheckState) -> CheckResult:
+    spec = state.spec
+    return CheckResult(
+        spec.check_id,
+        spec.name,
+        state.status,
+        state.output,
+        spec.notes,
+        spec.service_id,
+        spec.service_name,
+        spec.service_tags,
+        state.create_index,
+        state.modify_index,
+    )
+
+
+def tags_match(have: Sequence[str], wanted: Sequence[str]) -> bool:
     """Every wanted tag present; a ``!tag`` (prepared-query syntax) must be absent."""
     for tag in wanted:
         if tag.startswith("!"):

@@ -1,14 +1,8 @@
-"""Consul-style modify indexes and per-query result tracking for blocking queries."""
+"""Consul-style modify indexes: one counter for the agent's state."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
-from typing import Any
 
 
 class Index:
@@ -25,44 +19,3 @@ class Index:
     def next(self) -> int:
         self.value += 1
         return self.value
-
-
-@dataclass
-class _Cached:
-    data: Any
-    digest: str
-    result_index: int
-    at_index: int
-
-
-class Results:
-    """Remembers, per query, the index at which its result last changed.
-
-    A blocking query on ``/v1/health/service/web`` must not return just because an
-    unrelated service changed. Each computed result is hashed; its index only moves
-    when the content does. Results are also reused while the global index stands still,
-    so a thousand waiters of the same query cost one computation per change.
-    """
-
-    def __init__(self, index: Index, capacity: int = 4096) -> None:
-        self.index = index
-        self.capacity = capacity
-        self._cache: OrderedDict[Hashable, _Cached] = OrderedDict()
-
-    def get(self, key: Hashable, compute: Callable[[], Any]) -> tuple[Any, int]:
-        cached = self._cache.get(key)
-        current = self.index.value
-        if cached is not None and cached.at_index == current:
-            self._cache.move_to_end(key)
-            return cached.data, cached.result_index
-        data = compute()
-        digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-        if cached is not None and cached.digest == digest:
-            result_index = cached.result_index
-        else:
-            result_index = current
-        self._cache[key] = _Cached(data, digest, result_index, current)
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.capacity:
-            self._cache.popitem(last=False)
-        return data, result_index

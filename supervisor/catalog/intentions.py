@@ -1,30 +1,43 @@
-"""Intentions: which service may connect to which, persisted in data_dir.
+"""Intentions: which service may connect to which.
 
 Precedence is Consul's: an exact source and destination (9) beats a wildcard source
 (8), which beats a wildcard destination (6), which beats ``* => *`` (5); ties are broken
 by name. Authorization takes the first intention, in that order, that matches.
+
+``Intentions`` is the domain: typed intentions, Consul's uniqueness rule, the decision.
+Where they are kept is its ``IntentionStorage``: ``IntentionFile`` writes
+``data_dir/connect/intentions.json`` (a cluster would keep them in a shared store).
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
-import hashlib
-import json
+import enum
 import logging
-import os
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
+from supervisor.catalog.errors import Conflict, NotFound
 from supervisor.config.keys import check_safe_id
 from supervisor.config.schema import Context, Custom, Int, Invalid, Map, Obj, Opaque, Str
-from supervisor.errors import ConfigError, ConfigProblem, DataDirError, load_error
-from supervisor.state.atomic import atomic_write
+from supervisor.errors import ConfigError, ConfigProblem
+from supervisor.state.documents import Damaged, damaged, load_document, save_document
 
 log = logging.getLogger("supervisor.intentions")
 WILDCARD = "*"
 DEFAULT_NS = "default"
+VERSION = 1
+REMEDY = (
+    "restore it from a backup, or move it away to start with no intentions "
+    "(then every connection is allowed unless ACLs default to deny)"
+)
+
+
+class Action(enum.StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
 
 
 def _check_name(value: Any, path: str, ctx: Context) -> str:
@@ -67,13 +80,24 @@ SCHEMA = Obj(
 
 
 @dataclass(frozen=True)
+class IntentionFields:
+    """What a client defines of an intention (the rest the agent computes)."""
+
+    source_name: str
+    destination_name: str
+    action: Action
+    description: str = ""
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Intention:
     id: str
     source_name: str
     destination_name: str
-    action: str
+    action: Action
     description: str = ""
-    meta: dict[str, str] = field(default_factory=dict)
+    meta: Mapping[str, str] = field(default_factory=dict)
     created_at: str = ""
     updated_at: str = ""
     create_index: int = 0
@@ -103,92 +127,58 @@ class Intention:
     def __str__(self) -> str:
         return f"{self.source_name} => {self.destination_name} ({self.action})"
 
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "ID": self.id,
-            "Description": self.description,
-            "SourceNS": DEFAULT_NS,
-            "SourceName": self.source_name,
-            "DestinationNS": DEFAULT_NS,
-            "DestinationName": self.destination_name,
-            "SourceType": "consul",
-            "Action": self.action,
-            "DefaultAddr": "",
-            "DefaultPort": 0,
-            "Meta": dict(self.meta),
-            "Precedence": self.precedence,
-            "CreatedAt": self.created_at,
-            "UpdatedAt": self.updated_at,
-            "CreateIndex": self.create_index,
-            "ModifyIndex": self.modify_index,
-        }
-        digest = hashlib.blake2b(
-            json.dumps(
-                [self.source_name, self.destination_name, self.action, self.meta], sort_keys=True
-            ).encode(),
-            digest_size=32,
-        ).digest()
-        data["Hash"] = base64.b64encode(digest).decode()
-        return data
 
-
-class IntentionError(Exception):
-    """A request on intentions that cannot be carried out; ``status`` is the HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+def parse_intention(body: Any, source: str = "<api>") -> IntentionFields:
+    """Validate a definition (Consul's CamelCase or snake_case keys); raises ConfigError."""
+    ctx = Context(source)
+    cleaned = SCHEMA.validate(body, "", ctx)
+    if ctx.problems or not isinstance(cleaned, dict):
+        raise ConfigError(ctx.problems or [ConfigProblem(source, "", "expected a JSON object")])
+    return IntentionFields(
+        source_name=cleaned["source_name"],
+        destination_name=cleaned["destination_name"],
+        action=Action(cleaned["action"]),
+        description=cleaned.get("description", ""),
+        meta=dict(cleaned.get("meta", {})),
+    )
 
 
 def _timestamp() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def parse_intention(body: Any, source: str = "<api>") -> dict[str, Any]:
-    """Validate a request body (Consul's CamelCase or snake_case keys); raises ConfigError."""
-    ctx = Context(source)
-    cleaned = SCHEMA.validate(body, "", ctx)
-    if ctx.problems or not isinstance(cleaned, dict):
-        raise ConfigError(ctx.problems or [ConfigProblem(source, "", "expected a JSON object")])
-    return cleaned
+class IntentionStorage(Protocol):
+    def load(self) -> list[Intention]: ...
+    def save(self, intentions: list[Intention]) -> None: ...
 
 
-class IntentionStore:
+class Intentions:
     """Owned by the API's event loop; ``on_change`` bumps the index and wakes waiters."""
 
-    def __init__(self, path: str | None, next_index: Any, on_change: Any) -> None:
-        self.path = path
+    def __init__(
+        self, storage: IntentionStorage | None, next_index: Callable[[], int], on_change: Callable[[], None]
+    ) -> None:
+        self.storage = storage
         self.next_index = next_index
         self.on_change = on_change
         self.intentions: dict[str, Intention] = {}
 
     def load(self) -> None:
-        if self.path is None or not os.path.exists(self.path):
-            return
-        try:
-            with open(self.path) as handle:
-                data = json.load(handle)
-            entries = data["Intentions"]
-            self.intentions = {entry["ID"]: Intention(**_from_json(entry)) for entry in entries}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            # An intention store that cannot be read must not silently allow everything.
-            raise load_error(exc)(
-                f"{self.path} cannot be read ({exc}); restore it from a backup, or move it away to start "
-                "with no intentions (then every connection is allowed unless ACLs default to deny)"
-            ) from exc
+        if self.storage is not None:
+            self.intentions = {intention.id: intention for intention in self.storage.load()}
 
     def save(self) -> None:
-        if self.path is None:
-            return
-        document = {"Version": 1, "Intentions": [_to_store(ixn) for ixn in self.sorted()]}
-        try:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            atomic_write(self.path, json.dumps(document, indent=1).encode(), mode=0o600)
-        except OSError as exc:
-            raise DataDirError(f"cannot write {self.path}: {exc.strerror}") from exc
+        if self.storage is not None:
+            self.storage.save(self.sorted())
 
     def sorted(self) -> list[Intention]:
         return sorted(self.intentions.values(), key=Intention.sort_key)
+
+    def get(self, intention_id: str) -> Intention:
+        intention = self.intentions.get(intention_id)
+        if intention is None:
+            raise NotFound(f"Intention not found: {intention_id}")
+        return intention
 
     def exact(self, source: str, destination: str) -> Intention | None:
         for intention in self.intentions.values():
@@ -196,19 +186,19 @@ class IntentionStore:
                 return intention
         return None
 
-    def create(self, fields: dict[str, Any]) -> Intention:
-        existing = self.exact(fields["source_name"], fields["destination_name"])
+    def create(self, fields: IntentionFields) -> Intention:
+        existing = self.exact(fields.source_name, fields.destination_name)
         if existing is not None:
-            raise IntentionError(409, f"duplicate intention found: {existing} (ID {existing.id})")
+            raise Conflict(f"duplicate intention found: {existing} (ID {existing.id})")
         index = self.next_index()
         now = _timestamp()
         intention = Intention(
             id=str(uuid.uuid4()),
-            source_name=fields["source_name"],
-            destination_name=fields["destination_name"],
-            action=fields["action"],
-            description=fields.get("description", ""),
-            meta=dict(fields.get("meta", {})),
+            source_name=fields.source_name,
+            destination_name=fields.destination_name,
+            action=fields.action,
+            description=fields.description,
+            meta=dict(fields.meta),
             created_at=now,
             updated_at=now,
             create_index=index,
@@ -216,29 +206,26 @@ class IntentionStore:
         )
         return self._store(intention)
 
-    def update(self, intention_id: str, fields: dict[str, Any]) -> Intention:
-        current = self.intentions.get(intention_id)
-        if current is None:
-            raise IntentionError(404, f"Intention not found: {intention_id}")
-        clash = self.exact(fields["source_name"], fields["destination_name"])
+    def update(self, intention_id: str, fields: IntentionFields) -> Intention:
+        current = self.get(intention_id)
+        clash = self.exact(fields.source_name, fields.destination_name)
         if clash is not None and clash.id != intention_id:
-            raise IntentionError(409, f"duplicate intention found: {clash} (ID {clash.id})")
+            raise Conflict(f"duplicate intention found: {clash} (ID {clash.id})")
         updated = replace(
             current,
-            source_name=fields["source_name"],
-            destination_name=fields["destination_name"],
-            action=fields["action"],
-            description=fields.get("description", ""),
-            meta=dict(fields.get("meta", {})),
+            source_name=fields.source_name,
+            destination_name=fields.destination_name,
+            action=fields.action,
+            description=fields.description,
+            meta=dict(fields.meta),
             updated_at=_timestamp(),
             modify_index=self.next_index(),
         )
         return self._store(updated)
 
     def delete(self, intention_id: str) -> Intention:
-        intention = self.intentions.pop(intention_id, None)
-        if intention is None:
-            raise IntentionError(404, f"Intention not found: {intention_id}")
+        intention = self.get(intention_id)
+        del self.intentions[intention_id]
         self.next_index()
         self.save()
         self.on_change()
@@ -263,20 +250,40 @@ class IntentionStore:
         """(allowed, reason) for ``source`` connecting to ``destination``: the first match."""
         for intention in self.match("destination", destination):
             if intention.matches_source(source):
-                return intention.action == "allow", f"Matched intention: {intention}"
+                return intention.action is Action.ALLOW, f"Matched intention: {intention}"
         if not acls_enabled:
             return True, "ACLs disabled, access is allowed by default"
         return default_allow, "Default behavior configured by ACLs"
 
 
-def _to_store(intention: Intention) -> dict[str, Any]:
+class IntentionFile:
+    """Intentions in ``data_dir/connect/intentions.json`` (versioned, 0600)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> list[Intention]:
+        # An intention store that cannot be read must not silently allow everything.
+        data = load_document(self.path, VERSION, REMEDY)
+        if data is None:
+            return []
+        try:
+            return [_from_stored(entry) for entry in data["Intentions"]]
+        except (KeyError, TypeError, ValueError, Damaged) as exc:
+            raise damaged(self.path, exc, REMEDY) from exc
+
+    def save(self, intentions: list[Intention]) -> None:
+        save_document(self.path, VERSION, {"Intentions": [_to_stored(ixn) for ixn in intentions]})
+
+
+def _to_stored(intention: Intention) -> dict[str, Any]:
     return {
         "ID": intention.id,
         "SourceName": intention.source_name,
         "DestinationName": intention.destination_name,
-        "Action": intention.action,
+        "Action": intention.action.value,
         "Description": intention.description,
-        "Meta": intention.meta,
+        "Meta": dict(intention.meta),
         "CreatedAt": intention.created_at,
         "UpdatedAt": intention.updated_at,
         "CreateIndex": intention.create_index,
@@ -284,18 +291,18 @@ def _to_store(intention: Intention) -> dict[str, Any]:
     }
 
 
-def _from_json(entry: dict[str, Any]) -> dict[str, Any]:
-    if entry["Action"] not in ("allow", "deny"):
-        raise ValueError(f"intention {entry['ID']}: invalid action {entry['Action']!r}")
-    return {
-        "id": str(entry["ID"]),
-        "source_name": str(entry["SourceName"]),
-        "destination_name": str(entry["DestinationName"]),
-        "action": str(entry["Action"]),
-        "description": str(entry.get("Description", "")),
-        "meta": dict(entry.get("Meta") or {}),
-        "created_at": str(entry.get("CreatedAt", "")),
-        "updated_at": str(entry.get("UpdatedAt", "")),
-        "create_index": int(entry.get("CreateIndex", 0)),
-        "modify_index": int(entry.get("ModifyIndex", 0)),
-    }
+def _from_stored(entry: dict[str, Any]) -> Intention:
+    if entry["Action"] not in tuple(Action):
+        raise Damaged(f"intention {entry['ID']}: invalid action {entry['Action']!r}")
+    return Intention(
+        id=str(entry["ID"]),
+        source_name=str(entry["SourceName"]),
+        destination_name=str(entry["DestinationName"]),
+        action=Action(entry["Action"]),
+        description=str(entry.get("Description", "")),
+        meta=dict(entry.get("Meta") or {}),
+        created_at=str(entry.get("CreatedAt", "")),
+        updated_at=str(entry.get("UpdatedAt", "")),
+        create_index=int(entry.get("CreateIndex", 0)),
+        modify_index=int(entry.get("ModifyIndex", 0)),
+    )

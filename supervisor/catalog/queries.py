@@ -1,4 +1,4 @@
-"""Prepared queries: stored service lookups, executed by name or ID, persisted in data_dir.
+"""Prepared queries: stored service lookups, executed by name or ID.
 
 Supported: ``Service.Service``, ``Tags`` (``!tag`` excludes), ``OnlyPassing`` (else only
 critical instances are left out, as in Consul), ``NodeMeta``, ``ServiceMeta``,
@@ -6,22 +6,28 @@ critical instances are left out, as in Consul), ``NodeMeta``, ``ServiceMeta``,
 templates with ``${name.full}``, ``${name.prefix}``, ``${name.suffix}`` and
 ``${match(N)}``. Failover is accepted and reported as 0 failovers: discovery is local
 to this agent.
+
+``Queries`` is the domain (typed definitions, names, template resolution); where they
+are kept is its ``QueryStorage``: ``QueryFile`` writes ``data_dir/connect/queries.json``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
+from supervisor.catalog.errors import Conflict, InvalidDefinition, NotFound
 from supervisor.config.keys import check_safe_id
 from supervisor.config.schema import Bool, Context, Custom, Int, Invalid, List, Map, Obj, Opaque, Str
-from supervisor.errors import ConfigError, ConfigProblem, DataDirError, load_error
-from supervisor.state.atomic import atomic_write
+from supervisor.errors import ConfigError, ConfigProblem
+from supervisor.state.documents import Damaged, damaged, load_document, save_document
+
+VERSION = 1
+REMEDY = "restore it, or move it away to start with no prepared queries"
 
 SERVICE_QUERY = Obj(
     {
@@ -78,73 +84,132 @@ SCHEMA = Obj(
 
 
 @dataclass(frozen=True)
+class ServiceQuery:
+    """What a query looks for. None: a field the definition leaves out (Consul shows null)."""
+
+    service: str
+    failover_nearest_n: int = 0
+    failover_datacenters: tuple[str, ...] | None = None
+    only_passing: bool = False
+    ignore_check_ids: tuple[str, ...] | None = None
+    near: str = ""
+    tags: tuple[str, ...] | None = None
+    node_meta: Mapping[str, str] | None = None
+    service_meta: Mapping[str, str] | None = None
+    connect: bool = False
+
+
+@dataclass(frozen=True)
+class Template:
+    type: str
+    regexp: str = ""
+    remove_empty_tags: bool = False
+
+
+@dataclass(frozen=True)
+class QueryDefinition:
+    service: ServiceQuery
+    name: str = ""
+    session: str = ""
+    token: str = ""
+    dns_ttl: str = ""
+    template: Template | None = None
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> QueryDefinition:
+        """From the cleaned (snake_case) definition, as validated and as stored."""
+        service = fields["service"]
+        failover = service.get("failover", {})
+        template = fields.get("template") or None
+
+        def optional(key: str) -> Any:
+            value = service.get(key)
+            if value is None:
+                return None
+            return dict(value) if isinstance(value, Mapping) else tuple(value)
+
+        return cls(
+            service=ServiceQuery(
+                service=str(service["service"]),
+                failover_nearest_n=int(failover.get("nearest_n", 0)),
+                failover_datacenters=tuple(failover["datacenters"]) if "datacenters" in failover else None,
+                only_passing=bool(service.get("only_passing", False)),
+                ignore_check_ids=optional("ignore_check_ids"),
+                near=str(service.get("near", "")),
+                tags=optional("tags"),
+                node_meta=optional("node_meta"),
+                service_meta=optional("service_meta"),
+                connect=bool(service.get("connect", False)),
+            ),
+            name=str(fields.get("name", "")),
+            session=str(fields.get("session", "")),
+            token=str(fields.get("token", "")),
+            dns_ttl=str((fields.get("dns") or {}).get("ttl", "")),
+            template=Template(
+                type=str(template.get("type", "")),
+                regexp=str(template.get("regexp", "")),
+                remove_empty_tags=bool(template.get("remove_empty_tags", False)),
+            )
+            if template
+            else None,
+        )
+
+    def to_fields(self) -> dict[str, Any]:
+        """The cleaned definition again (what the store keeps, as it always has)."""
+        query = self.service
+        service: dict[str, Any] = {"service": query.service}
+        failover: dict[str, Any] = {}
+        if query.failover_nearest_n:
+            failover["nearest_n"] = query.failover_nearest_n
+        if query.failover_datacenters is not None:
+            failover["datacenters"] = list(query.failover_datacenters)
+        if failover:
+            service["failover"] = failover
+        flags = {"only_passing": query.only_passing, "near": query.near, "connect": query.connect}
+        service.update({key: value for key, value in flags.items() if value})
+        for key, optional in (
+            ("ignore_check_ids", query.ignore_check_ids),
+            ("tags", query.tags),
+            ("node_meta", query.node_meta),
+            ("service_meta", query.service_meta),
+        ):
+            if optional is not None:
+                service[key] = dict(optional) if isinstance(optional, Mapping) else list(optional)
+        fields: dict[str, Any] = {"service": service}
+        texts = {"name": self.name, "session": self.session, "token": self.token}
+        fields.update({key: text for key, text in texts.items() if text})
+        if self.dns_ttl:
+            fields["dns"] = {"ttl": self.dns_ttl}
+        if self.template is not None:
+            fields["template"] = {
+                "type": self.template.type,
+                "regexp": self.template.regexp,
+                "remove_empty_tags": self.template.remove_empty_tags,
+            }
+        return fields
+
+
+@dataclass(frozen=True)
 class PreparedQuery:
     id: str
-    name: str
-    fields: dict[str, Any]  # the cleaned definition (snake_case)
+    definition: QueryDefinition
     create_index: int
     modify_index: int
 
     @property
-    def service(self) -> dict[str, Any]:
-        service: dict[str, Any] = self.fields["service"]
-        return service
-
-    @property
-    def template(self) -> dict[str, Any] | None:
-        template: dict[str, Any] | None = self.fields.get("template") or None
-        return template
-
-    def to_json(self, show_token: bool) -> dict[str, Any]:
-        service = self.service
-        failover = service.get("failover", {})
-        template = self.template or {}
-        return {
-            "ID": self.id,
-            "Name": self.name,
-            "Session": self.fields.get("session", ""),
-            "Token": self.fields.get("token", "")
-            if show_token
-            else ("<hidden>" if self.fields.get("token") else ""),
-            "Service": {
-                "Service": service["service"],
-                "Failover": {
-                    "NearestN": failover.get("nearest_n", 0),
-                    "Datacenters": failover.get("datacenters"),
-                },
-                "OnlyPassing": service.get("only_passing", False),
-                "IgnoreCheckIDs": service.get("ignore_check_ids"),
-                "Near": service.get("near", ""),
-                "Tags": service.get("tags"),
-                "NodeMeta": service.get("node_meta"),
-                "ServiceMeta": service.get("service_meta"),
-                "Connect": service.get("connect", False),
-            },
-            "DNS": {"TTL": self.fields.get("dns", {}).get("ttl", "")},
-            "Template": {
-                "Type": template.get("type", ""),
-                "Regexp": template.get("regexp", ""),
-                "RemoveEmptyTags": template.get("remove_empty_tags", False),
-            },
-            "CreateIndex": self.create_index,
-            "ModifyIndex": self.modify_index,
-        }
+    def name(self) -> str:
+        return self.definition.name
 
 
-class QueryError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def parse_query(body: Any, source: str = "<api>") -> dict[str, Any]:
+def parse_query(body: Any, source: str = "<api>") -> QueryDefinition:
+    """Validate a definition (CamelCase or snake_case keys); raises ConfigError."""
     ctx = Context(source)
     cleaned = SCHEMA.validate(body, "", ctx)
     if ctx.problems or not isinstance(cleaned, dict):
         raise ConfigError(ctx.problems or [ConfigProblem(source, "", "expected a JSON object")])
     if cleaned.get("template") and not cleaned.get("name"):
         raise ConfigError.single(source, "Name", "a template query needs a name (the prefix it matches)")
-    return cleaned
+    return QueryDefinition.from_fields(cleaned)
 
 
 def interpolate(text: str, full: str, prefix: str, match: re.Match[str] | None) -> str:
@@ -162,78 +227,55 @@ def interpolate(text: str, full: str, prefix: str, match: re.Match[str] | None) 
             if match is not None and group <= (match.re.groups or 0):
                 return match.group(group) or ""
             return ""
-        raise QueryError(400, f"unknown template expression ${{{expression}}}")
+        raise InvalidDefinition(f"unknown template expression ${{{expression}}}")
 
     return re.sub(r"\$\{([^}]*)\}", replace_one, text)
 
 
-class QueryStore:
-    def __init__(self, path: str | None, next_index: Any, on_change: Any) -> None:
-        self.path = path
+class QueryStorage(Protocol):
+    def load(self) -> list[PreparedQuery]: ...
+    def save(self, queries: list[PreparedQuery]) -> None: ...
+
+
+class Queries:
+    def __init__(
+        self, storage: QueryStorage | None, next_index: Callable[[], int], on_change: Callable[[], None]
+    ) -> None:
+        self.storage = storage
         self.next_index = next_index
         self.on_change = on_change
         self.queries: dict[str, PreparedQuery] = {}
 
     def load(self) -> None:
-        if self.path is None or not os.path.exists(self.path):
-            return
-        try:
-            with open(self.path) as handle:
-                data = json.load(handle)
-            for entry in data["Queries"]:
-                fields = parse_query(entry["Definition"], self.path)
-                self.queries[entry["ID"]] = PreparedQuery(
-                    entry["ID"],
-                    fields.get("name", ""),
-                    fields,
-                    int(entry["CreateIndex"]),
-                    int(entry["ModifyIndex"]),
-                )
-        except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
-            raise load_error(exc)(f"{self.path} cannot be read ({exc}); restore it or move it away") from exc
+        if self.storage is not None:
+            self.queries = {query.id: query for query in self.storage.load()}
 
     def save(self) -> None:
-        if self.path is None:
-            return
-        document = {
-            "Version": 1,
-            "Queries": [
-                {
-                    "ID": q.id,
-                    "Definition": q.fields,
-                    "CreateIndex": q.create_index,
-                    "ModifyIndex": q.modify_index,
-                }
-                for q in self.list()
-            ],
-        }
-        try:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            atomic_write(self.path, json.dumps(document, indent=1).encode(), mode=0o600)
-        except OSError as exc:
-            raise DataDirError(f"cannot write {self.path}: {exc.strerror}") from exc
+        if self.storage is not None:
+            self.storage.save(self.list())
 
     def list(self) -> list[PreparedQuery]:
         return sorted(self.queries.values(), key=lambda query: (query.name, query.id))
 
-    def create(self, fields: dict[str, Any]) -> PreparedQuery:
-        self._check_name(fields.get("name", ""), None)
-        index = self.next_index()
-        query = PreparedQuery(str(uuid.uuid4()), fields.get("name", ""), fields, index, index)
-        return self._store(query)
+    def get(self, query_id: str) -> PreparedQuery:
+        query = self.queries.get(query_id)
+        if query is None:
+            raise NotFound(f"Query not found: {query_id}")
+        return query
 
-    def update(self, query_id: str, fields: dict[str, Any]) -> PreparedQuery:
-        current = self.queries.get(query_id)
-        if current is None:
-            raise QueryError(404, f"Query not found: {query_id}")
-        self._check_name(fields.get("name", ""), query_id)
-        return self._store(
-            replace(current, name=fields.get("name", ""), fields=fields, modify_index=self.next_index())
-        )
+    def create(self, definition: QueryDefinition) -> PreparedQuery:
+        self._check_name(definition.name, None)
+        index = self.next_index()
+        return self._store(PreparedQuery(str(uuid.uuid4()), definition, index, index))
+
+    def update(self, query_id: str, definition: QueryDefinition) -> PreparedQuery:
+        current = self.get(query_id)
+        self._check_name(definition.name, query_id)
+        return self._store(replace(current, definition=definition, modify_index=self.next_index()))
 
     def delete(self, query_id: str) -> None:
-        if self.queries.pop(query_id, None) is None:
-            raise QueryError(404, f"Query not found: {query_id}")
+        self.get(query_id)
+        del self.queries[query_id]
         self.next_index()
         self.save()
         self.on_change()
@@ -243,7 +285,7 @@ class QueryStore:
             return
         for query in self.queries.values():
             if query.name == name and query.id != own_id:
-                raise QueryError(409, f"name {name!r} aliases an existing query name (ID {query.id})")
+                raise Conflict(f"name {name!r} aliases an existing query name (ID {query.id})")
 
     def _store(self, query: PreparedQuery) -> PreparedQuery:
         self.queries[query.id] = query
@@ -251,26 +293,68 @@ class QueryStore:
         self.on_change()
         return query
 
-    def resolve(self, name_or_id: str) -> tuple[PreparedQuery, dict[str, Any]]:
-        """The query for an ID or name (templates by longest prefix) and its service spec."""
+    def resolve(self, name_or_id: str) -> tuple[PreparedQuery, ServiceQuery]:
+        """The query for an ID or name (templates by longest prefix) and what it looks for."""
         if name_or_id in self.queries:
             query = self.queries[name_or_id]
-            return query, dict(query.service)
+            return query, query.definition.service
         for query in self.queries.values():
-            if query.name == name_or_id and not query.template:
-                return query, dict(query.service)
-        templates = [q for q in self.queries.values() if q.template and name_or_id.startswith(q.name)]
+            if query.name == name_or_id and query.definition.template is None:
+                return query, query.definition.service
+        templates = [
+            q
+            for q in self.queries.values()
+            if q.definition.template is not None and name_or_id.startswith(q.name)
+        ]
         if not templates:
-            raise QueryError(404, f"Query not found: {name_or_id}")
+            raise NotFound(f"Query not found: {name_or_id}")
         query = max(templates, key=lambda q: len(q.name))
-        template = query.template or {}
-        regexp = template.get("regexp", "")
-        match = re.match(regexp, name_or_id) if regexp else None
-        service = dict(query.service)
-        service["service"] = interpolate(service["service"], name_or_id, query.name, match)
-        tags = [interpolate(tag, name_or_id, query.name, match) for tag in service.get("tags") or []]
-        service["tags"] = [tag for tag in tags if tag] if template.get("remove_empty_tags") else tags
-        return query, service
+        template = query.definition.template
+        assert template is not None
+        match = re.match(template.regexp, name_or_id) if template.regexp else None
+        service = query.definition.service
+        tags = [interpolate(tag, name_or_id, query.name, match) for tag in service.tags or ()]
+        return query, replace(
+            service,
+            service=interpolate(service.service, name_or_id, query.name, match),
+            tags=tuple(tag for tag in tags if tag) if template.remove_empty_tags else tuple(tags),
+        )
+
+
+class QueryFile:
+    """Prepared queries in ``data_dir/connect/queries.json`` (versioned, 0600)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> list[PreparedQuery]:
+        data = load_document(self.path, VERSION, REMEDY)
+        if data is None:
+            return []
+        try:
+            return [
+                PreparedQuery(
+                    str(entry["ID"]),
+                    parse_query(entry["Definition"], self.path),
+                    int(entry["CreateIndex"]),
+                    int(entry["ModifyIndex"]),
+                )
+                for entry in data["Queries"]
+            ]
+        except (KeyError, TypeError, ValueError, Damaged, ConfigError) as exc:
+            raise damaged(self.path, exc, REMEDY) from exc
+
+    def save(self, queries: list[PreparedQuery]) -> None:
+        entries = [
+            {
+                "ID": query.id,
+                "Definition": query.definition.to_fields(),
+                "CreateIndex": query.create_index,
+                "ModifyIndex": query.modify_index,
+            }
+            for query in queries
+        ]
+        save_document(self.path, VERSION, {"Queries": entries})
 
 
 def shuffled(items: list[Any]) -> list[Any]:
