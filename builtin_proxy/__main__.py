@@ -14,15 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-LEVELS = {
-    "TRACE": logging.DEBUG,
-    "DEBUG": logging.DEBUG,
-    "INFO": logging.INFO,
-    "WARN": logging.WARNING,
-    "WARNING": logging.WARNING,
-    "ERR": logging.ERROR,
-    "ERROR": logging.ERROR,
-}
+from supervisor.levels import numeric
+from supervisor.net import DEFAULT_ADDRESS
 
 
 class _Formatter(logging.Formatter):
@@ -49,8 +42,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "-http-addr",
         "--http-addr",
         dest="http_addr",
-        default=os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"),
-        help="the agent's API address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)",
+        default=os.environ.get("CONSUL_HTTP_ADDR", DEFAULT_ADDRESS),
+        help=f"the agent's API address (default: CONSUL_HTTP_ADDR or {DEFAULT_ADDRESS})",
     )
     parser.add_argument(
         "-log-level",
@@ -106,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(_Formatter())
     root = logging.getLogger("builtin_proxy")
     root.addHandler(handler)
-    root.setLevel(LEVELS.get(args.log_level.upper(), logging.INFO))
+    root.setLevel(numeric(args.log_level))
     if not args.proxy_id:
         sys.stderr.write("builtin_proxy: no proxy ID: set CONNECT_PROXY_ID or pass -proxy-id\n")
         return 2

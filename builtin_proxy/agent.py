@@ -17,6 +17,8 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from supervisor.net import DEFAULT_PORT, split_host_port
+
 log = logging.getLogger("builtin_proxy.agent")
 
 WAIT = "5m"
@@ -30,14 +32,12 @@ class AgentError(Exception):
         self.message = message
 
 
-class AgentClient:
+class AgentConnection:
     """One keep-alive connection to the agent (not thread-safe: one per thread)."""
 
     def __init__(self, address: str, token: str) -> None:
-        address = address.removeprefix("http://")
-        host, _, port = address.rpartition(":")
-        self.host = host.strip("[]") or "127.0.0.1"
-        self.port = int(port or 8500)
+        host, self.port = split_host_port(address.removeprefix("http://"), DEFAULT_PORT)
+        self.host = host or "127.0.0.1"
         self.token = token
         self._conn: http.client.HTTPConnection | None = None
         self._aborted = False
@@ -95,7 +95,7 @@ class Watch(threading.Thread):
     def __init__(
         self,
         name: str,
-        client: AgentClient,
+        client: AgentConnection,
         path: str,
         post: Callable[[Callable[..., None], Any], None],
         deliver: Callable[[Any], None],
@@ -169,7 +169,7 @@ class Requests:
         self.post = post
         self._threads = [
             threading.Thread(
-                target=self._work, args=(AgentClient(address, token),), daemon=True, name="agent request"
+                target=self._work, args=(AgentConnection(address, token),), daemon=True, name="agent request"
             )
             for _ in range(workers)
         ]
@@ -181,7 +181,7 @@ class Requests:
     ) -> None:
         self._queue.put((method, path, body, done))
 
-    def _work(self, client: AgentClient) -> None:
+    def _work(self, client: AgentConnection) -> None:
         while True:
             item = self._queue.get()
             if item is None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from supervisor.net import split_host_port
+
 DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000
 DEFAULT_LOCAL_CONNECT_TIMEOUT_MS = 1_000
 DEFAULT_CONNECT_TIMEOUT_MS = 10_000
@@ -32,14 +34,15 @@ def _number(value: Any, name: str, default: int) -> int:
 
 
 def split_address(text: str, name: str) -> tuple[str, int]:
-    host, sep, port = str(text).rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5):
-        raise ValueError(f"{name}: expected host:port, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        host, port = split_host_port(str(text))
+    except ValueError:
+        raise ValueError(f"{name}: expected host:port, got {text!r}") from None
+    return host or "127.0.0.1", port
 
 
 @dataclass(frozen=True)
-class Upstream:
+class UpstreamConfig:
     destination_type: str
     destination_name: str
     datacenter: str
@@ -65,14 +68,14 @@ class ProxyConfig:
     local_service: tuple[str, int] | None
     local_connect_timeout_ms: int
     handshake_timeout_ms: int
-    upstreams: tuple[Upstream, ...]
+    upstreams: tuple[UpstreamConfig, ...]
 
     @property
     def listen(self) -> tuple[str, int]:
         return self.bind_address, self.bind_port
 
 
-def _upstreams(raw: Any) -> tuple[Upstream, ...]:
+def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
     result = []
     for index, entry in enumerate(raw or []):
         if not isinstance(entry, dict):
@@ -80,7 +83,7 @@ def _upstreams(raw: Any) -> tuple[Upstream, ...]:
         config = entry.get("Config") or {}
         destination_type = entry.get("DestinationType") or "service"
         result.append(
-            Upstream(
+            UpstreamConfig(
                 destination_type="prepared_query" if destination_type == "prepared_query" else "service",
                 destination_name=str(entry.get("DestinationName") or ""),
                 datacenter=str(entry.get("Datacenter") or ""),

@@ -15,7 +15,6 @@ import itertools
 import logging
 import os
 import select
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,7 +51,6 @@ class EventLoop:
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_read, READ)
         self._running = False
-        self.thread_id: int | None = None
         self._reported: set[tuple[str, str]] = set()
 
     # -- file descriptors -------------------------------------------------------------
@@ -111,7 +109,6 @@ class EventLoop:
 
     def run(self) -> None:
         self._running = True
-        self.thread_id = threading.get_ident()
         poll = self._epoll.poll
         handlers = self._handlers
         wake = self._wake_read

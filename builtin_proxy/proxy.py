@@ -12,57 +12,25 @@ from __future__ import annotations
 
 import gc
 import logging
-import resource
 import signal
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from builtin_proxy.agent import AgentClient, AgentError, Requests, Watch
+from builtin_proxy.agent import AgentConnection, AgentError, Requests, Watch
 from builtin_proxy.authz import Authorizer
 from builtin_proxy.config import ProxyConfig, from_managed, from_service
 from builtin_proxy.loop import EventLoop
-from builtin_proxy.public import BindError, PublicListener
-from builtin_proxy.pump import Connection
-from builtin_proxy.tls import Identity, parse_service_uri
+from builtin_proxy.public import PublicListener
+from builtin_proxy.runtime import Runtime
+from builtin_proxy.sockets import BindError
+from builtin_proxy.tls import parse_service_uri
 from builtin_proxy.upstream import UpstreamListener
+from supervisor.resources import raise_open_file_limit
 
 log = logging.getLogger("builtin_proxy.proxy")
 
 EXIT_OK, EXIT_FATAL = 0, 1
-
-
-def raise_open_file_limit() -> None:
-    """Every connection holds two descriptors: lift the soft limit to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
-
-
-@dataclass
-class Runtime:
-    """What the listeners and connections of one proxy share (event-loop thread only)."""
-
-    loop: EventLoop
-    agent_address: str
-    token: str
-    config: ProxyConfig
-    identity: Identity = field(default_factory=Identity)
-    authorizer: Any = None
-    requests: Any = None
-    datacenter: str = ""
-    connections: set[Connection] = field(default_factory=set)
-    pending: set[Any] = field(default_factory=set)
-    sessions: dict[tuple[str, int, int], Any] = field(default_factory=dict)
-    identity_waiters: list[Callable[[], None]] = field(default_factory=list)
-
-    def forget(self, connection: Connection) -> None:
-        self.connections.discard(connection)
 
 
 class Proxy:
@@ -127,7 +95,7 @@ class Proxy:
     def _watch(self, name: str, path: str, deliver: Callable[[Any], None], **options: Any) -> Watch:
         watch = Watch(
             name,
-            AgentClient(self.agent_address, self.token),
+            AgentConnection(self.agent_address, self.token),
             path,
             self.loop.call_soon_threadsafe,
             deliver,
@@ -172,7 +140,7 @@ class Proxy:
             self._identity_changed("leaf certificate")
 
     def _on_intentions(self, _data: Any) -> None:
-        if self.runtime is not None and self.runtime.authorizer is not None:
+        if self.runtime is not None:
             self.runtime.authorizer.invalidate()
 
     def _identity_changed(self, what: str) -> None:
@@ -194,14 +162,18 @@ class Proxy:
     def _apply(self, config: ProxyConfig) -> None:
         runtime = self.runtime
         if runtime is None:
-            runtime = self.runtime = Runtime(self.loop, self.agent_address, self.token, config)
             self._requests = Requests(self.agent_address, self.token, self.loop.call_soon_threadsafe)
+            authorizer = Authorizer(config.service, self._requests.submit)
+            runtime = self.runtime = Runtime(self.loop, self.agent_address, self.token, config, authorizer)
             if self._pending_roots is not None:
                 runtime.identity.update_roots(self._pending_roots)
             log.info("proxy %s for service %s starting", config.proxy_id, config.service)
+            self._follow_service(config.service)
         previous = runtime.config
         runtime.config = config
-        if runtime.authorizer is None or previous.service != config.service:
+        if previous.service != config.service:
+            assert self._requests is not None
+            runtime.authorizer = Authorizer(config.service, self._requests.submit)
             self._follow_service(config.service)
         if self.public is not None and self.public.address != config.listen:
             log.info("public listener moves to %s:%d", *config.listen)
@@ -226,11 +198,8 @@ class Proxy:
             self.public = PublicListener(runtime, runtime.config.listen)
 
     def _follow_service(self, service: str) -> None:
-        runtime = self.runtime
-        assert runtime is not None and self._requests is not None
         for watch in self.service_watches:
             watch.stop()
-        runtime.authorizer = Authorizer(service, self._requests.submit)
         quoted = urllib.parse.quote(service, safe="")
         self.service_watches = [
             self._watch("leaf", f"/v1/agent/connect/ca/leaf/{quoted}", self._on_leaf),

@@ -13,41 +13,14 @@ import errno
 import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING
 
 from builtin_proxy.loop import READ, WRITE, Timer
 from builtin_proxy.pump import Connection
+from builtin_proxy.runtime import Runtime
+from builtin_proxy.sockets import listen, stream_socket, tune
 from builtin_proxy.tls import parse_service_uri, peer_uri
 
-if TYPE_CHECKING:
-    from builtin_proxy.proxy import Runtime
-
 log = logging.getLogger("builtin_proxy.public")
-
-
-class BindError(Exception):
-    """A listener could not bind: fatal for the proxy (the supervisor shows the exit)."""
-
-
-def listen(address: tuple[str, int], what: str) -> socket.socket:
-    host, port = address
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(4096)
-    except OSError as exc:
-        sock.close()
-        hint = " (another process holds it)" if exc.errno == errno.EADDRINUSE else ""
-        raise BindError(f"cannot listen on {host}:{port} for the {what}: {exc.strerror}{hint}") from exc
-    sock.setblocking(False)
-    return sock
-
-
-def tune(sock: socket.socket) -> None:
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class PublicListener:
@@ -138,9 +111,7 @@ class _Inbound:
             log.warning("no local_service_address: cannot forward the connection from %s", self.uri)
             self._fail()
             return
-        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-        app = socket.socket(family, socket.SOCK_STREAM)
-        tune(app)
+        app = stream_socket(target[0])
         self.app = app
         try:
             app.connect(target)

@@ -186,10 +186,7 @@ class Connection:
         self.closed = False
         self.on_close = on_close
 
-    def start(self, early: bytes = b"") -> None:
-        if early:
-            self._up.pending = early  # bytes the client sent before the TLS side was ready
-            self._up.flush()
+    def start(self) -> None:
         # TLS may already hold decrypted records that epoll cannot report.
         if self.tls.pending():
             self._down.pump()

@@ -19,24 +19,29 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
-from builtin_proxy.agent import AgentClient, Watch
-from builtin_proxy.config import Upstream
+from builtin_proxy.agent import AgentConnection, Watch
+from builtin_proxy.config import UpstreamConfig
 from builtin_proxy.loop import READ, WRITE, Timer
-from builtin_proxy.public import listen, tune
 from builtin_proxy.pump import Connection
+from builtin_proxy.runtime import Runtime
+from builtin_proxy.sockets import listen, stream_socket, tune
 from builtin_proxy.tls import peer_uri
-
-if TYPE_CHECKING:
-    from builtin_proxy.proxy import Runtime
 
 log = logging.getLogger("builtin_proxy.upstream")
 
-Instance = tuple[str, int, str, str]  # host, port, destination service, datacenter
+
+class Endpoint(NamedTuple):
+    """Where a healthy instance of an upstream's destination accepts mutual TLS."""
+
+    host: str
+    port: int
+    service: str  # the destination service: the identity its certificate must carry
+    datacenter: str
 
 
-def instances_from(entries: Any) -> list[Instance]:
+def endpoints_from(entries: Any) -> list[Endpoint]:
     """Health entries (service endpoint or prepared query ``Nodes``) to dialable instances."""
     found = []
     for entry in entries or []:
@@ -52,17 +57,17 @@ def instances_from(entries: Any) -> list[Instance]:
         host = service.get("Address") or node.get("Address") or ""
         port = service.get("Port") or 0
         if destination and host and port:
-            found.append((str(host), int(port), str(destination), str(node.get("Datacenter") or "")))
+            found.append(Endpoint(str(host), int(port), str(destination), str(node.get("Datacenter") or "")))
     return found
 
 
 class Discovery:
     """The healthy instances of one upstream destination, kept current by a watch."""
 
-    def __init__(self, runtime: Runtime, upstream: Upstream) -> None:
+    def __init__(self, runtime: Runtime, upstream: UpstreamConfig) -> None:
         self.runtime = runtime
         self.upstream = upstream
-        self.instances: list[Instance] = []
+        self.instances: list[Endpoint] = []
         self.loaded = False
         self.waiters: list[Callable[[], None]] = []
         name = urllib.parse.quote(upstream.destination_name, safe="")
@@ -75,14 +80,14 @@ class Discovery:
             unpack = lambda data: data  # noqa: E731
         self.watch = Watch(
             f"discovery {upstream}",
-            AgentClient(runtime.agent_address, runtime.token),
+            AgentConnection(runtime.agent_address, runtime.token),
             path,
             runtime.loop.call_soon_threadsafe,
-            lambda data: self._update(instances_from(unpack(data))),
+            lambda data: self._update(endpoints_from(unpack(data))),
         )
         self.watch.start()
 
-    def _update(self, instances: list[Instance]) -> None:
+    def _update(self, instances: list[Endpoint]) -> None:
         if sorted(instances) != sorted(self.instances):
             log.debug("%s: %d healthy instance(s)", self.upstream, len(instances))
         self.instances = instances
@@ -91,7 +96,7 @@ class Discovery:
         for wake in waiters:
             wake()
 
-    def pick(self) -> Instance | None:
+    def pick(self) -> Endpoint | None:
         return random.choice(self.instances) if self.instances else None
 
     def close(self) -> None:
@@ -100,7 +105,7 @@ class Discovery:
 
 
 class UpstreamListener:
-    def __init__(self, runtime: Runtime, upstream: Upstream) -> None:
+    def __init__(self, runtime: Runtime, upstream: UpstreamConfig) -> None:
         self.runtime = runtime
         self.upstream = upstream
         self.sock = listen(upstream.listen, f"upstream {upstream.destination_name}")
@@ -136,7 +141,7 @@ class _Outbound:
         self.listener = listener
         self.client = client
         self.tls: ssl.SSLSocket | None = None
-        self.instance: Instance | None = None
+        self.instance: Endpoint | None = None
         budget = listener.upstream.connect_timeout_ms / 1000
         self.deadline = time.monotonic() + budget
         self.timer: Timer | None = runtime.loop.call_later(budget, self._timeout)
@@ -163,9 +168,7 @@ class _Outbound:
             return
         self.instance = instance
         host, port, _, _ = instance
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        raw = socket.socket(family, socket.SOCK_STREAM)
-        tune(raw)
+        raw = stream_socket(host)
         try:
             raw.connect((host, port))
         except (BlockingIOError, InterruptedError):

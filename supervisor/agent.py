@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import resource
 import signal
 import uuid
 from collections import Counter
@@ -29,9 +28,11 @@ from supervisor.config.model import AgentConfig
 from supervisor.connect.ca import validate_ca_config
 from supervisor.controlplane import ControlPlane
 from supervisor.logsetup import configure_logging, set_level
+from supervisor.net import join_host_port
 from supervisor.ops.daemon import Readiness
 from supervisor.ops.proxylogs import ProxyLogRotator, RotationPolicy
 from supervisor.ops.sdnotify import SdNotifier
+from supervisor.resources import raise_open_file_limit
 from supervisor.state.datadir import DataDir
 from supervisor.state.guard import DataDirGuard, DataDirWatcher
 from supervisor.state.lock import AgentLock
@@ -194,7 +195,7 @@ class Agent:
             self.api = ApiServer(sock, board, supervisor, plane)
             self.api.start()
             resources.callback(self.api.stop)
-            log.info("HTTP API listening on %s", _format_address(str(host), int(port)))
+            log.info("HTTP API listening on %s", join_host_port(str(host), int(port)))
             watcher = ConfigWatcher(
                 self.options.config_dirs,
                 self.options.config_files,
@@ -279,10 +280,6 @@ def _rotation_policy(config: AgentConfig) -> RotationPolicy:
     return RotationPolicy(config.proxy_log_max_bytes, config.proxy_log_max_files)
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def limit_malloc_arenas(arenas: int = 2) -> None:
     """glibc gives every thread that allocates an arena of its own (up to 8 per core) and
     returns little of it: a long-running agent's RSS crept up that way. Two are plenty for
@@ -292,15 +289,3 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         libc.mallopt(ctypes.c_int(-8), ctypes.c_int(arenas))  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass  # not glibc: nothing to limit
-
-
-def raise_open_file_limit() -> None:
-    """Every blocking query and every proxy's pidfd holds a file descriptor: lift the soft
-    limit (often 1024) to the hard one, as network servers do."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, wanted, exc)

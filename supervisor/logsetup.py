@@ -13,21 +13,8 @@ import os
 import sys
 from typing import Any
 
-TRACE = 5
-LEVELS = {
-    "TRACE": TRACE,
-    "DEBUG": logging.DEBUG,
-    "INFO": logging.INFO,
-    "WARN": logging.WARNING,
-    "ERR": logging.ERROR,
-}
-_NAMES = {
-    TRACE: "TRACE",
-    logging.DEBUG: "DEBUG",
-    logging.INFO: "INFO",
-    logging.WARNING: "WARN",
-    logging.ERROR: "ERROR",
-}
+from supervisor.levels import NAMES, TRACE, numeric
+
 ROOT = "supervisor"
 
 
@@ -42,7 +29,7 @@ def _component(record: logging.LogRecord) -> str:
 
 class PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        level = _NAMES.get(record.levelno, record.levelname)
+        level = NAMES.get(record.levelno, record.levelname)
         text = f"{_timestamp(record)} [{level}] {_component(record)}: {record.getMessage()}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
@@ -53,7 +40,7 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "@timestamp": _timestamp(record),
-            "@level": _NAMES.get(record.levelno, record.levelname).lower(),
+            "@level": NAMES.get(record.levelno, record.levelname).lower(),
             "@module": _component(record),
             "@message": record.getMessage(),
         }
@@ -139,4 +126,4 @@ def configure_logging(
 
 
 def set_level(level: str) -> None:
-    logging.getLogger(ROOT).setLevel(LEVELS.get(level.upper(), logging.INFO))
+    logging.getLogger(ROOT).setLevel(numeric(level))

@@ -9,8 +9,11 @@ from __future__ import annotations
 import errno
 import socket
 
+DEFAULT_PORT = 8500
+DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"  # Consul's: where clients look for an agent
 
-class ListenError(OSError):
+
+class BindFailed(OSError):
     """A listening socket could not be bound (``hint`` says what to do about it)."""
 
     def __init__(self, address: str, strerror: str, code: int | None) -> None:
@@ -58,7 +61,7 @@ def split_host_port(text: str, default_port: int | None = None) -> tuple[str, in
 
 
 def listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A non-blocking listening TCP socket (SO_REUSEADDR); raises ListenError."""
+    """A non-blocking listening TCP socket (SO_REUSEADDR); raises BindFailed."""
     host = bare_host(host)
     sock = socket.socket(family_of(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -67,6 +70,6 @@ def listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise ListenError(join_host_port(host, port), exc.strerror or str(exc), exc.errno) from exc
+        raise BindFailed(join_host_port(host, port), exc.strerror or str(exc), exc.errno) from exc
     sock.setblocking(False)
     return sock

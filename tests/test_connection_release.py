@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from builtin_proxy.agent import AgentClient, Watch
+from builtin_proxy.agent import AgentConnection, Watch
 from tests.helpers.agent import AgentProcess
 from tests.helpers.processes import wait_until
 
@@ -62,7 +62,7 @@ def test_a_stopped_watch_ends_its_held_query_at_once(agent: AgentProcess) -> Non
     delivered: list[object] = []
     watch = Watch(
         "test",
-        AgentClient(agent.address, ""),
+        AgentConnection(agent.address, ""),
         "/v1/health/connect/web?passing",
         lambda function, data: delivered.append(data),
         lambda data: None,

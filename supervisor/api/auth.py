@@ -82,7 +82,7 @@ def _identify(request: Request, view: AgentView) -> Caller:
     return _proxy_tokens(view).get(_digest(token)) or Caller("unknown")
 
 
-def principal_of(request: Request, view: AgentView, host: str) -> str | None:
+def principal_of(request: Request, view: AgentView) -> str | None:
     """Who a request's connection counts against for the connection limits: a proxy by
     its token, everyone else by address; the master token is never limited (None)."""
     caller = identify(request, view)
@@ -90,7 +90,7 @@ def principal_of(request: Request, view: AgentView, host: str) -> str | None:
         return None
     if caller.is_proxy:
         return f"proxy:{caller.proxy_id}"
-    return f"addr:{host}"
+    return f"addr:{request.remote_host}"
 
 
 def _denied() -> HttpError:

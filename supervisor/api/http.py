@@ -32,6 +32,7 @@ import h11
 
 from supervisor.api.limits import ConnectionBook, Refusal
 from supervisor.config.limits import LimitExceeded, loads_json
+from supervisor.net import join_host_port, split_host_port
 
 log = logging.getLogger("supervisor.api")
 
@@ -72,8 +73,10 @@ class Request:
 
     @property
     def remote_host(self) -> str:
-        host, _, _ = self.remote.rpartition(":")
-        return host.strip("[]") or self.remote
+        try:
+            return split_host_port(self.remote)[0]
+        except ValueError:
+            return self.remote
 
     def arg(self, name: str, default: str | None = None) -> str | None:
         values = self.query.get(name)
@@ -132,9 +135,12 @@ class HttpServer:
     server would accept each one only to refuse it, and run out of descriptors first.)
     """
 
-    def __init__(self, handler: Handler, book: ConnectionBook) -> None:
+    def __init__(
+        self, handler: Handler, book: ConnectionBook, principal_of: Callable[[Request], str | None]
+    ) -> None:
         self.handler = handler
         self.book = book
+        self.principal_of = principal_of  # whom a request's connection counts against
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
@@ -219,7 +225,6 @@ class HttpConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None  # armed at or before _deadline
         self._deadline: float | None = None
         self._on_deadline: Callable[[], None] | None = None
-        self._served = 0
         self._closed = False
         self._eof_pending = False  # the client closed its side while a request was served
 
@@ -231,7 +236,7 @@ class HttpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.remote_host = str(peer[0])
-            self.remote = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+            self.remote = join_host_port(str(peer[0]), int(peer[1]))
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -338,7 +343,7 @@ class HttpConnection(asyncio.Protocol):
         assert head is not None
         request = _request_from(head, bytes(self._body), self.remote, self.gone)
         self._body = bytearray()
-        refusal = self.server.book.identified(self, request)
+        refusal = self.server.book.identified(self, self.server.principal_of(request))
         if refusal is not None:
             self._fail(refusal.status, refusal.message, LINGER_REFUSED)
             return
@@ -358,7 +363,6 @@ class HttpConnection(asyncio.Protocol):
             return
         finally:
             self._task = None
-        self._served += 1
         self._next_cycle()
 
     async def _dispatch(self, request: Request) -> Response:

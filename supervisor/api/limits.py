@@ -29,10 +29,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from supervisor.api.http import Request
 
 log = logging.getLogger("supervisor.api")
 
@@ -72,13 +68,13 @@ def caps_for(per_client: int, max_total: int, proxies: int, file_limit: int) -> 
 class ConnectionBook:
     """Counts open connections by client; lives on the API's event loop (no locks).
 
-    ``principal_of`` names who a request speaks for (``proxy:<id>``, ``addr:<ip>``) or
-    returns None for the master token, which is never limited.
+    A connection counts against its address until a request on it names who it speaks
+    for (``identified``: ``proxy:<id>``, ``addr:<ip>``, or None for the master token,
+    which is never limited).
     """
 
-    def __init__(self, caps: Callable[[], Caps], principal_of: Callable[[Request, str], str | None]) -> None:
+    def __init__(self, caps: Callable[[], Caps]) -> None:
         self.caps = caps
-        self.principal_of = principal_of
         self.total = 0
         self.anonymous = 0  # connections counted by address (no proxy or master token seen)
         self._principal: dict[object, str | None] = {}
@@ -105,11 +101,10 @@ class ConnectionBook:
             return Refusal(429, TOO_MANY)
         return None
 
-    def identified(self, connection: object, request: Request) -> Refusal | None:
+    def identified(self, connection: object, principal: str | None) -> Refusal | None:
         """A request arrived on ``connection``: count it against whom it speaks for."""
         if connection not in self._principal:
             return None
-        principal = self.principal_of(request, request.remote_host)
         previous = self._principal[connection]
         if principal != previous:
             self._release(previous)

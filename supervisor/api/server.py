@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 import threading
@@ -21,6 +20,7 @@ from supervisor.api.results import Results
 from supervisor.api.router import Router
 from supervisor.controlplane import ControlPlane
 from supervisor.errors import ListenError
+from supervisor.net import BindFailed, listen_socket
 from supervisor.supervision.manager import Supervisor
 from supervisor.supervision.view import AgentView, ViewBoard
 
@@ -29,23 +29,15 @@ log = logging.getLogger("supervisor.api")
 
 def bind_listener(host: str, port: int) -> socket.socket:
     """Bind and listen now, so a taken port stops the agent before any proxy starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        return listen_socket(host, port, backlog=1024)
+    except BindFailed as exc:
         hint = (
             "another process (another agent, or Consul) is listening there; stop it or set ports.http"
-            if exc.errno == errno.EADDRINUSE
+            if exc.in_use
             else "set addresses.http / client_addr to an address of this host"
         )
-        raise ListenError(f"cannot listen on {address} for the HTTP API: {exc.strerror}; {hint}") from exc
-    sock.setblocking(False)
-    return sock
+        raise ListenError(f"cannot listen on {exc.address} for the HTTP API: {exc.strerror}; {hint}") from exc
 
 
 class ApiServer:
@@ -129,8 +121,8 @@ class ApiServer:
                 config.http_max_conns_per_client, config.http_max_conns, len(view.proxies), file_limit
             )
 
-        book = ConnectionBook(caps, lambda request, host: principal_of(request, self.board.current, host))
-        http = HttpServer(router, book)
+        book = ConnectionBook(caps)
+        http = HttpServer(router, book, lambda request: principal_of(request, self.board.current))
         http.serve(self.sock)
         self._ready.set()
         await self._stop.wait()

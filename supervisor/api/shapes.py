@@ -14,8 +14,8 @@ from typing import Any
 
 from supervisor.api.blocking import content_hash
 from supervisor.catalog.model import CheckResult
-from supervisor.config.limits import parse_uint
 from supervisor.config.model import ServiceDef, Upstream, thaw
+from supervisor.net import split_host_port
 from supervisor.supervision.desired import PlannedProxy
 from supervisor.supervision.view import AgentView, ProxyStatus
 from supervisor.version import __version__
@@ -81,7 +81,10 @@ def service_json(service: ServiceDef, planned: PlannedProxy | None) -> dict[str,
 def managed_proxy_service_json(planned: PlannedProxy) -> dict[str, Any]:
     """The ``<service>-proxy`` registration the agent makes for a managed proxy."""
     service = planned.service
-    local_address, _, local_port = str(planned.config.get("local_service_address", "")).rpartition(":")
+    try:
+        local_address, local_port = split_host_port(str(planned.config.get("local_service_address", "")))
+    except ValueError:
+        local_address, local_port = "", service.port
     bind = planned.bind_address if planned.bind_address not in ("0.0.0.0", "::", "[::]") else ""
     data: dict[str, Any] = {
         "Kind": "connect-proxy",
@@ -97,8 +100,8 @@ def managed_proxy_service_json(planned: PlannedProxy) -> dict[str, Any]:
         "Proxy": {
             "DestinationServiceName": service.name,
             "DestinationServiceID": service.id,
-            "LocalServiceAddress": local_address.strip("[]"),
-            "LocalServicePort": parse_uint(local_port, 5) or service.port,
+            "LocalServiceAddress": local_address,
+            "LocalServicePort": local_port,
             "Config": thaw(planned.config),
             "Upstreams": [upstream_json(upstream) for upstream in planned.upstreams],
         },

@@ -24,7 +24,7 @@ from supervisor.catalog.status import CheckKind, CheckStatus
 from supervisor.catalog.storage import CatalogStorage, LocalStorage
 from supervisor.changes import ChangeSignal
 from supervisor.config.model import ServiceDef
-from supervisor.net import join_host_port
+from supervisor.net import bare_host, join_host_port
 from supervisor.supervision.desired import PlannedProxy
 from supervisor.supervision.view import AgentView, ProxyStatus
 
@@ -50,7 +50,7 @@ def proxy_check_target(planned: PlannedProxy) -> str | None:
         return None
     address = str(config.get("tcp_check_address") or "")
     if not address:
-        bind = planned.bind_address.strip("[]")
+        bind = bare_host(planned.bind_address)
         address = "127.0.0.1" if bind in ("", "0.0.0.0", "::") else bind
     return join_host_port(address, planned.port)
 
@@ -132,7 +132,6 @@ class Catalog:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._proxy_pids: dict[str, int | None] = {}
         self._instance_index: dict[str, int] = {}  # index at which each instance last changed
-        self._serf_index = index.next()
 
     # -- keeping up with the agent ---------------------------------------------------------
 

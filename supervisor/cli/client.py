@@ -9,8 +9,7 @@ import urllib.request
 from typing import Any
 
 from supervisor.errors import AgentRequestError
-
-DEFAULT_ADDRESS = "127.0.0.1:8500"
+from supervisor.net import DEFAULT_ADDRESS
 
 
 def resolve_address(flag: str | None) -> str:

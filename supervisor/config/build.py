@@ -34,11 +34,12 @@ from supervisor.config.model import (
 from supervisor.config.schema import Context, join
 from supervisor.config.sources import Source, collect_sources
 from supervisor.errors import ConfigError, ConfigProblem
+from supervisor.levels import canonical
+from supervisor.net import DEFAULT_PORT, bare_host
 
 log = logging.getLogger("supervisor.config")
 
 COMMAND_LINE = "<command line>"
-_LOG_LEVEL_ALIASES = {"WARNING": "WARN", "ERROR": "ERR"}
 _UNSUPPORTED_CHECK_KEYS = (
     "args",
     "script",
@@ -205,7 +206,7 @@ class _Builder:
             datacenter=doc.get("datacenter") or "dc1",
             bind_addr=doc.get("bind_addr") or "0.0.0.0",
             http_host=self._http_host(),
-            http_port=ports.get("http", 8500),
+            http_port=ports.get("http", DEFAULT_PORT),
             http_max_conns_per_client=doc.get("limits", {}).get("http_max_conns_per_client", 200),
             http_max_conns=doc.get("limits", {}).get("http_max_conns", 0),
             proxy_min_port=ports.get("proxy_min_port", 20000),
@@ -233,7 +234,7 @@ class _Builder:
 
     def _log_level(self) -> str:
         level = self.doc.get("log_level") or ("DEBUG" if self.dev else "INFO")
-        return _LOG_LEVEL_ALIASES.get(level, level)
+        return canonical(level) or level
 
     def _node_id(self) -> str | None:
         node_id = self.doc.get("node_id")
@@ -249,7 +250,7 @@ class _Builder:
         host = self.doc.get("addresses", {}).get("http") or self.doc.get("client_addr") or "127.0.0.1"
         # Consul allowed a space-separated list; the API listens on the first address.
         first = host.split()[0] if host.split() else "127.0.0.1"
-        return first.strip("[]")
+        return bare_host(first)
 
     def _proxy_defaults(self, raw: dict[str, Any]) -> ProxyDefaults:
         command = raw.get("command")

@@ -26,8 +26,9 @@ from supervisor.config.schema import (
     as_int,
     describe,
 )
+from supervisor.levels import SPELLINGS
 
-LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "WARNING", "ERR", "ERROR")
+LOG_LEVELS = tuple(SPELLINGS)
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_@:+=-][A-Za-z0-9._@:+=-]{0,199}")
 

@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Any
 
 from supervisor.errors import ConfigProblem
+from supervisor.net import DEFAULT_PORT, join_host_port
 
 JSONMap = Mapping[str, Any]
 EMPTY_MAP: JSONMap = MappingProxyType({})
@@ -162,7 +163,7 @@ class AgentConfig:
     datacenter: str = "dc1"
     bind_addr: str = "0.0.0.0"
     http_host: str = "127.0.0.1"
-    http_port: int = 8500
+    http_port: int = DEFAULT_PORT
     http_max_conns_per_client: int = 200  # Consul 1.6+'s limits key; 0: no limit
     http_max_conns: int = 0  # ours: a cap on all API connections; 0: the open-file limit decides
     proxy_min_port: int = 20000
@@ -193,5 +194,4 @@ class AgentConfig:
     @property
     def http_address(self) -> str:
         """host:port of the HTTP API, bracketed for IPv6."""
-        host = f"[{self.http_host}]" if ":" in self.http_host else self.http_host
-        return f"{host}:{self.http_port}"
+        return join_host_port(self.http_host, self.http_port)

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from supervisor.config.model import CAConfig
-from supervisor.connect.spiffe import SigningID, parse, service_id
+from supervisor.connect.spiffe import SigningID, service_id
 from supervisor.errors import ConfigError, DataDirError, load_error
 from supervisor.state.atomic import atomic_write
 
@@ -121,7 +121,6 @@ class Leaf:
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
     chain: tuple[x509.Certificate, ...]  # intermediates to send along (during rotation)
-    issued_at: float
     modify_index: int
 
     @property
@@ -288,7 +287,7 @@ class CertificateAuthority:
             root.last_leaf_expiry = expiry
             self.save()
         chain = (root.cross_signed,) if root.cross_signed is not None and len(self.roots) > 1 else ()
-        return Leaf(service, spiffe.uri, cert, key, chain, time.time(), self.next_index())
+        return Leaf(service, spiffe.uri, cert, key, chain, self.next_index())
 
     def roots_json(self) -> dict[str, Any]:
         return {
@@ -479,19 +478,3 @@ def _load_operator_root(ca: CAConfig) -> tuple[x509.Certificate, ec.EllipticCurv
     except InvalidSignature:
         raise ConfigError.single("", f"{where}.root_cert", "is not self-signed") from None
     return cert, key
-
-
-def trust_domain_of(cert: x509.Certificate) -> str | None:
-    """The trust domain in a root's spiffe:// URI SAN, if it has one."""
-    try:
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    for uri in names.get_values_for_type(x509.UniformResourceIdentifier):
-        try:
-            parsed = parse(uri)
-        except ValueError:
-            continue
-        if isinstance(parsed, SigningID):
-            return parsed.trust_domain
-    return None

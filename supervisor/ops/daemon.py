@@ -13,8 +13,6 @@ belongs to a running agent, whose PID is in the message.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import select
 import time
@@ -24,8 +22,8 @@ from typing import IO
 
 import daemon
 
-from supervisor.config.limits import parse_uint
 from supervisor.errors import DaemonError
+from supervisor.state.lock import Held, LockedFile
 
 READY = b"READY "
 FAILED = b"FAILED "
@@ -34,14 +32,12 @@ FAILED = b"FAILED "
 READY_TIMEOUT = 120.0
 
 
-class PidFile:
-    """A pid file locked with ``flock`` while its process lives (a context manager, as
-    python-daemon's ``DaemonContext(pidfile=…)`` expects)."""
+class PidFile(LockedFile):
+    """``-pid-file``: locked while the daemon lives (a context manager, as python-daemon's
+    ``DaemonContext(pidfile=…)`` expects)."""
 
     def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(path)
-        self._fd: int | None = None
-        self.stale_pid: int | None = None
+        super().__init__(path, mode=0o644)
 
     def check_free(self) -> None:
         """Raise DaemonError if a live agent holds the pid file (checked before forking,
@@ -51,36 +47,17 @@ class PidFile:
 
     def acquire(self, *, write: bool = True) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.lock(write_pid=write)
+        except Held as held:
+            raise DaemonError(
+                f"the pid file {self.path} is locked by a running agent (pid {held.holder or 'unknown'}); "
+                "stop it first (proxy-supervisor leave, or kill -TERM that pid)"
+            ) from None
         except OSError as exc:
-            raise DaemonError(f"cannot open the pid file {self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read_pid(fd)
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise DaemonError(
-                    f"the pid file {self.path} is locked by a running agent (pid {holder or 'unknown'}); "
-                    "stop it first (proxy-supervisor leave, or kill -TERM that pid)"
-                ) from None
             raise DaemonError(f"cannot lock the pid file {self.path}: {exc.strerror}") from None
-        self._fd = fd
-        self.stale_pid = _read_pid(fd)
-        if write:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            os.fsync(fd)
 
     def release(self, *, remove: bool = True) -> None:
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            if remove and _same_file(fd, self.path):
-                os.unlink(self.path)
-        finally:
-            os.close(fd)  # closing drops the lock
+        self.unlock(remove=remove)
 
     def __enter__(self) -> PidFile:
         self.acquire()
@@ -90,19 +67,6 @@ class PidFile:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
-
-
-def _read_pid(fd: int) -> int | None:
-    text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-    return parse_uint(text, 10)
-
-
-def _same_file(fd: int, path: str) -> bool:
-    try:
-        held, named = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 @dataclass

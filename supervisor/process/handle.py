@@ -80,10 +80,6 @@ class ProcessHandle:
         readable, _, _ = select.select([self.pidfd], [], [], 0)
         return bool(readable)
 
-    @property
-    def exit_status(self) -> ExitStatus | None:
-        return self._exit
-
     def reap(self) -> ExitStatus:
         """Collect the exit of a process that ``has_exited``; kill what it left in its group.
 

@@ -109,21 +109,6 @@ def age_of(start_ticks: int) -> float:
     return max(0.0, seconds_since_boot() - start_ticks / CLOCK_TICKS_PER_SECOND)
 
 
-def read_environ(pid: int) -> dict[str, str] | None:
-    """The initial environment of a process; None if it is gone or we may not read it."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            raw = handle.read()
-    except OSError:
-        return None
-    environ = {}
-    for entry in raw.split(b"\0"):
-        key, sep, value = entry.partition(b"=")
-        if sep:
-            environ[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-    return environ
-
-
 def open_pidfd(pid: int) -> int | None:
     """A pidfd for ``pid``, or None if it does not exist (or names a thread, not a process)."""
     try:

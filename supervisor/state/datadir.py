@@ -24,7 +24,7 @@ import stat
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from supervisor.errors import DataDirError
@@ -291,7 +291,3 @@ def _consul_pids(data: dict[str, Any]) -> str:
         except (KeyError, TypeError, ValueError):
             continue
     return ", ".join(pids) or "none recorded"
-
-
-def record_as_dict(record: ProxyRecord) -> dict[str, Any]:
-    return asdict(record)

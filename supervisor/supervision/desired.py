@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor.config.model import BUILTIN_COMMAND, AgentConfig, ServiceDef, Upstream, freeze, thaw
+from supervisor.net import join_host_port
 from supervisor.process.privileges import RunAs, UnknownUser, resolve_run_as
 from supervisor.state.datadir import Allocation
 
@@ -94,8 +95,7 @@ def address_for_proxies(host: str, port: int) -> str:
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    host = f"[{host}]" if ":" in host else host
-    return f"{host}:{port}"
+    return join_host_port(host, port)
 
 
 def plan_proxies(

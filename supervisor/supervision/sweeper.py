@@ -73,10 +73,6 @@ class LeftoverSweeper:
                     )
 
     @property
-    def busy(self) -> bool:
-        return self._scanning
-
-    @property
     def pending(self) -> bool:
         """Exits wait for a sweep that has not started yet."""
         return bool(self._needed)
