@@ -27,7 +27,7 @@ from supervisor.process.identity import read_stat
 PASSING, WARNING, CRITICAL = CheckStatus.PASSING, CheckStatus.WARNING, CheckStatus.CRITICAL
 FAST_PROBE_INTERVAL = 0.05
 FAST_PROBE_WINDOW = 30.0
-TLS_ANSWER_TIMEOUT = 2.0  # a serving built-in proxy answers a TLS hello in microseconds
+TLS_ANSWER_TIMEOUT = 5.0  # a serving proxy answers a TLS hello in microseconds; 5 s spares a starved one
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from supervisor.config.model import AgentConfig
 from supervisor.errors import ConfigError
 from supervisor.supervision.events import ConfigLoaded
-from supervisor.supervision.sweeper import Background
+from supervisor.supervision.workers import Background
 
 log = logging.getLogger("supervisor.loader")
 

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
-import signal
-import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor.config.model import AgentConfig, ServiceDef
-from supervisor.errors import ConfigError, SpawnError, SupervisorError
+from supervisor.errors import ConfigError, SupervisorError
+from supervisor.process.handle import ExitStatus, ProcessHandle
 from supervisor.process.marker import MarkedProcess, find_marked, kill_marked
 from supervisor.process.privileges import (
     agent_user,
@@ -38,11 +36,11 @@ from supervisor.process.privileges import (
     can_switch_users,
     has_capabilities,
 )
-from supervisor.process.spawn import PosixSpawner, Spawner, seal_inherited_fds
+from supervisor.process.spawn import LaunchSpec, PosixSpawner, Spawner, seal_inherited_fds
 from supervisor.state.datadir import DataDir, ProxyRecord
 from supervisor.state.guard import DataDirGuard, Repair
 from supervisor.supervision.adoption import AdoptionResult, adopt_survivors
-from supervisor.supervision.desired import Plan, PlannedProxy, plan_proxies
+from supervisor.supervision.desired import Plan, plan_proxies
 from supervisor.supervision.events import (
     Clock,
     ConfigLoaded,
@@ -63,17 +61,22 @@ from supervisor.supervision.loader import ConfigLoader
 from supervisor.supervision.loop import Alarm, SupervisionLoop
 from supervisor.supervision.machine import (
     Action,
-    KillGroup,
     ProxyMachine,
     RestartPolicy,
-    Signal,
-    Spawn,
     State,
 )
 from supervisor.supervision.persistence import Allocations, RecordBook
+from supervisor.supervision.policy import (
+    Privileges,
+    StartPolicy,
+    say_refused_as_root,
+    say_what_shared_proxies_can_read,
+)
+from supervisor.supervision.processes import ProcessRunner
 from supervisor.supervision.slot import Slot, record_of, status_of
-from supervisor.supervision.sweeper import Background, LeftoverSweeper
+from supervisor.supervision.sweeper import LeftoverSweeper
 from supervisor.supervision.view import AgentView, ViewBoard
+from supervisor.supervision.workers import Background, Workers
 
 log = logging.getLogger("supervisor.manager")
 
@@ -83,41 +86,6 @@ STORAGE_RETRY = 5.0
 # SWEEP_CAP after the first): the /proc scan would compete with restarts.
 SWEEP_QUIET = 0.3
 SWEEP_CAP = 2.0
-
-ROOT_BLOCKED = (
-    "running as root: managed proxies are not started as root; run the agent as an "
-    "unprivileged user, or set connect.proxy.allow_managed_root = true"
-)
-
-
-class Workers:
-    """Two long-lived worker threads for what must not run on the loop (reading the
-    config, scanning /proc): a thread per job would churn the allocator's per-thread
-    arenas, which is where a long-running agent's memory went."""
-
-    def __init__(self, count: int = 2) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"supervisor-worker-{n}", daemon=True)
-            for n in range(count)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def __call__(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                job()
-            except Exception:  # a job reports its own outcome; a surprise must not end the worker
-                log.exception("a background job of the supervisor failed")
-
-    def stop(self) -> None:
-        for _ in self._threads:
-            self._jobs.put(None)
-
 
 Adopt = Callable[
     [Mapping[str, ProxyRecord], str, Callable[[str], list[MarkedProcess]], Callable[[MarkedProcess], bool]],
@@ -148,9 +116,7 @@ class SupervisorOptions:
     storage_retry: float = STORAGE_RETRY
     run_in_background: Background | None = None  # None: the supervisor's own two workers
     # What the agent may do about proxies' users (see supervisor.process.privileges).
-    has_capabilities: bool = field(default_factory=has_capabilities)
-    can_switch_users: bool = field(default_factory=can_switch_users)
-    can_signal_other_users: bool = field(default_factory=can_signal_other_users)
+    privileges: Privileges | None = None  # None: this process's own
 
 
 class Supervisor:
@@ -181,6 +147,24 @@ class Supervisor:
             options.kill_marked,
         )
         self._loader = ConfigLoader(options.load_config, self.post, background)
+        self._privileges = options.privileges or Privileges(
+            is_root=options.is_root,
+            can_switch_users=can_switch_users(),
+            can_signal_other_users=can_signal_other_users(),
+            has_capabilities=has_capabilities(),
+            user=agent_user(),
+        )
+        self._policy = StartPolicy(self._privileges, allow_managed_root=False)
+        self._runner = ProcessRunner(
+            self.loop,
+            self.clock,
+            options.spawner,
+            self._records,
+            self._launch,
+            lambda: self._records.sync(self._current_records()),
+            self._exited,
+            options.policy.stop_timeout,
+        )
         self._reload_error: str | None = None
         self._view_version = 0
         self._shutdown: ShutdownRequested | None = None
@@ -238,9 +222,7 @@ class Supervisor:
     def close(self) -> None:
         """Release fds; proxies keep running (they are re-adopted by the next agent)."""
         for slot in self._slots.values():
-            if slot.handle is not None:
-                self._unwatch(slot)
-                slot.handle.close()
+            self._runner.release(slot)
         if self._workers is not None:
             self._workers.stop()
         self.loop.close()
@@ -264,7 +246,7 @@ class Supervisor:
             slot.adopted = True
             slot.started_wall = self.clock.wall() - adopted.age
             slot.machine.adopted(adopted.handle.generation, now, adopted.age, adopted.restarts)
-            self._watch(slot)
+            self._runner.watch(slot)
             self._records.process_started(proxy_id, adopted.handle.pid)
             log.info(
                 "adopted proxy %s (pid %d, up %.0fs, found by %s)",
@@ -435,23 +417,16 @@ class Supervisor:
             registered=self.options.registered_services(),
         )
         unsaved = self._save_allocations()
+        self._policy = StartPolicy(self._privileges, config.allow_managed_root)
         refused = {
-            proxy_id: why
-            for proxy_id, planned in self._plan.proxies.items()
-            if (why := self._refusal(planned))
+            proxy_id: self._policy.refusal(planned) for proxy_id, planned in self._plan.proxies.items()
         }
-        as_root = sum(1 for why in refused.values() if why == ROOT_BLOCKED)
-        if as_root:
-            log.error(
-                "agent runs as root and connect.proxy.allow_managed_root is false: %d managed "
-                "prox%s will NOT be started. Run the agent as an unprivileged user, set "
-                "connect.proxy.user to run proxies as another user, or set "
-                "connect.proxy.allow_managed_root = true to allow proxies to run as root.",
-                as_root,
-                "y" if as_root == 1 else "ies",
-            )
+        say_refused_as_root(refused.values())
         if not self._said_who_proxies_run_as:
-            self._say_who_proxies_run_as()
+            where = self.options.data_dir.root if self.options.data_dir is not None else "data_dir"
+            self._said_who_proxies_run_as = say_what_shared_proxies_can_read(
+                self._plan.proxies.values(), self._privileges.user, where
+            )
         for proxy_id, planned in self._plan.proxies.items():
             self._slot(proxy_id).planned = planned
         # Publish the plan before starting anything: a new proxy asks the API for its
@@ -475,48 +450,6 @@ class Supervisor:
             # removed while the agent was down included, which nothing else would stop.
             self._drive(slot, slot.machine.unwant(now))
         self._mark_dirty()
-
-    def _refusal(self, planned: PlannedProxy) -> str | None:
-        """Why this agent may not start ``planned`` as it is configured, if it may not."""
-        run_as = planned.run_as
-        if self.options.is_root and (run_as is None or run_as.is_root):
-            return None if self._config is not None and self._config.allow_managed_root else ROOT_BLOCKED
-        if run_as is None:
-            return None
-        if not self.options.can_switch_users:
-            return (
-                f"cannot run as user {run_as.user}: the agent ({agent_user()}) may not switch users; run it "
-                "as root, or grant it CAP_SETUID, CAP_SETGID and CAP_KILL (systemd: AmbientCapabilities=)"
-            )
-        if not self.options.can_signal_other_users and not self.options.is_root:
-            return (
-                f"cannot run as user {run_as.user}: the agent could not stop it without CAP_KILL "
-                "(systemd: AmbientCapabilities=CAP_SETUID CAP_SETGID CAP_KILL)"
-            )
-        return None
-
-    def _runs_as_root(self, planned: PlannedProxy) -> bool:
-        """A proxy allowed to run as root keeps root's powers (a port below 1024, say)."""
-        return self.options.is_root and (planned.run_as is None or planned.run_as.is_root)
-
-    def _say_who_proxies_run_as(self) -> None:
-        """Once: where proxies share the agent's user, say plainly what any of them can read."""
-        shared = [proxy_id for proxy_id, planned in self._plan.proxies.items() if planned.run_as is None]
-        if not shared:
-            return
-        self._said_who_proxies_run_as = True
-        where = self.options.data_dir.root if self.options.data_dir is not None else "data_dir"
-        log.warning(
-            "%d managed prox%s run as the agent's own user, %s: each can read everything the agent can, "
-            "the CA private key (%s/connect/ca.json) and every proxy's token (%s/proxy/allocations.json) "
-            "included. Set connect.proxy.user to run proxies as a user of their own "
-            "(the agent then needs root, or CAP_SETUID, CAP_SETGID and CAP_KILL: see contrib/systemd).",
-            len(shared),
-            "y" if len(shared) == 1 else "ies",
-            agent_user(),
-            where,
-            where,
-        )
 
     def _save_allocations(self) -> dict[str, str]:
         """Save the planned tokens and ports; returns the proxies that must wait (and why)
@@ -561,101 +494,30 @@ class Supervisor:
 
     def _drive(self, slot: Slot, actions: list[Action]) -> None:
         """Carry out a machine's actions, then put its next deadline on the loop."""
-        pending = list(actions)
-        while pending:
-            action = pending.pop(0)
-            if isinstance(action, Spawn):
-                pending.extend(self._spawn(slot, action.generation))
-            elif isinstance(action, Signal):
-                if slot.handle is not None and slot.handle.generation == action.generation:
-                    log.info(
-                        "proxy %s: sending %s to pid %d",
-                        slot.proxy_id,
-                        signal.Signals(action.signum).name,
-                        slot.handle.pid,
-                    )
-                    slot.handle.send_signal(action.signum)
-            elif isinstance(action, KillGroup):
-                if slot.handle is not None and slot.handle.generation == action.generation:
-                    log.warning(
-                        "proxy %s: pid %d did not exit within %.0fs of SIGINT; killing its process group",
-                        slot.proxy_id,
-                        slot.handle.pid,
-                        self.options.policy.stop_timeout,
-                    )
-                    slot.handle.kill_group(signal.SIGKILL)
+        self._runner.carry_out(slot, actions)
         assert slot.alarm is not None
         slot.alarm.set(slot.machine.next_deadline())
         self._mark_dirty()
 
-    def _spawn(self, slot: Slot, generation: int) -> list[Action]:
+    def _launch(self, slot: Slot) -> LaunchSpec:
         planned = slot.planned
         assert planned is not None, "a proxy is only started with a plan"
-        log_level = self._config.log_level if self._config is not None else "INFO"
-        launch = launch_for(
+        return launch_for(
             planned,
             self.options.node_id,
             self.options.ambient_env,
             self.options.data_dir,
-            log_level,
-            drop_capabilities=self.options.has_capabilities and not self._runs_as_root(planned),
+            self._config.log_level if self._config is not None else "INFO",
+            drop_capabilities=self._policy.drops_capabilities(planned),
         )
-        now = self.clock.monotonic()
-        try:
-            handle = self.options.spawner.spawn(launch, generation)
-        except SpawnError as exc:
-            log.error("proxy %s: %s", slot.proxy_id, exc)
-            return slot.machine.spawn_failed(generation, now, str(exc))
-        slot.handle = handle
-        slot.adopted = False
-        slot.running_spec_hash = planned.spec_hash
-        slot.started_wall = self.clock.wall()
-        self._watch(slot)
-        self._records.process_started(slot.proxy_id, handle.pid)
-        if handle.held:
-            # It waits in the exec wrapper: let it run once the record names it, so no
-            # later agent can miss it (it cannot find it by its marker: another user's).
-            if self._records.sync(self._current_records()):
-                handle.release()
-            else:
-                handle.kill_group(signal.SIGKILL)  # its exit follows: backoff, then a retry
-        log.info(
-            "proxy %s: started pid %d (generation %d): %s",
-            slot.proxy_id,
-            handle.pid,
-            generation,
-            " ".join(launch.argv),
-        )
-        return []
 
-    def _watch(self, slot: Slot) -> None:
-        assert slot.handle is not None
-        self.loop.add_reader(slot.handle.fileno(), self._on_exit_ready, slot.proxy_id)
-
-    def _unwatch(self, slot: Slot) -> None:
-        assert slot.handle is not None
-        if slot.handle.fileno() >= 0:
-            self.loop.remove_reader(slot.handle.fileno())
-
-    def _on_exit_ready(self, proxy_id: str) -> None:
-        slot = self._slots.get(proxy_id)
-        if slot is None or slot.handle is None:
-            return
-        handle = slot.handle
-        if not handle.has_exited():
-            return
-        self._unwatch(slot)
-        status = handle.reap()
-        handle.close()
-        slot.handle = None
-        self._sweeper.exited(proxy_id)
+    def _exited(self, slot: Slot, handle: ProcessHandle, status: ExitStatus) -> None:
+        self._sweeper.exited(slot.proxy_id)
         # Swept once the exits stop: reading /proc competes with the restarts for the CPU.
         self._sweep_alarm.set(self._sweep_debounce.poke(self.clock.monotonic()))
         level = logging.INFO if slot.machine.state is State.STOPPING else logging.WARNING
-        log.log(level, "proxy %s: pid %d %s", proxy_id, handle.pid, status.describe())
+        log.log(level, "proxy %s: pid %d %s", slot.proxy_id, handle.pid, status.describe())
         self._drive(slot, slot.machine.exited(handle.generation, self.clock.monotonic(), status.describe()))
-        if slot.handle is None:
-            self._records.process_gone(proxy_id)
 
     # -- persistence and publishing -----------------------------------------------------------
 

@@ -14,10 +14,9 @@ from collections.abc import Callable, Collection
 
 from supervisor.process.marker import MarkedProcess, kill_marked
 from supervisor.supervision.events import SweepScanned
+from supervisor.supervision.workers import Background
 
 log = logging.getLogger("supervisor.sweeper")
-
-Background = Callable[[Callable[[], None]], None]
 
 
 class LeftoverSweeper:
