@@ -32,6 +32,7 @@ from supervisor.config.model import ServiceDef
 from supervisor.controlplane import ControlPlane
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.supervision.events import ReloadRequested, RestartRequested, ShutdownRequested
+from supervisor.supervision.machine import State
 from supervisor.supervision.manager import Supervisor
 from supervisor.supervision.view import AgentView, ProxyStatus, ViewBoard
 
@@ -50,10 +51,10 @@ def restart_problem(proxy_id: str, status: ProxyStatus | None, replaced: int) ->
     """Why a restart of ``proxy_id`` (replacing generation ``replaced``) has failed, if it has."""
     if status is None:
         return f"proxy {proxy_id} was removed from the configuration during its restart"
-    if status.state == "blocked":
+    if status.state is State.BLOCKED:
         return f"proxy {proxy_id} cannot be started: {status.blocked_reason}"
     # The first new process died if a later generation exists or it waits to be retried.
-    if status.generation > replaced + 1 or (status.generation > replaced and status.state == "backoff"):
+    if status.generation > replaced + 1 or (status.generation > replaced and status.state is State.BACKOFF):
         return (
             f"proxy {proxy_id} did not stay up after its restart: {status.last_exit or 'it exited'}; "
             f"see its log with: proxy-supervisor logs {proxy_id} -stderr"
@@ -215,7 +216,7 @@ class AgentEndpoints:
             problem = restart_problem(proxy_id, status, replaced)
             if problem is not None:
                 raise HttpError(409, problem)
-            if status is not None and status.state == "running" and status.generation > replaced:
+            if status is not None and status.state is State.RUNNING and status.generation > replaced:
                 return Response.json(proxy_status_json(status, time.monotonic()))
             remaining = deadline - loop.time()
             if remaining <= 0:

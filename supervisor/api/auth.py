@@ -13,21 +13,33 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from enum import Enum
 
 from supervisor.api.http import HttpError, Request
 from supervisor.supervision.view import AgentView
 
 
+class CallerKind(Enum):
+    ANONYMOUS = "anonymous"  # no token at all
+    MASTER = "master"  # acl.master_token
+    PROXY = "proxy"  # one managed proxy's CONNECT_PROXY_TOKEN
+    UNKNOWN = "unknown"  # a token the agent does not know
+
+
 @dataclass(frozen=True)
 class Caller:
-    kind: str  # "anonymous" | "master" | "proxy" | "unknown"
+    kind: CallerKind
     proxy_id: str = ""
     service_id: str = ""
     service_name: str = ""
 
     @property
     def is_proxy(self) -> bool:
-        return self.kind == "proxy"
+        return self.kind is CallerKind.PROXY
+
+    @property
+    def is_master(self) -> bool:
+        return self.kind is CallerKind.MASTER
 
 
 def token_of(request: Request) -> str:
@@ -55,7 +67,10 @@ def _proxy_tokens(view: AgentView) -> dict[bytes, Caller]:
     if known is not view:
         index = {
             _digest(planned.spec.token): Caller(
-                "proxy", proxy_id=proxy_id, service_id=planned.service.id, service_name=planned.service.name
+                CallerKind.PROXY,
+                proxy_id=proxy_id,
+                service_id=planned.service.id,
+                service_name=planned.service.name,
             )
             for proxy_id, planned in view.proxies.items()
         }
@@ -75,18 +90,18 @@ def identify(request: Request, view: AgentView) -> Caller:
 def _identify(request: Request, view: AgentView) -> Caller:
     token = token_of(request)
     if not token:
-        return Caller("anonymous")
+        return Caller(CallerKind.ANONYMOUS)
     master = view.config.acl.master_token
     if master and hmac.compare_digest(token.encode(), master.encode()):
-        return Caller("master")
-    return _proxy_tokens(view).get(_digest(token)) or Caller("unknown")
+        return Caller(CallerKind.MASTER)
+    return _proxy_tokens(view).get(_digest(token)) or Caller(CallerKind.UNKNOWN)
 
 
 def principal_of(request: Request, view: AgentView) -> str | None:
     """Who a request's connection counts against for the connection limits: a proxy by
     its token, everyone else by address; the master token is never limited (None)."""
     caller = identify(request, view)
-    if caller.kind == "master":
+    if caller.is_master:
         return None
     if caller.is_proxy:
         return f"proxy:{caller.proxy_id}"
@@ -99,7 +114,7 @@ def _denied() -> HttpError:
 
 def require_operator(caller: Caller, view: AgentView) -> None:
     """Calls that change or reveal the agent itself (reload, leave, supervision state)."""
-    if caller.kind == "master":
+    if caller.is_master:
         return
     if caller.is_proxy:
         raise _denied()

@@ -38,7 +38,7 @@ class QueryEndpoints:
         if caller.is_proxy and not operator:
             return False
         require_operator(caller, view)
-        return caller.kind == "master" or not view.config.acl.enabled
+        return caller.is_master or not view.config.acl.enabled
 
     def _decode(self, request: Request) -> QueryDefinition:
         try:

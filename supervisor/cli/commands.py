@@ -10,12 +10,14 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from supervisor.catalog.status import CheckStatus
 from supervisor.cli.client import AgentClient
 from supervisor.config import load_config
 from supervisor.config.durations import parse_duration
 from supervisor.config.keys import is_safe_id
 from supervisor.config.limits import parse_uint
 from supervisor.errors import AgentRequestError, ReloadRefused, UsageError
+from supervisor.supervision.machine import State
 from supervisor.supervision.ports import ephemeral_overlap
 
 
@@ -70,9 +72,9 @@ def _duration(seconds: float | None) -> str:
 
 def _note(entry: dict[str, Any]) -> str:
     state = entry["State"]
-    if state == "blocked":
+    if state == State.BLOCKED:
         return str(entry.get("BlockedReason") or "blocked")
-    if state == "backoff":
+    if state == State.BACKOFF:
         next_in = entry.get("NextAttemptInSeconds")
         when = "waiting"
         if next_in is not None:
@@ -80,7 +82,7 @@ def _note(entry: dict[str, Any]) -> str:
             when = f"next attempt at {at} (in {next_in:.1f}s)"
         return f"{when}; last: {entry.get('LastExit') or 'unknown'}"
     check = entry.get("Check") or {}
-    if state == "running" and check.get("Status") == "critical" and check.get("Output"):
+    if state == State.RUNNING and check.get("Status") == CheckStatus.CRITICAL and check.get("Output"):
         return f"NOT SERVING: {check['Output']}"
     if entry.get("Adopted"):
         return "adopted from an earlier agent run"

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from supervisor.catalog.status import CheckKind, CheckStatus
 from supervisor.config.formats import parse_text
 from supervisor.config.keys import AGENT, SERVICE
 from supervisor.config.model import (
@@ -440,23 +441,23 @@ class _Builder:
                 ConfigProblem(source, path, f"ignored: {unsupported[0]} checks are not run by this tool")
             )
             return None
-        kinds = [kind for kind in ("tcp", "http", "ttl") if kind in raw]
+        kinds = [kind for kind in CheckKind if kind.value in raw]
         if len(kinds) != 1:
             self.problem(source, path, "a check needs exactly one of tcp, http or ttl")
             return None
         kind = kinds[0]
-        if kind != "ttl" and not raw.get("interval"):
+        if kind is not CheckKind.TTL and not raw.get("interval"):
             self.problem(source, join(path, "interval"), f'a {kind} check needs an interval such as "10s"')
             return None
         return CheckDef(
             check_id=raw.get("id") or raw.get("check_id") or default_id,
             name=raw.get("name") or f"Service '{service_name}' check",
             kind=kind,
-            target=raw.get(kind, "") if kind != "ttl" else "",
+            target=raw.get(kind.value, "") if kind is not CheckKind.TTL else "",
             interval=raw.get("interval", 10.0),
             timeout=raw.get("timeout", 10.0),
             ttl=raw.get("ttl", 0.0),
-            status=raw.get("status", "critical"),
+            status=CheckStatus(raw.get("status", CheckStatus.CRITICAL)),
             notes=raw.get("notes", ""),
             method=raw.get("method", "GET"),
             header=freeze(raw.get("header", {})),

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
+from supervisor.catalog.status import CheckKind, CheckStatus
 from supervisor.errors import ConfigProblem
 from supervisor.net import DEFAULT_PORT, join_host_port
 
@@ -55,16 +56,16 @@ class Upstream:
 
 @dataclass(frozen=True)
 class CheckDef:
-    """A health check declared on a service. ``kind`` is tcp, http, ttl or unsupported."""
+    """A health check declared on a service."""
 
     check_id: str
     name: str
-    kind: str
+    kind: CheckKind
     target: str = ""
     interval: float = 10.0
     timeout: float = 10.0
     ttl: float = 0.0
-    status: str = "critical"
+    status: CheckStatus = CheckStatus.CRITICAL
     notes: str = ""
     method: str = "GET"
     header: JSONMap = field(default_factory=lambda: EMPTY_MAP)
@@ -145,7 +146,7 @@ class CAConfig:
 @dataclass(frozen=True)
 class ACLConfig:
     enabled: bool = False
-    default_policy: str = "allow"
+    default_policy: Literal["allow", "deny"] = "allow"
     master_token: str = ""
 
 
