@@ -19,8 +19,6 @@ from supervisor.catalog.status import CheckKind, CheckStatus
 from supervisor.config.formats import parse_text
 from supervisor.config.keys import AGENT, SERVICE
 from supervisor.config.model import (
-    DEFAULT_PROXY_LOG_MAX_BYTES,
-    DEFAULT_PROXY_LOG_MAX_FILES,
     ACLConfig,
     AgentConfig,
     CAConfig,
@@ -36,7 +34,7 @@ from supervisor.config.schema import Context, join
 from supervisor.config.sources import Source, collect_sources
 from supervisor.errors import ConfigError, ConfigProblem
 from supervisor.levels import canonical
-from supervisor.net import DEFAULT_PORT, bare_host
+from supervisor.net import bare_host
 
 log = logging.getLogger("supervisor.config")
 
@@ -188,6 +186,7 @@ class _Builder:
         connect = doc.get("connect", {})
         proxy_flags = connect.get("proxy", {})
         ports = doc.get("ports", {})
+        limits = doc.get("limits", {})
         defaults = self._proxy_defaults(connect.get("proxy_defaults", {}))
         services = tuple(
             service
@@ -198,27 +197,31 @@ class _Builder:
             data_dir=doc.get("data_dir") or None,
             dev=self.dev,
             log_level=self._log_level(),
-            log_json=doc.get("log_json", False),
+            log_json=doc.get("log_json", AgentConfig.log_json),
             log_file=doc.get("log_file") or None,
-            log_rotate_bytes=doc.get("log_rotate_bytes", 0),
-            log_rotate_max_files=doc.get("log_rotate_max_files", 0),
-            node_name=doc.get("node_name") or socket.gethostname() or "localhost",
+            log_rotate_bytes=doc.get("log_rotate_bytes", AgentConfig.log_rotate_bytes),
+            log_rotate_max_files=doc.get("log_rotate_max_files", AgentConfig.log_rotate_max_files),
+            node_name=doc.get("node_name") or socket.gethostname() or AgentConfig.node_name,
             node_id=self._node_id(),
-            datacenter=doc.get("datacenter") or "dc1",
-            bind_addr=doc.get("bind_addr") or "0.0.0.0",
+            datacenter=doc.get("datacenter") or AgentConfig.datacenter,
+            bind_addr=doc.get("bind_addr") or AgentConfig.bind_addr,
             http_host=self._http_host(),
-            http_port=ports.get("http", DEFAULT_PORT),
-            http_max_conns_per_client=doc.get("limits", {}).get("http_max_conns_per_client", 200),
-            http_max_conns=doc.get("limits", {}).get("http_max_conns", 0),
-            proxy_min_port=ports.get("proxy_min_port", 20000),
-            proxy_max_port=ports.get("proxy_max_port", 20255),
-            connect_enabled=connect.get("enabled", True),
-            allow_managed_root=proxy_flags.get("allow_managed_root", False),
-            allow_managed_api_registration=proxy_flags.get("allow_managed_api_registration", False),
-            proxy_user=proxy_flags.get("user", ""),
-            proxy_group=proxy_flags.get("group", ""),
-            proxy_log_max_bytes=proxy_flags.get("log_max_bytes", DEFAULT_PROXY_LOG_MAX_BYTES),
-            proxy_log_max_files=proxy_flags.get("log_max_files", DEFAULT_PROXY_LOG_MAX_FILES),
+            http_port=ports.get("http", AgentConfig.http_port),
+            http_max_conns_per_client=limits.get(
+                "http_max_conns_per_client", AgentConfig.http_max_conns_per_client
+            ),
+            http_max_conns=limits.get("http_max_conns", AgentConfig.http_max_conns),
+            proxy_min_port=ports.get("proxy_min_port", AgentConfig.proxy_min_port),
+            proxy_max_port=ports.get("proxy_max_port", AgentConfig.proxy_max_port),
+            connect_enabled=connect.get("enabled", AgentConfig.connect_enabled),
+            allow_managed_root=proxy_flags.get("allow_managed_root", AgentConfig.allow_managed_root),
+            allow_managed_api_registration=proxy_flags.get(
+                "allow_managed_api_registration", AgentConfig.allow_managed_api_registration
+            ),
+            proxy_user=proxy_flags.get("user", AgentConfig.proxy_user),
+            proxy_group=proxy_flags.get("group", AgentConfig.proxy_group),
+            proxy_log_max_bytes=proxy_flags.get("log_max_bytes", AgentConfig.proxy_log_max_bytes),
+            proxy_log_max_files=proxy_flags.get("log_max_files", AgentConfig.proxy_log_max_files),
             proxy_defaults=defaults,
             ca=self._ca(connect.get("ca_config", {})),
             acl=self._acl(),
@@ -248,9 +251,9 @@ class _Builder:
             return None
 
     def _http_host(self) -> str:
-        host = self.doc.get("addresses", {}).get("http") or self.doc.get("client_addr") or "127.0.0.1"
+        host = self.doc.get("addresses", {}).get("http") or self.doc.get("client_addr") or ""
         # Consul allowed a space-separated list; the API listens on the first address.
-        first = host.split()[0] if host.split() else "127.0.0.1"
+        first = host.split()[0] if host.split() else AgentConfig.http_host
         return bare_host(first)
 
     def _proxy_defaults(self, raw: dict[str, Any]) -> ProxyDefaults:
@@ -265,7 +268,7 @@ class _Builder:
             )
         chosen = daemon_command if daemon_command is not None else command
         return ProxyDefaults(
-            exec_mode=raw.get("exec_mode", "daemon"),
+            exec_mode=raw.get("exec_mode", ProxyDefaults.exec_mode),
             command=tuple(chosen) if chosen else None,
             config=freeze(raw.get("config", {})),
         )
@@ -274,7 +277,7 @@ class _Builder:
         private_key, root_cert = raw.get("private_key", ""), raw.get("root_cert", "")
         if bool(private_key) != bool(root_cert):
             self.problem("", "connect.ca_config", "private_key and root_cert must be given together")
-        ttl = raw.get("leaf_cert_ttl", 72 * 3600.0)
+        ttl = raw.get("leaf_cert_ttl", CAConfig.leaf_cert_ttl)
         if not 10 <= ttl <= 8760 * 3600:
             self.problem("", "connect.ca_config.leaf_cert_ttl", "must be between 10s and 8760h (one year)")
         return CAConfig(private_key=private_key, root_cert=root_cert, leaf_cert_ttl=ttl)
@@ -284,7 +287,9 @@ class _Builder:
         enabled = acl.get("enabled", bool(self.doc.get("acl_datacenter")))
         return ACLConfig(
             enabled=enabled,
-            default_policy=acl.get("default_policy") or self.doc.get("acl_default_policy") or "allow",
+            default_policy=acl.get("default_policy")
+            or self.doc.get("acl_default_policy")
+            or ACLConfig.default_policy,
             master_token=acl.get("tokens", {}).get("master") or self.doc.get("acl_master_token") or "",
         )
 
@@ -341,10 +346,10 @@ class _Builder:
             Upstream(
                 destination_name=entry["destination_name"],
                 local_bind_port=entry["local_bind_port"],
-                destination_type=entry.get("destination_type", "service"),
+                destination_type=entry.get("destination_type", Upstream.destination_type),
                 destination_namespace=entry.get("destination_namespace", ""),
                 datacenter=entry.get("datacenter", ""),
-                local_bind_address=entry.get("local_bind_address") or "127.0.0.1",
+                local_bind_address=entry.get("local_bind_address") or Upstream.local_bind_address,
                 config=freeze(entry.get("config", {})),
             )
             for entry in raw
@@ -454,15 +459,17 @@ class _Builder:
             name=raw.get("name") or f"Service '{service_name}' check",
             kind=kind,
             target=raw.get(kind.value, "") if kind is not CheckKind.TTL else "",
-            interval=raw.get("interval", 10.0),
-            timeout=raw.get("timeout", 10.0),
-            ttl=raw.get("ttl", 0.0),
-            status=CheckStatus(raw.get("status", CheckStatus.CRITICAL)),
+            interval=raw.get("interval", CheckDef.interval),
+            timeout=raw.get("timeout", CheckDef.timeout),
+            ttl=raw.get("ttl", CheckDef.ttl),
+            status=CheckStatus(raw.get("status", CheckDef.status)),
             notes=raw.get("notes", ""),
-            method=raw.get("method", "GET"),
+            method=raw.get("method", CheckDef.method),
             header=freeze(raw.get("header", {})),
-            tls_skip_verify=raw.get("tls_skip_verify", False),
-            deregister_critical_service_after=raw.get("deregister_critical_service_after", 0.0),
+            tls_skip_verify=raw.get("tls_skip_verify", CheckDef.tls_skip_verify),
+            deregister_critical_service_after=raw.get(
+                "deregister_critical_service_after", CheckDef.deregister_critical_service_after
+            ),
         )
 
     # -- rules across the whole configuration -------------------------------------------
