@@ -119,8 +119,3 @@ class ReloadRefused(AgentRequestError):
 
     exit_code = 2
 
-
-def load_error(exc: BaseException) -> type[DataDirError]:
-    """The error for a data_dir file that failed to load: damaged content needs an operator
-    (CorruptStateError); an I/O failure may be transient (DataDirError)."""
-    return DataDirError if isinstance(exc, OSError) else CorruptStateError

@@ -11,7 +11,6 @@ can read it without locks.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,10 +19,12 @@ from typing import Any
 from supervisor.config.build import build_service
 from supervisor.config.model import ProxyDefaults, ServiceDef
 from supervisor.errors import ConfigError, DataDirError
-from supervisor.state.atomic import atomic_write, remove_stale_temp_files
+from supervisor.state.atomic import remove_stale_temp_files
+from supervisor.state.documents import load_document, save_document
 
 log = logging.getLogger("supervisor.registry")
 SOURCE = "<api registration>"
+VERSION = 1
 
 
 class Registry:
@@ -43,10 +44,12 @@ class Registry:
                 continue
             path = os.path.join(self.directory, name)
             try:
-                with open(path) as handle:
-                    raw = json.load(handle)["Service"]
+                document = load_document(path, VERSION, "it is moved aside")
+                if document is None:  # removed since the directory was listed
+                    continue
+                raw = document["Service"]
                 service = build_service(raw, SOURCE, defaults)
-            except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
+            except (DataDirError, KeyError, TypeError, ConfigError) as exc:
                 aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
                 os.replace(path, aside)
                 log.error("registered service file %s is unusable (%s); moved it to %s", path, exc, aside)
@@ -96,9 +99,6 @@ class Registry:
             return
         path = os.path.join(self.directory, f"{service_id}.json")
         try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            atomic_write(path, json.dumps({"Version": 1, "Service": raw}).encode(), mode=0o600)
-        except OSError as exc:
-            raise DataDirError(
-                f"cannot save the registration of {service_id} to {path}: {exc.strerror}"
-            ) from exc
+            save_document(path, VERSION, {"Service": raw}, compact=True)
+        except DataDirError as exc:
+            raise DataDirError(f"cannot save the registration of {service_id}: {exc}") from exc

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
-import os
 import secrets
 import time
 import uuid
@@ -31,12 +29,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from supervisor.config.model import CAConfig
 from supervisor.connect.spiffe import SigningID, service_id
-from supervisor.errors import ConfigError, DataDirError, load_error
-from supervisor.state.atomic import atomic_write
+from supervisor.errors import ConfigError
+from supervisor.state.documents import Damaged, damaged, load_document, save_document
 
 ROOT_VALIDITY = datetime.timedelta(days=3650)
 CLOCK_SKEW = datetime.timedelta(minutes=1)
 CA_STATE_VERSION = 1
+CA_REMEDY = (
+    "restore it from a backup, or delete it to create a new CA (every proxy will then get new certificates)"
+)
 
 
 def colon_hex(data: bytes) -> str:
@@ -338,38 +339,29 @@ class CertificateAuthority:
         return cert, key
 
     def _load(self) -> None:
-        if self.path is None or not os.path.exists(self.path):
+        if self.path is None:
+            return
+        # Never silently replace a CA: every proxy's trust depends on it.
+        data = load_document(self.path, CA_STATE_VERSION, CA_REMEDY)
+        if data is None:
             return
         try:
-            with open(self.path) as handle:
-                data = json.load(handle)
-            if data.get("Version") != CA_STATE_VERSION:
-                raise ValueError(f"unknown version {data.get('Version')!r}")
             self.cluster_id = str(uuid.UUID(data["ClusterID"]))
             self.roots = [_root_from_json(entry) for entry in data["Roots"]]
             self.roots_index = self.next_index()
             if sum(1 for root in self.roots if root.active) != 1:
-                raise ValueError("expected exactly one active root")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            # Never silently replace a CA: every proxy's trust depends on it.
-            raise load_error(exc)(
-                f"{self.path} cannot be used ({exc}); restore it from a backup, or delete it to create "
-                "a new CA (every proxy will then get new certificates)"
-            ) from exc
+                raise Damaged("expected exactly one active root")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise damaged(self.path, exc, CA_REMEDY) from exc
 
     def save(self) -> None:
         if self.path is None:
             return
-        document = {
-            "Version": CA_STATE_VERSION,
-            "ClusterID": self.cluster_id,
-            "Roots": [_root_to_json(root) for root in self.roots],
-        }
-        try:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            atomic_write(self.path, json.dumps(document, indent=1).encode(), mode=0o600)
-        except OSError as exc:
-            raise DataDirError(f"cannot write {self.path}: {exc.strerror}") from exc
+        save_document(
+            self.path,
+            CA_STATE_VERSION,
+            {"ClusterID": self.cluster_id, "Roots": [_root_to_json(root) for root in self.roots]},
+        )
 
 
 def _root_to_json(root: Root) -> dict[str, Any]:
