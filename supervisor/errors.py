@@ -118,4 +118,3 @@ class ReloadRefused(AgentRequestError):
     """``reload``: the configuration on disk is invalid; the agent kept the running one."""
 
     exit_code = 2
-

@@ -16,105 +16,92 @@ from typing import Any, TextIO
 
 from supervisor.cli import commands, connect_commands
 from supervisor.cli.client import AgentClient
+from supervisor.cli.dispatch import Handler, Parser, client_flags, flag, needs_subcommand, with_client
 from supervisor.errors import ConfigError, SupervisorError, UsageError
 from supervisor.logsetup import private_file
 from supervisor.version import __version__
 
 
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
-    parser.add_argument(f"-{name}", f"--{name}", **kwargs)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse would exit itself; raise instead
-        raise UsageError(f"{message}\n{self.format_usage().strip()}")
-
-
-def _client_flags(parser: argparse.ArgumentParser) -> None:
-    _flag(
-        parser,
-        "http-addr",
-        dest="http_addr",
-        help="agent API address (default: CONSUL_HTTP_ADDR or 127.0.0.1:8500)",
-    )
-    _flag(parser, "token", help="ACL token (default: CONSUL_HTTP_TOKEN)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="proxy-supervisor", description="Per-host sidecar-proxy supervisor and Connect agent."
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     agent = sub.add_parser("agent", help="run the agent")
-    _flag(agent, "config-file", dest="config_files", action="append", default=[], metavar="FILE")
-    _flag(agent, "config-dir", dest="config_dirs", action="append", default=[], metavar="DIR")
-    _flag(agent, "data-dir", dest="data_dir", metavar="DIR")
-    _flag(agent, "dev", action="store_true", help="development mode: no data_dir needed, DEBUG logs")
-    _flag(agent, "node", dest="node_name", metavar="NAME")
-    _flag(agent, "datacenter", metavar="DC")
-    _flag(
-        agent, "bind", dest="bind_addr", metavar="ADDR", help="default address of proxies' public listeners"
-    )
-    _flag(agent, "client", dest="client_addr", metavar="ADDR", help="address of the HTTP API")
-    _flag(agent, "http-port", dest="http_port", type=int, metavar="PORT")
-    _flag(agent, "log-level", dest="log_level", metavar="LEVEL")
-    _flag(agent, "log-json", dest="log_json", action="store_true", default=None)
-    _flag(agent, "log-file", dest="log_file", metavar="FILE")
-    _flag(
+    flag(agent, "config-file", dest="config_files", action="append", default=[], metavar="FILE")
+    flag(agent, "config-dir", dest="config_dirs", action="append", default=[], metavar="DIR")
+    flag(agent, "data-dir", dest="data_dir", metavar="DIR")
+    flag(agent, "dev", action="store_true", help="development mode: no data_dir needed, DEBUG logs")
+    flag(agent, "node", dest="node_name", metavar="NAME")
+    flag(agent, "datacenter", metavar="DC")
+    flag(agent, "bind", dest="bind_addr", metavar="ADDR", help="default address of proxies' public listeners")
+    flag(agent, "client", dest="client_addr", metavar="ADDR", help="address of the HTTP API")
+    flag(agent, "http-port", dest="http_port", type=int, metavar="PORT")
+    flag(agent, "log-level", dest="log_level", metavar="LEVEL")
+    flag(agent, "log-json", dest="log_json", action="store_true", default=None)
+    flag(agent, "log-file", dest="log_file", metavar="FILE")
+    flag(
         agent,
         "daemon",
         action="store_true",
         help="detach into the background once started (logs go to -log-file, default data_dir/agent.log)",
     )
-    _flag(agent, "pid-file", dest="pid_file", metavar="FILE", help="write (and lock) the agent's PID here")
+    flag(agent, "pid-file", dest="pid_file", metavar="FILE", help="write (and lock) the agent's PID here")
+    agent.set_defaults(handler=_run_agent)
 
     validate = sub.add_parser("validate", help="check config files or directories")
     validate.add_argument("paths", nargs="*", metavar="PATH")
-    _flag(validate, "quiet", action="store_true")
+    flag(validate, "quiet", action="store_true")
+    validate.set_defaults(handler=lambda args, out: commands.validate(args.paths, args.quiet, out))
 
     proxies = sub.add_parser("proxies", help="show the managed proxies and their state")
-    _flag(proxies, "json", dest="as_json", action="store_true")
-    _client_flags(proxies)
+    flag(proxies, "json", dest="as_json", action="store_true")
+    client_flags(proxies)
+    proxies.set_defaults(handler=with_client(_proxies))
 
     logs = sub.add_parser("logs", help="show a proxy's output")
     logs.add_argument("name", metavar="SERVICE|PROXY")
-    _flag(logs, "f", dest="follow", action="store_true", help="keep printing new output")
-    _flag(logs, "stderr", action="store_true", help="the stderr log instead of stdout")
-    _flag(logs, "n", dest="lines", type=int, default=20, metavar="N", help="lines to show first (default 20)")
-    _flag(
-        logs, "data-dir", dest="data_dir", metavar="DIR", help="read logs from DIR without asking the agent"
-    )
-    _client_flags(logs)
+    flag(logs, "f", dest="follow", action="store_true", help="keep printing new output")
+    flag(logs, "stderr", action="store_true", help="the stderr log instead of stdout")
+    flag(logs, "n", dest="lines", type=int, default=20, metavar="N", help="lines to show first (default 20)")
+    flag(logs, "data-dir", dest="data_dir", metavar="DIR", help="read logs from DIR without asking the agent")
+    client_flags(logs)
+    logs.set_defaults(handler=_show_log)
 
     restart = sub.add_parser(
         "restart", help="restart a proxy, or every proxy one at a time (-all), e.g. after an upgrade"
     )
     restart.add_argument("name", nargs="?", metavar="SERVICE|PROXY")
-    _flag(restart, "all", dest="restart_all", action="store_true", help="rolling restart of every proxy")
-    _flag(
+    flag(restart, "all", dest="restart_all", action="store_true", help="rolling restart of every proxy")
+    flag(
         restart,
         "timeout",
         default="60s",
         metavar="DURATION",
         help="how long each proxy may take to be running again (default 60s)",
     )
-    _client_flags(restart)
+    client_flags(restart)
+    restart.set_defaults(handler=with_client(_restart))
 
-    for name, text in (
-        ("reload", "re-read the configuration"),
-        ("leave", "stop all proxies, then the agent"),
-    ):
-        _client_flags(sub.add_parser(name, help=text))
+    reload = sub.add_parser("reload", help="re-read the configuration")
+    reload.set_defaults(handler=with_client(lambda _args, client, out: commands.reload(client, out)))
+    leave = sub.add_parser("leave", help="stop all proxies, then the agent")
+    leave.set_defaults(handler=with_client(lambda _args, client, out: commands.leave(client, out)))
+    for agent_call in (reload, leave):
+        client_flags(agent_call)
 
-    connect_commands.add_parsers(sub, _flag, _client_flags)
+    connect_commands.add_parsers(sub)
     connect = sub.add_parser("connect", help="Connect tools")
-    connect_sub = connect.add_subparsers(dest="connect_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    connect.set_defaults(handler=needs_subcommand("connect needs a subcommand: proxy"))
+    connect_sub = connect.add_subparsers(dest="connect_command", metavar="SUBCOMMAND", parser_class=Parser)
     proxy = connect_sub.add_parser("proxy", help="run the built-in proxy for a registered connect-proxy")
-    _flag(proxy, "proxy-id", dest="proxy_id", required=True, metavar="ID", help="the proxy's service ID")
-    _client_flags(proxy)
-    _flag(proxy, "log-level", dest="log_level", default=None, metavar="LEVEL")
-    sub.add_parser("version", help="print the version")
+    flag(proxy, "proxy-id", dest="proxy_id", required=True, metavar="ID", help="the proxy's service ID")
+    client_flags(proxy)
+    flag(proxy, "log-level", dest="log_level", default=None, metavar="LEVEL")
+    proxy.set_defaults(handler=_run_connect_proxy)
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(handler=_version)
     return parser
 
 
@@ -177,49 +164,47 @@ def _run_agent(args: argparse.Namespace, out: TextIO) -> int:
     return agent.run()
 
 
-def run(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
-    out = sys.stdout
-    if args.command is None:
-        build_parser().print_help(out)
-        return 2
-    if args.command == "version":
-        out.write(f"proxy-supervisor {__version__}\n")
-        return 0
-    if args.command == "validate":
-        return commands.validate(args.paths, args.quiet, out)
-    if args.command == "agent":
-        return _run_agent(args, out)
-    if args.command == "connect":
-        if args.connect_command != "proxy":
-            raise UsageError("connect needs a subcommand: proxy")
-        from builtin_proxy.__main__ import main as proxy_main
+def _version(_args: argparse.Namespace, out: TextIO) -> int:
+    out.write(f"proxy-supervisor {__version__}\n")
+    return 0
 
-        proxy_args = ["-proxy-id", args.proxy_id, "-registered"]
-        if args.http_addr:
-            proxy_args += ["-http-addr", args.http_addr]
-        if args.token:
-            proxy_args += ["-token", args.token]
-        if args.log_level:
-            proxy_args += ["-log-level", args.log_level]
-        return proxy_main(proxy_args)
-    client = AgentClient(args.http_addr, args.token)
-    if args.command == "proxies":
-        return commands.proxies(client, args.as_json, out)
-    if args.command == "logs":
-        path = commands.log_path(None if args.data_dir else client, args.data_dir, args.name, args.stderr)
-        return commands.show_log(path, args.lines, args.follow, out)
-    if args.command == "restart":
-        return commands.restart(client, args.name, args.restart_all, args.timeout, out)
-    if args.command == "reload":
-        return commands.reload(client, out)
-    if args.command == "leave":
-        return commands.leave(client, out)
-    if args.command == "intention":
-        return connect_commands.intention(args, client, out)
-    if args.command == "query":
-        return connect_commands.query(args, client, out)
-    raise UsageError(f"unknown command {args.command!r}")
+
+def _proxies(args: argparse.Namespace, client: AgentClient, out: TextIO) -> int:
+    return commands.proxies(client, args.as_json, out)
+
+
+def _restart(args: argparse.Namespace, client: AgentClient, out: TextIO) -> int:
+    return commands.restart(client, args.name, args.restart_all, args.timeout, out)
+
+
+def _show_log(args: argparse.Namespace, out: TextIO) -> int:
+    # With -data-dir the log is found on disk, so it works while the agent is down.
+    client = None if args.data_dir else AgentClient(args.http_addr, args.token)
+    path = commands.log_path(client, args.data_dir, args.name, args.stderr)
+    return commands.show_log(path, args.lines, args.follow, out)
+
+
+def _run_connect_proxy(args: argparse.Namespace, _out: TextIO) -> int:
+    from builtin_proxy.__main__ import main as proxy_main
+
+    proxy_args = ["-proxy-id", args.proxy_id, "-registered"]
+    if args.http_addr:
+        proxy_args += ["-http-addr", args.http_addr]
+    if args.token:
+        proxy_args += ["-token", args.token]
+    if args.log_level:
+        proxy_args += ["-log-level", args.log_level]
+    return proxy_main(proxy_args)
+
+
+def run(argv: Sequence[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stdout)
+        return 2
+    return handler(args, sys.stdout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
