@@ -314,7 +314,10 @@ class AgentEndpoints:
             if configured.managed_proxy is not None:
                 owned[configured.proxy_id] = f"as the managed proxy of {configured.id} ({configured.source})"
         for registered in self.plane.registry.services:
-            if registered.id != service.id and registered.managed_proxy is not None:
+            if registered.id == service.id:
+                continue  # re-registering a service replaces it
+            owned[registered.id] = "by an API registration"
+            if registered.managed_proxy is not None:
                 owned[registered.proxy_id] = f"as the managed proxy of registered service {registered.id}"
         ids = [service.id] + ([service.proxy_id] if service.managed_proxy is not None else [])
         for service_id in ids:

@@ -8,9 +8,11 @@ import time
 class Index:
     """A strictly increasing counter, bumped on every change of the agent's state.
 
-    It starts from the wall clock (milliseconds), so an agent restart never hands out
-    an index lower than one a client saw before -- blocking clients would otherwise
-    wait for a change that already happened.
+    It starts from the wall clock (milliseconds), so after a restart the index is, in
+    practice, above any a client saw before (it could only fall behind after more than
+    one change per millisecond sustained until the restart). Blocking queries return as
+    soon as the index *differs* from the client's, so even then none waits for a change
+    that already happened.
     """
 
     def __init__(self) -> None:

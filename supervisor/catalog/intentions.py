@@ -168,8 +168,15 @@ class Intentions:
             self.intentions = {intention.id: intention for intention in self.storage.load()}
 
     def save(self) -> None:
+        """Write every intention again (data_dir was deleted under the running agent)."""
+        self._commit(self.intentions)
+
+    def _commit(self, intentions: dict[str, Intention]) -> None:
+        """Save first, then take effect: an intention the client was told could not be
+        saved must not be in force (nor one it was told was deleted come back later)."""
         if self.storage is not None:
-            self.storage.save(self.sorted())
+            self.storage.save(sorted(intentions.values(), key=Intention.sort_key))
+        self.intentions = intentions
 
     def sorted(self) -> list[Intention]:
         return sorted(self.intentions.values(), key=Intention.sort_key)
@@ -225,16 +232,14 @@ class Intentions:
 
     def delete(self, intention_id: str) -> Intention:
         intention = self.get(intention_id)
-        del self.intentions[intention_id]
         self.next_index()
-        self.save()
+        self._commit({key: value for key, value in self.intentions.items() if key != intention_id})
         self.on_change()
         log.info("intention deleted: %s", intention)
         return intention
 
     def _store(self, intention: Intention) -> Intention:
-        self.intentions[intention.id] = intention
-        self.save()
+        self._commit({**self.intentions, intention.id: intention})
         self.on_change()
         log.info("intention saved: %s", intention)
         return intention

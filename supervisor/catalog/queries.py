@@ -251,8 +251,14 @@ class Queries:
             self.queries = {query.id: query for query in self.storage.load()}
 
     def save(self) -> None:
+        """Write every query again (data_dir was deleted under the running agent)."""
+        self._commit(self.queries)
+
+    def _commit(self, queries: dict[str, PreparedQuery]) -> None:
+        """Save first, then take effect, so a failed save changes nothing."""
         if self.storage is not None:
-            self.storage.save(self.list())
+            self.storage.save(sorted(queries.values(), key=lambda query: (query.name, query.id)))
+        self.queries = queries
 
     def list(self) -> list[PreparedQuery]:
         return sorted(self.queries.values(), key=lambda query: (query.name, query.id))
@@ -275,9 +281,8 @@ class Queries:
 
     def delete(self, query_id: str) -> None:
         self.get(query_id)
-        del self.queries[query_id]
         self.next_index()
-        self.save()
+        self._commit({key: value for key, value in self.queries.items() if key != query_id})
         self.on_change()
 
     def _check_name(self, name: str, own_id: str | None) -> None:
@@ -288,8 +293,7 @@ class Queries:
                 raise Conflict(f"name {name!r} aliases an existing query name (ID {query.id})")
 
     def _store(self, query: PreparedQuery) -> PreparedQuery:
-        self.queries[query.id] = query
-        self.save()
+        self._commit({**self.queries, query.id: query})
         self.on_change()
         return query
 
@@ -297,6 +301,8 @@ class Queries:
         """The query for an ID or name (templates by longest prefix) and what it looks for."""
         if name_or_id in self.queries:
             query = self.queries[name_or_id]
+            if query.definition.template is not None:  # Consul's rule and message
+                raise InvalidDefinition("prepared query templates can only be resolved up by name, not by ID")
             return query, query.definition.service
         for query in self.queries.values():
             if query.name == name_or_id and query.definition.template is None:

@@ -1,0 +1,543 @@
+"""The API endpoints in-process, composed as ``ApiServer._serve`` composes them: a real
+``ControlPlane`` (no data_dir: in memory, with its CA, catalog, intentions and prepared
+queries), a ``ViewBoard`` holding a view built from a parsed configuration and planned
+proxies, and the five endpoint groups on one ``Router``. Requests are ``Request`` objects
+handed to the router on an event loop of the test's own; no socket is opened.
+
+The supervision loop is the one thing stood in for: ``RecordingSupervisor.post`` records
+what the API asks of it and answers the request's reply future as the test says.
+An ``HttpError`` becomes a response as ``HttpConnection._dispatch`` makes it; any other
+exception fails the test, since on a real connection it would be a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, cast
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import pytest
+
+from supervisor.api.agent_endpoints import MANAGED_API_DISALLOWED, MANAGED_DEREGISTER, AgentEndpoints
+from supervisor.api.catalog_endpoints import CatalogEndpoints
+from supervisor.api.connect_endpoints import ConnectEndpoints
+from supervisor.api.http import HttpError, Request, Response
+from supervisor.api.intention_endpoints import IntentionEndpoints
+from supervisor.api.query_endpoints import QueryEndpoints
+from supervisor.api.results import Results
+from supervisor.api.router import Router
+from supervisor.catalog.index import Index
+from supervisor.catalog.registry import Registry
+from supervisor.config.build import build_config
+from supervisor.config.sources import Source
+from supervisor.controlplane import ControlPlane
+from supervisor.errors import ConfigError, SupervisorError
+from supervisor.supervision.desired import plan_proxies
+from supervisor.supervision.events import ReloadRequested
+from supervisor.supervision.manager import Supervisor
+from supervisor.supervision.view import AgentView, ViewBoard
+
+API_ADDRESS = "127.0.0.1:8500"
+NODE_ID = "0c4f7a52-9d0e-4d5b-8f61-2f1d6c3b9a10"
+MASTER = "master-token-7f3a"
+ACL_DENY = {"acl": {"enabled": True, "default_policy": "deny", "tokens": {"master": MASTER}}}
+ACL_ALLOW = {"acl": {"enabled": True, "default_policy": "allow", "tokens": {"master": MASTER}}}
+ALLOW_MANAGED = {"connect": {"proxy": {"allow_managed_api_registration": True}}}
+SERVICES = [
+    # No listening check for the proxy: it would probe a port on loopback.
+    {
+        "name": "web",
+        "port": 8080,
+        "connect": {"proxy": {"command": ["/bin/true"], "config": {"disable_tcp_check": True}}},
+    },
+    # A TTL check runs no probe: it turns critical only when its TTL passes without an update.
+    {"name": "db", "port": 5432, "tags": ["primary"], "check": {"id": "db-ttl", "ttl": "300s"}},
+]
+
+
+class RecordingSupervisor:
+    """Stands in for ``Supervisor.post``: records events and answers their reply future
+    with ``failure`` (or success), as the supervision loop would from its own thread."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.failure: BaseException | None = None
+
+    def post(self, event: Any) -> None:
+        self.events.append(event)
+        reply = getattr(event, "reply", None)
+        if reply is None:
+            return
+        if self.failure is not None:
+            reply.set_exception(self.failure)
+        else:
+            reply.set_result(None)
+
+
+class Agent:
+    """The API of one agent, on an event loop that runs only while a request is served."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        document = {"node_name": "node-1", "services": SERVICES, **settings}
+        config = build_config([Source("agent.json", "json", json.dumps(document))], dev=True)
+        tokens = itertools.count(1)
+        plan = plan_proxies(
+            config,
+            API_ADDRESS,
+            {},
+            lambda host, port: True,
+            new_token=lambda: f"proxy-token-{next(tokens)}",
+            rng=random.Random(7),
+        )
+        self.board = ViewBoard(AgentView(config, NODE_ID, API_ADDRESS, proxies=plan.proxies))
+        self.services_changed = 0
+        self.plane = ControlPlane(None, Registry(None), Index(), self._services_changed)
+        self.supervisor = RecordingSupervisor()
+        self.router = Router()
+        results = Results(self.plane.index)
+        supervisor = cast(Supervisor, self.supervisor)  # only its post() is used by the endpoints
+        AgentEndpoints(self.board, supervisor, self.plane).register(self.router)
+        ConnectEndpoints(self.plane).register(self.router)
+        CatalogEndpoints(self.plane, results).register(self.router)
+        IntentionEndpoints(self.plane, results).register(self.router)
+        QueryEndpoints(self.plane, results).register(self.router)
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self._start())
+
+    async def _start(self) -> None:
+        self.plane.start(self.board.current)  # on the loop: the catalog starts its check tasks
+
+    def _services_changed(self) -> None:
+        self.services_changed += 1
+
+    def token(self, proxy_id: str) -> str:
+        return self.board.current.proxies[proxy_id].spec.token
+
+    def request(self, method: str, target: str, body: Any = None, token: str | None = None) -> Request:
+        parts = urlsplit(target)
+        raw = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
+        return Request(
+            method=method,
+            path=unquote(parts.path),
+            raw_path=parts.path,
+            query=parse_qs(parts.query, keep_blank_values=True),
+            headers={"x-consul-token": token} if token else {},
+            body=raw,
+            remote="127.0.0.1:50000",
+        )
+
+    async def _serve(self, request: Request) -> Response:
+        try:
+            return await self.router(request)
+        except HttpError as exc:
+            return Response.text(exc.message, exc.status, exc.headers)
+
+    def call(self, method: str, target: str, body: Any = None, token: str | None = None) -> Response:
+        request = self.request(method, target, body, token)
+        return self.loop.run_until_complete(asyncio.wait_for(self._serve(request), 5))
+
+    def get(self, target: str, token: str | None = None) -> Any:
+        """GET that must succeed; the decoded JSON body."""
+        response = self.call("GET", target, token=token)
+        assert response.status == 200, (target, response.status, response.body)
+        return json.loads(response.body)
+
+    def begin(self, target: str) -> asyncio.Task[Response]:
+        """Start a (blocking) GET and let it run until it waits."""
+        task = self.loop.create_task(self._serve(self.request("GET", target)))
+        self.settle()
+        return task
+
+    def finish(self, task: asyncio.Task[Response]) -> Response:
+        return self.loop.run_until_complete(asyncio.wait_for(task, 5))
+
+    def settle(self) -> None:
+        for _ in range(5):
+            self.loop.run_until_complete(asyncio.sleep(0))
+
+    def close(self) -> None:
+        self.plane.close()
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
+
+
+@pytest.fixture
+def agents() -> Iterator[Callable[..., Agent]]:
+    made: list[Agent] = []
+
+    def make(**settings: Any) -> Agent:
+        agent = Agent(settings)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.close()
+
+
+@pytest.fixture
+def agent(agents: Callable[..., Agent]) -> Agent:
+    return agents()
+
+
+def text(response: Response) -> str:
+    return response.body.decode()
+
+
+# -- registration and discovery ----------------------------------------------------------------
+
+
+def test_a_registered_service_is_discovered_until_it_is_deregistered(agent: Agent) -> None:
+    registration = {"ID": "cache-1", "Name": "cache", "Port": 6379, "Tags": ["lru"]}
+    assert agent.call("PUT", "/v1/agent/service/register", registration).status == 200
+    [entry] = agent.get("/v1/catalog/service/cache")
+    assert (entry["ServiceID"], entry["ServiceName"], entry["ServicePort"]) == ("cache-1", "cache", 6379)
+    assert entry["ServiceTags"] == ["lru"] and entry["Node"] == "node-1"
+    assert agent.get("/v1/catalog/services")["cache"] == ["lru"]
+    [health] = agent.get("/v1/health/service/cache")
+    assert [check["CheckID"] for check in health["Checks"]] == ["serfHealth"]
+    assert "cache-1" in agent.get("/v1/agent/services")
+
+    assert agent.call("PUT", "/v1/agent/service/deregister/cache-1").status == 200
+    assert agent.get("/v1/catalog/service/cache") == []
+    assert "cache" not in agent.get("/v1/catalog/services")
+    again = agent.call("PUT", "/v1/agent/service/deregister/cache-1")
+    assert again.status == 404 and "cache-1" in text(again)
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"Name": "cache", "Port": "6379x"}, "Port"),
+        ({"Port": 6379}, "Name"),
+        ({"Name": "cache", "Chekc": {"TTL": "10s"}}, "Chekc"),
+        ({"Name": "cache", "Check": {"TTL": "soon"}}, "Check.TTL"),
+        (b'{"Name": "cache",', "decode failed"),
+    ],
+    ids=["wrong-type", "missing-name", "unknown-key", "nested-key", "broken-json"],
+)
+def test_a_registration_with_a_bad_body_is_400_naming_the_problem(
+    agent: Agent, body: Any, named: str
+) -> None:
+    response = agent.call("PUT", "/v1/agent/service/register", body)
+    assert response.status == 400
+    assert named in text(response)
+    assert set(agent.get("/v1/agent/services")) == {"web", "web-proxy", "db"}  # nothing registered
+
+
+def test_a_registration_cannot_take_an_id_the_configuration_owns(agent: Agent) -> None:
+    taken = agent.call("PUT", "/v1/agent/service/register", {"ID": "db", "Name": "other", "Port": 1})
+    assert taken.status == 409 and "agent.json" in text(taken)
+    proxy = agent.call("PUT", "/v1/agent/service/register", {"ID": "web-proxy", "Name": "other", "Port": 1})
+    assert proxy.status == 409 and "managed proxy of web" in text(proxy)
+    assert [entry["ServiceID"] for entry in agent.get("/v1/catalog/service/db")] == ["db"]
+
+
+def test_configured_services_and_managed_proxies_are_not_deregistered_through_the_api(agent: Agent) -> None:
+    configured = agent.call("PUT", "/v1/agent/service/deregister/db")
+    assert configured.status == 400 and "agent.json" in text(configured)
+    managed = agent.call("PUT", "/v1/agent/service/deregister/web-proxy")
+    assert (managed.status, text(managed)) == (400, MANAGED_DEREGISTER)
+    assert {"db", "web-proxy"} <= set(agent.get("/v1/agent/services"))
+
+
+def test_managed_proxy_registration_needs_the_operator_to_allow_it(agents: Callable[..., Agent]) -> None:
+    registration = {"Name": "api", "Port": 9090, "Connect": {"Proxy": {"Command": ["/bin/true"]}}}
+    strict = agents()
+    refused = strict.call("PUT", "/v1/agent/service/register", registration)
+    assert (refused.status, text(refused)) == (400, MANAGED_API_DISALLOWED)
+    assert strict.services_changed == 0
+    lenient = agents(**ALLOW_MANAGED)
+    assert lenient.call("PUT", "/v1/agent/service/register", registration).status == 200
+    assert lenient.services_changed == 1  # the supervision loop is told to plan the new proxy
+    assert "api" in lenient.get("/v1/agent/services")
+
+
+def test_a_managed_proxy_cannot_take_the_id_of_a_registered_service(agents: Callable[..., Agent]) -> None:
+    agent = agents(**ALLOW_MANAGED)
+    assert agent.call("PUT", "/v1/agent/service/register", {"Name": "api-proxy", "Port": 7000}).status == 200
+    managed = {"Name": "api", "Port": 9090, "Connect": {"Proxy": {"Command": ["/bin/true"]}}}
+    response = agent.call("PUT", "/v1/agent/service/register", managed)
+    assert response.status == 409, text(response)
+
+
+def test_health_follows_ttl_check_updates(agent: Agent) -> None:
+    before = agent.call("GET", "/v1/health/service/db")
+    [entry] = json.loads(before.body)
+    assert {check["CheckID"]: check["Status"] for check in entry["Checks"]} == {
+        "serfHealth": "passing",
+        "db-ttl": "critical",  # a TTL check starts critical until its first update
+    }
+    assert agent.get("/v1/health/service/db?passing") == []
+
+    assert agent.call("PUT", "/v1/agent/check/pass/db-ttl?note=all+good").status == 200
+    after = agent.call("GET", "/v1/health/service/db?passing")
+    [entry] = json.loads(after.body)
+    assert entry["Service"]["ID"] == "db"
+    ttl = next(check for check in entry["Checks"] if check["CheckID"] == "db-ttl")
+    assert (ttl["Status"], ttl["Output"]) == ("passing", "all good")
+    assert int(after.headers["X-Consul-Index"]) > int(before.headers["X-Consul-Index"])
+    assert [check["Status"] for check in agent.get("/v1/health/checks/db")] == ["passing"]
+
+
+def test_a_blocking_health_query_returns_when_its_answer_changes_and_not_before(agent: Agent) -> None:
+    first = agent.call("GET", "/v1/health/service/db")
+    index = int(first.headers["X-Consul-Index"])
+    held = agent.begin(f"/v1/health/service/db?index={index}&wait=10s")
+    assert not held.done()
+    # Another service changing moves the agent's index, not the answer to this query.
+    assert agent.call("PUT", "/v1/agent/service/register", {"Name": "other", "Port": 1}).status == 200
+    agent.settle()
+    assert not held.done()
+    assert agent.call("PUT", "/v1/agent/check/warn/db-ttl").status == 200
+    answer = agent.finish(held)
+    assert int(answer.headers["X-Consul-Index"]) > index
+    [entry] = json.loads(answer.body)
+    assert "warning" in [check["Status"] for check in entry["Checks"]]
+
+
+def test_check_updates_are_validated(agent: Agent) -> None:
+    update = "/v1/agent/check/update/db-ttl"
+    bad_status = agent.call("PUT", update, {"Status": "fine"})
+    assert bad_status.status == 400 and "passing, warning or critical" in text(bad_status)
+    extra = agent.call("PUT", update, {"Status": "passing", "Notes": "x"})
+    assert extra.status == 400 and "notes" in text(extra)
+    unknown = agent.call("PUT", "/v1/agent/check/pass/no-such-check")
+    assert unknown.status == 404 and "no-such-check" in text(unknown)
+    assert agent.call("PUT", update, {"Status": "warning", "Output": "slow"}).status == 200
+    check = agent.get("/v1/agent/checks")["db-ttl"]
+    assert (check["Status"], check["Output"]) == ("warning", "slow")
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "says"),
+    [
+        ("/v1/health/service/db?passing=perhaps", 400, "passing"),
+        ("/v1/health/service/db?dc=eu-west", 404, "No path to datacenter"),
+        (f"/v1/catalog/service/{quote('no such/name', safe='')}", 400, "Invalid service name"),
+        ("/v1/kv/some-key", 404, "/v1/kv/some-key"),
+    ],
+    ids=["bad-flag", "other-dc", "bad-name", "no-such-endpoint"],
+)
+def test_discovery_requests_that_cannot_be_answered(
+    agent: Agent, target: str, status: int, says: str
+) -> None:
+    response = agent.call("GET", target)
+    assert response.status == status and says in text(response)
+
+
+def test_a_write_endpoint_read_with_get_is_405(agent: Agent) -> None:
+    response = agent.call("GET", "/v1/agent/reload")
+    assert response.status == 405 and response.headers["Allow"] == "POST, PUT"
+    assert agent.supervisor.events == []
+
+
+def test_with_acls_denying_discovery_needs_the_master_or_a_proxy_token(agents: Callable[..., Agent]) -> None:
+    agent = agents(**ACL_DENY)
+    assert agent.call("GET", "/v1/health/service/db").status == 403
+    assert agent.call("GET", "/v1/catalog/services", token="guess").status == 403
+    assert agent.call("GET", "/v1/health/service/db", token=MASTER).status == 200
+    assert agent.call("GET", "/v1/health/service/db", token=agent.token("web-proxy")).status == 200
+    # A proxy token opens discovery, not the agent's own endpoints.
+    assert agent.call("GET", "/v1/agent/self", token=agent.token("web-proxy")).status == 403
+
+
+def test_a_proxy_sees_only_its_own_service_and_its_own_configuration(agent: Agent) -> None:
+    token = agent.token("web-proxy")
+    assert set(agent.get("/v1/agent/services", token=token)) == {"web", "web-proxy"}
+    assert agent.call("GET", "/v1/agent/service/db", token=token).status == 403
+    own = agent.call("GET", "/v1/agent/connect/proxy/web-proxy", token=token)
+    assert own.status == 200
+    config = json.loads(own.body)
+    assert (
+        config["ProxyServiceID"] == "web-proxy"
+        and own.headers["X-Consul-ContentHash"] == config["ContentHash"]
+    )
+    assert agent.call("GET", "/v1/agent/connect/proxy/db-proxy", token=token).status == 404
+
+
+# -- the supervision loop's answers --------------------------------------------------------------
+
+
+def test_reload_is_posted_to_the_supervision_loop_and_its_answer_reported(agent: Agent) -> None:
+    assert agent.call("PUT", "/v1/agent/reload").status == 200
+    [event] = agent.supervisor.events
+    assert isinstance(event, ReloadRequested) and "API" in event.reason
+
+    agent.supervisor.failure = ConfigError.single("agent.json", "ports.http", "expected an integer")
+    invalid = agent.call("PUT", "/v1/agent/reload")
+    assert invalid.status == 400
+    assert "running configuration is kept" in text(invalid) and "ports.http" in text(invalid)
+
+    agent.supervisor.failure = SupervisorError("the agent is shutting down")
+    assert agent.call("POST", "/v1/agent/reload").status == 503
+
+
+# -- intentions ------------------------------------------------------------------------------------
+
+
+def test_intentions_create_read_update_delete(agent: Agent) -> None:
+    created = agent.call(
+        "POST", "/v1/connect/intentions", {"SourceName": "web", "DestinationName": "db", "Action": "allow"}
+    )
+    assert created.status == 200
+    intention_id = json.loads(created.body)["ID"]
+    stored = agent.get(f"/v1/connect/intentions/{intention_id}")
+    assert (stored["SourceName"], stored["DestinationName"], stored["Action"]) == ("web", "db", "allow")
+
+    duplicate = agent.call(
+        "POST", "/v1/connect/intentions", {"SourceName": "web", "DestinationName": "db", "Action": "deny"}
+    )
+    assert duplicate.status == 409 and intention_id in text(duplicate)
+
+    change = {"SourceName": "web", "DestinationName": "db", "Action": "deny", "Description": "closed"}
+    assert agent.call("PUT", f"/v1/connect/intentions/{intention_id}", change).status == 200
+    exact = agent.get("/v1/connect/intentions/exact?source=web&destination=db")
+    assert (exact["ID"], exact["Action"], exact["Description"]) == (intention_id, "deny", "closed")
+    assert exact["ModifyIndex"] > exact["CreateIndex"]
+    assert [ixn["ID"] for ixn in agent.get("/v1/connect/intentions")] == [intention_id]
+
+    assert agent.call("DELETE", f"/v1/connect/intentions/{intention_id}").status == 200
+    assert agent.call("GET", f"/v1/connect/intentions/{intention_id}").status == 404
+    assert agent.call("DELETE", f"/v1/connect/intentions/{intention_id}").status == 404
+    assert agent.get("/v1/connect/intentions") == []
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"SourceName": "web", "DestinationName": "db", "Action": "maybe"}, "Action"),
+        ({"SourceName": "web", "Action": "allow"}, "DestinationName"),
+    ],
+    ids=["bad-action", "missing-destination"],
+)
+def test_an_invalid_intention_is_400_naming_the_field(agent: Agent, body: dict[str, Any], named: str) -> None:
+    response = agent.call("POST", "/v1/connect/intentions", body)
+    assert response.status == 400
+    assert text(response).startswith("Invalid intention") and named in text(response)
+
+
+def test_intention_check_takes_the_most_precise_intention_then_the_acl_default(
+    agents: Callable[..., Agent],
+) -> None:
+    open_agent = agents()
+    check = "/v1/connect/intentions/check?source=web&destination=db"
+    assert open_agent.get(check) == {"Allowed": True}  # no ACLs: allowed by default
+    for source, action in [("*", "allow"), ("web", "deny")]:
+        body = {"SourceName": source, "DestinationName": "db", "Action": action}
+        assert open_agent.call("POST", "/v1/connect/intentions", body).status == 200
+    assert open_agent.get(check) == {"Allowed": False}  # the exact deny beats the wildcard allow
+    assert open_agent.get("/v1/connect/intentions/check?source=api&destination=db") == {"Allowed": True}
+    missing = open_agent.call("GET", "/v1/connect/intentions/check?source=web")
+    assert missing.status == 400 and "destination" in text(missing)
+
+    denying = agents(**ACL_DENY)
+    assert denying.get(check, token=MASTER) == {"Allowed": False}  # no intention: the default policy
+
+
+def test_a_proxy_may_match_only_the_intentions_for_its_own_destination(agent: Agent) -> None:
+    token = agent.token("web-proxy")
+    body = {"SourceName": "api", "DestinationName": "web", "Action": "deny"}
+    assert agent.call("POST", "/v1/connect/intentions", body).status == 200
+    own = agent.get("/v1/connect/intentions/match?by=destination&name=web", token=token)
+    assert [ixn["SourceName"] for ixn in own["web"]] == ["api"]
+    for query in ("by=destination&name=db", "by=source&name=web", "by=destination&name=web&name=db"):
+        assert agent.call("GET", f"/v1/connect/intentions/match?{query}", token=token).status == 403
+
+
+def test_authorize_decides_by_intentions_for_the_proxys_own_service(agent: Agent) -> None:
+    ca = agent.plane.ca
+    assert ca is not None
+    token = agent.token("web-proxy")
+    client = f"spiffe://{ca.trust_domain}/ns/default/dc/dc1/svc/api"
+    request = {"Target": "web", "ClientCertURI": client, "ClientCertSerial": "01"}
+
+    def authorize(body: dict[str, Any]) -> Response:
+        return agent.call("POST", "/v1/agent/connect/authorize", body, token=token)
+
+    assert json.loads(authorize(request).body)["Authorized"] is True
+    body = {"SourceName": "api", "DestinationName": "web", "Action": "deny"}
+    assert agent.call("POST", "/v1/connect/intentions", body).status == 200
+    denied = json.loads(authorize(request).body)
+    assert denied["Authorized"] is False and "api => web" in denied["Reason"]
+
+    foreign = json.loads(
+        authorize({**request, "ClientCertURI": "spiffe://other.consul/ns/default/dc/dc1/svc/api"}).body
+    )
+    assert foreign["Authorized"] is False and "external trust domain" in foreign["Reason"]
+    assert authorize({**request, "ClientCertURI": "https://example.com/"}).status == 400
+    assert authorize({**request, "Target": "db"}).status == 403  # not this proxy's service
+
+
+# -- prepared queries -----------------------------------------------------------------------------
+
+
+def test_a_prepared_query_is_created_and_executed_by_name_or_id(agent: Agent) -> None:
+    created = agent.call(
+        "POST", "/v1/query", {"Name": "primary-db", "Service": {"Service": "db", "Tags": ["primary"]}}
+    )
+    assert created.status == 200
+    query_id = json.loads(created.body)["ID"]
+    [stored] = agent.get(f"/v1/query/{query_id}")
+    assert (stored["ID"], stored["Name"], stored["Service"]["Service"]) == (query_id, "primary-db", "db")
+
+    # Execution leaves critical instances out: db's TTL check has not passed yet.
+    empty = agent.get("/v1/query/primary-db/execute")
+    assert (empty["Service"], empty["Nodes"], empty["Datacenter"]) == ("db", [], "dc1")
+    assert agent.call("PUT", "/v1/agent/check/pass/db-ttl").status == 200
+    for name_or_id in ("primary-db", query_id):
+        result = agent.get(f"/v1/query/{name_or_id}/execute")
+        assert [node["Service"]["ID"] for node in result["Nodes"]] == ["db"]
+        assert result["Nodes"][0]["Node"]["Node"] == "node-1"
+
+    taken = agent.call("POST", "/v1/query", {"Name": "primary-db", "Service": {"Service": "web"}})
+    assert taken.status == 409 and query_id in text(taken)
+    assert agent.call("GET", "/v1/query/no-such-query/execute").status == 404
+    assert agent.call("GET", "/v1/query/primary-db/execute?limit=few").status == 400
+    assert agent.call("DELETE", f"/v1/query/{query_id}").status == 200
+    assert agent.call("GET", "/v1/query/primary-db/execute").status == 404
+
+
+def test_an_invalid_prepared_query_is_400_and_so_is_a_template_that_cannot_be_rendered(agent: Agent) -> None:
+    missing = agent.call("POST", "/v1/query", {"Name": "q"})
+    assert missing.status == 400 and "Invalid prepared query" in text(missing) and "Service" in text(missing)
+    template = {
+        "Name": "geo-",
+        "Template": {"Type": "name_prefix_match"},
+        "Service": {"Service": "${nonsense}"},
+    }
+    assert agent.call("POST", "/v1/query", template).status == 200
+    # The expression is only resolved on execution: InvalidDefinition, mapped to 400 by the router.
+    rendered = agent.call("GET", "/v1/query/geo-db/execute")
+    assert rendered.status == 400 and "${nonsense}" in text(rendered)
+
+
+def test_a_template_query_renders_the_name_it_was_called_by(agent: Agent) -> None:
+    template = {
+        "Name": "find-",
+        "Template": {"Type": "name_prefix_match"},
+        "Service": {"Service": "${name.suffix}"},
+    }
+    assert agent.call("POST", "/v1/query", template).status == 200
+    assert agent.call("PUT", "/v1/agent/check/pass/db-ttl").status == 200
+    assert agent.get("/v1/query/find-db/execute")["Service"] == "db"
+    assert [node["Service"]["ID"] for node in agent.get("/v1/query/find-db/execute")["Nodes"]] == ["db"]
+    assert agent.get("/v1/query/find-web/execute")["Service"] == "web"
+
+
+def test_prepared_query_tokens_are_shown_only_to_the_master_when_acls_are_on(
+    agents: Callable[..., Agent],
+) -> None:
+    agent = agents(**ACL_ALLOW)
+    body = {"Name": "q", "Token": "query-secret", "Service": {"Service": "db"}}
+    assert agent.call("POST", "/v1/query", body).status == 200
+    assert [query["Token"] for query in agent.get("/v1/query")] == ["<hidden>"]
+    assert [query["Token"] for query in agent.get("/v1/query", token=MASTER)] == ["query-secret"]
+    assert agent.call("GET", "/v1/query", token=agent.token("web-proxy")).status == 403
