@@ -75,20 +75,32 @@ class ProxyConfig:
         return self.bind_address, self.bind_port
 
 
+def _field(entry: dict[str, Any], name: str, legacy: str) -> Any:
+    """A field of an upstream: Consul 1.3+'s CamelCase, or 1.2's snake_case (``Config.upstreams``)."""
+    value = entry.get(name)
+    return entry.get(legacy) if value is None else value
+
+
 def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
     result = []
     for index, entry in enumerate(raw or []):
         if not isinstance(entry, dict):
             raise ValueError(f"Upstreams[{index}]: expected an object")
-        config = entry.get("Config") or {}
-        destination_type = entry.get("DestinationType") or "service"
+        config = _field(entry, "Config", "config") or {}
+        if not isinstance(config, dict):
+            raise ValueError(f"Upstreams[{index}].Config: expected an object")
+        destination_type = _field(entry, "DestinationType", "destination_type") or "service"
         result.append(
             UpstreamConfig(
                 destination_type="prepared_query" if destination_type == "prepared_query" else "service",
-                destination_name=str(entry.get("DestinationName") or ""),
-                datacenter=str(entry.get("Datacenter") or ""),
-                local_bind_address=str(entry.get("LocalBindAddress") or "127.0.0.1"),
-                local_bind_port=_number(entry.get("LocalBindPort"), f"Upstreams[{index}].LocalBindPort", 0),
+                destination_name=str(_field(entry, "DestinationName", "destination_name") or ""),
+                datacenter=str(_field(entry, "Datacenter", "datacenter") or ""),
+                local_bind_address=str(
+                    _field(entry, "LocalBindAddress", "local_bind_address") or "127.0.0.1"
+                ),
+                local_bind_port=_number(
+                    _field(entry, "LocalBindPort", "local_bind_port"), f"Upstreams[{index}].LocalBindPort", 0
+                ),
                 connect_timeout_ms=_number(
                     config.get("connect_timeout_ms"), "connect_timeout_ms", DEFAULT_CONNECT_TIMEOUT_MS
                 ),

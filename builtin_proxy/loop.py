@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import select
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,8 @@ class EventLoop:
         self._epoll.register(self._wake_read, READ)
         self._running = False
         self._reported: set[tuple[str, str]] = set()
+        self._thread = threading.get_ident()  # the loop's thread (set again by run)
+        self._wake_lock = threading.Lock()  # close() against other threads' wake-ups
 
     # -- file descriptors -------------------------------------------------------------
 
@@ -91,16 +94,26 @@ class EventLoop:
     def call_soon_threadsafe(self, callback: Callable[..., None], *args: Any) -> None:
         """The only way other threads (agent watches, signal handlers) touch the loop.
 
-        No lock: a signal handler runs on the loop's own thread and could deadlock on one;
-        ``deque.append``/``popleft`` are atomic in CPython.
+        ``deque.append``/``popleft`` are atomic in CPython. The wake-up write is guarded
+        against ``close``: a late post must never write into whatever file got the closed
+        pipe's number. A signal handler runs on the loop's own thread (it may interrupt
+        ``close`` itself) and so takes no lock, which it could deadlock on.
         """
         self._ready.append((callback, args))
+        if threading.get_ident() == self._thread:
+            self._wake()
+        else:
+            with self._wake_lock:
+                self._wake()
+
+    def _wake(self) -> None:
+        fd = self._wake_write
+        if fd < 0:
+            return  # closed: the loop is gone
         try:
-            os.write(self._wake_write, b"\0")
+            os.write(fd, b"\0")
         except BlockingIOError:
             pass  # already awake
-        except OSError:
-            pass  # closed: the loop is gone
 
     # -- running -------------------------------------------------------------------------
 
@@ -109,6 +122,7 @@ class EventLoop:
 
     def run(self) -> None:
         self._running = True
+        self._thread = threading.get_ident()
         poll = self._epoll.poll
         handlers = self._handlers
         wake = self._wake_read
@@ -194,4 +208,6 @@ class EventLoop:
     def close(self) -> None:
         self._epoll.close()
         os.close(self._wake_read)
-        os.close(self._wake_write)
+        with self._wake_lock:
+            fd, self._wake_write = self._wake_write, -1
+            os.close(fd)

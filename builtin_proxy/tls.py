@@ -9,23 +9,23 @@ client certificates required and verified against every current root, no ALPN (n
 from __future__ import annotations
 
 import os
-import re
 import ssl
 import tempfile
 from typing import Any
 
-_SERVICE_URI = re.compile(r"^spiffe://([^/]+)/ns/([^/]+)/dc/([^/]+)/svc/([^/]+)$")
+from supervisor.connect.spiffe import InvalidSpiffeID, parse_service
+
 TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305"
 
 
 def parse_service_uri(uri: str) -> tuple[str, str, str] | None:
-    """(trust domain, datacenter, service) of a Connect service identity, else None."""
-    match = _SERVICE_URI.match(uri or "")
-    if match is None:
+    """(trust domain, datacenter, service) of a Connect service identity, else None (the
+    agent's own parser: one set of rules for what counts as an identity)."""
+    try:
+        identity = parse_service(uri or "")
+    except InvalidSpiffeID:
         return None
-    from urllib.parse import unquote
-
-    return match.group(1).lower(), unquote(match.group(3)), unquote(match.group(4))
+    return identity.trust_domain, identity.datacenter, identity.service
 
 
 def peer_uri(sock: ssl.SSLSocket) -> str | None:
