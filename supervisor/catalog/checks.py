@@ -18,7 +18,6 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from supervisor.catalog.probes import probe_http, probe_tcp, probe_tls_listener
 from supervisor.catalog.status import CheckKind, CheckStatus
@@ -69,23 +68,6 @@ class CheckState:
         self.fast_until = now + FAST_PROBE_WINDOW
         self.fast_probes = 0
         self.wake.set()
-
-    def to_json(self, node: str) -> dict[str, Any]:
-        spec = self.spec
-        return {
-            "Node": node,
-            "CheckID": spec.check_id,
-            "Name": spec.name,
-            "Status": self.status,
-            "Notes": spec.notes,
-            "Output": self.output,
-            "ServiceID": spec.service_id,
-            "ServiceName": spec.service_name,
-            "ServiceTags": list(spec.service_tags),
-            "Definition": {},
-            "CreateIndex": self.create_index,
-            "ModifyIndex": self.modify_index,
-        }
 
 
 Report = Callable[[CheckState, CheckStatus, str], None]
