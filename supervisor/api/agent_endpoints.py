@@ -270,10 +270,8 @@ class AgentEndpoints:
         body = request.json()
         if not isinstance(body, dict):
             raise HttpError(400, "Request decode failed: expected a JSON object with Status and Output")
-        fields = {key.lower(): value for key, value in body.items()}
-        unknown = set(fields) - {"status", "output"}
-        if unknown:
-            raise HttpError(400, f"Request decode failed: unknown field(s) {sorted(unknown)}")
+        # Consul's decoding: names match case-insensitively, null is absent, others are skipped.
+        fields = {key.lower(): value for key, value in body.items() if value is not None}
         status, output = fields.get("status"), fields.get("output", "")
         if status not in tuple(CheckStatus):
             raise HttpError(400, f"Invalid check status {status!r}: use passing, warning or critical")

@@ -72,7 +72,7 @@ class ConnectEndpoints:
     async def authorize(self, request: Request) -> Response:
         view = self._view()
         body = request.json()
-        ctx = Context("request body")
+        ctx = Context("request body", from_client=True)
         params = AUTHORIZE.validate(body, "", ctx)
         if ctx.problems:
             raise HttpError(400, "Request decode failed: " + "; ".join(str(p) for p in ctx.problems))

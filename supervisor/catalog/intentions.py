@@ -130,7 +130,7 @@ class Intention:
 
 def parse_intention(body: Any, source: str = "<api>") -> IntentionFields:
     """Validate a definition (Consul's CamelCase or snake_case keys); raises ConfigError."""
-    ctx = Context(source)
+    ctx = Context(source, from_client=True)
     cleaned = SCHEMA.validate(body, "", ctx)
     if ctx.problems or not isinstance(cleaned, dict):
         raise ConfigError(ctx.problems or [ConfigProblem(source, "", "expected a JSON object")])

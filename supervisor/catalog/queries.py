@@ -203,7 +203,7 @@ class PreparedQuery:
 
 def parse_query(body: Any, source: str = "<api>") -> QueryDefinition:
     """Validate a definition (CamelCase or snake_case keys); raises ConfigError."""
-    ctx = Context(source)
+    ctx = Context(source, from_client=True)
     cleaned = SCHEMA.validate(body, "", ctx)
     if ctx.problems or not isinstance(cleaned, dict):
         raise ConfigError(ctx.problems or [ConfigProblem(source, "", "expected a JSON object")])

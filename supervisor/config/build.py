@@ -108,13 +108,19 @@ def build_config(
 def build_service(raw: Any, source: str, defaults: ProxyDefaults) -> ServiceDef:
     """Validate and build one service definition (an API registration), as config files are.
 
-    Accepts Consul's API spellings (``ID``, ``Name``, ``Connect.Proxy`` …); raises
-    ConfigError naming ``source`` and the key for anything invalid.
+    Accepts Consul's API spellings (``ID``, ``Name``, ``Connect.Proxy`` …) and decodes as
+    Consul does: ``null`` is absent, unknown fields are skipped (logged at DEBUG), an empty
+    ``ID`` means the name. Raises ConfigError naming ``source`` and the key for anything
+    invalid.
     """
-    ctx = Context(source)
+    ctx = Context(source, from_client=True)
     cleaned = SERVICE.validate(raw, "", ctx)
     if ctx.problems:
         raise ConfigError(ctx.problems)
+    if ctx.skipped:
+        log.debug("%s: skipped fields this agent does not use: %s", source, ", ".join(ctx.skipped))
+    if isinstance(cleaned, dict) and not cleaned.get("name"):
+        raise ConfigError.single(source, "Name", "Missing service name")
     builder = _Builder({"__services__": []}, (), dev=False, from_api=True)
     service = builder._service(cleaned, source, "", defaults) if isinstance(cleaned, dict) else None
     if builder.problems or service is None:

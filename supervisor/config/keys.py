@@ -43,6 +43,8 @@ def check_safe_id(value: Any, path: str, ctx: Context) -> str:
     escape a directory or confuse a path (``../x``, ``a/b``, leading dots, control characters)."""
     if not isinstance(value, str):
         raise Invalid(f"expected a string, got {describe(value)}")
+    if value == "" and ctx.from_client:
+        return value  # Consul's clients send "" for unset: the ID becomes the name
     if not _SAFE_ID.fullmatch(value):
         raise Invalid(
             f"{value!r} cannot be used: IDs and names become file names, so use only letters, "

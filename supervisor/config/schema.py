@@ -24,11 +24,19 @@ class Invalid(Exception):
 
 @dataclass
 class Context:
-    """Collects problems and notices while one document is validated."""
+    """Collects problems and notices while one document is validated.
+
+    ``from_client``: the document is an API body, decoded as Consul decodes bodies --
+    ``null`` means absent and keys this tool does not know are skipped (newer clients
+    send fields such as ``Namespace``); they are listed in ``skipped``. Config files
+    stay strict: there an unknown key is a typo worth an error.
+    """
 
     source: str
     problems: list[ConfigProblem] = field(default_factory=list)
     notices: list[ConfigProblem] = field(default_factory=list)
+    from_client: bool = False
+    skipped: list[str] = field(default_factory=list)
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(ConfigProblem(self.source, path, message))
@@ -240,6 +248,10 @@ class Obj(Node):
             key = str(raw_key)
             name = key if key in self._lookup.values() else self._lookup.get(normalise_key(key))
             key_path = join(path, key)
+            if ctx.from_client and (item is None or name is None):
+                if name is None:
+                    ctx.skipped.append(key_path)
+                continue
             if name is None:
                 ctx.problem(key_path, "unknown key" + self._hint(key))
                 continue

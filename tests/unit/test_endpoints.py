@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import random
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
@@ -212,16 +213,51 @@ def test_a_registered_service_is_discovered_until_it_is_deregistered(agent: Agen
     assert again.status == 404 and "cache-1" in text(again)
 
 
+def test_a_registration_is_decoded_as_consul_does_null_absent_unknown_skipped(
+    agent: Agent, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What Consul's Go client sends for a plain registration: every field, nulls included,
+    # and fields newer than Consul 1.5 (Namespace, Partition, TaggedAddresses as a map).
+    go_client = {
+        "Kind": "",
+        "ID": "",
+        "Name": "cache",
+        "Tags": None,
+        "Port": 6379,
+        "Address": "",
+        "TaggedAddresses": None,
+        "EnableTagOverride": False,
+        "Meta": None,
+        "Weights": None,
+        "Check": None,
+        "Checks": None,
+        "Proxy": None,
+        "Connect": None,
+        "Namespace": "",
+        "Partition": "",
+        "SocketPath": "",
+    }
+    caplog.set_level(logging.DEBUG, "supervisor.config")
+    response = agent.call("PUT", "/v1/agent/service/register", go_client)
+    assert response.status == 200, text(response)
+    service = agent.get("/v1/agent/services")["cache"]  # an empty ID means the name
+    assert (service["Service"], service["Port"], service["Tags"]) == ("cache", 6379, [])
+    assert "Partition" in caplog.text and "SocketPath" in caplog.text  # skipped, said at DEBUG
+    nested = {"Name": "queue", "Port": 5672, "Check": {"TTL": "10s", "Status": None, "H2PING": "", "Body": ""}}
+    assert agent.call("PUT", "/v1/agent/service/register", nested).status == 200
+    [check] = [c for c in agent.get("/v1/agent/checks").values() if c["ServiceID"] == "queue"]
+    assert check["Status"] == "critical"  # Status null: the default, as in Consul
+
+
 @pytest.mark.parametrize(
     ("body", "named"),
     [
         ({"Name": "cache", "Port": "6379x"}, "Port"),
         ({"Port": 6379}, "Name"),
-        ({"Name": "cache", "Chekc": {"TTL": "10s"}}, "Chekc"),
         ({"Name": "cache", "Check": {"TTL": "soon"}}, "Check.TTL"),
         (b'{"Name": "cache",', "decode failed"),
     ],
-    ids=["wrong-type", "missing-name", "unknown-key", "nested-key", "broken-json"],
+    ids=["wrong-type", "missing-name", "nested-key", "broken-json"],
 )
 def test_a_registration_with_a_bad_body_is_400_naming_the_problem(
     agent: Agent, body: Any, named: str
@@ -385,7 +421,18 @@ def test_reload_is_posted_to_the_supervision_loop_and_its_answer_reported(agent:
 
 def test_intentions_create_read_update_delete(agent: Agent) -> None:
     created = agent.call(
-        "POST", "/v1/connect/intentions", {"SourceName": "web", "DestinationName": "db", "Action": "allow"}
+        "POST",
+        "/v1/connect/intentions",
+        # Newer clients add namespaces and partitions (empty: the default) and nulls.
+        {
+            "SourceName": "web",
+            "DestinationName": "db",
+            "Action": "allow",
+            "SourcePartition": "",
+            "DestinationPartition": "",
+            "Meta": None,
+            "Description": None,
+        },
     )
     assert created.status == 200
     intention_id = json.loads(created.body)["ID"]
