@@ -243,7 +243,11 @@ def test_a_registration_is_decoded_as_consul_does_null_absent_unknown_skipped(
     service = agent.get("/v1/agent/services")["cache"]  # an empty ID means the name
     assert (service["Service"], service["Port"], service["Tags"]) == ("cache", 6379, [])
     assert "Partition" in caplog.text and "SocketPath" in caplog.text  # skipped, said at DEBUG
-    nested = {"Name": "queue", "Port": 5672, "Check": {"TTL": "10s", "Status": None, "H2PING": "", "Body": ""}}
+    nested = {
+        "Name": "queue",
+        "Port": 5672,
+        "Check": {"TTL": "10s", "Status": None, "H2PING": "", "Body": ""},
+    }
     assert agent.call("PUT", "/v1/agent/service/register", nested).status == 200
     [check] = [c for c in agent.get("/v1/agent/checks").values() if c["ServiceID"] == "queue"]
     assert check["Status"] == "critical"  # Status null: the default, as in Consul
