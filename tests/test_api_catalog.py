@@ -167,7 +167,7 @@ def test_health_and_catalog_shapes(agent: AgentProcess) -> None:
     assert agent.get("/v1/catalog/service/web")[0]["ServicePort"] > 0
     # a hand-registered connect-proxy (1.2's proxy_destination) is discoverable for its destination
     assert [e["Service"]["ID"] for e in agent.get("/v1/health/connect/legacy-db")] == ["legacy-db-proxy"]
-    assert agent.http("GET", "/v1/health/service/web?dc=elsewhere")[0] == 404
+    assert agent.http("GET", "/v1/health/service/web?dc=elsewhere")[0] == 503
     assert agent.http("GET", "/v1/health/service/web?passing=maybe")[0] == 400
     assert agent.get("/v1/catalog/datacenters") == ["dc1"]
     assert agent.get("/v1/status/leader") == agent.address

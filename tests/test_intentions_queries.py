@@ -162,10 +162,6 @@ def test_query_resolution_by_id_name_and_template(tmp_path: Path) -> None:
         ({"Service": {"Tags": ["a"]}}, "Service.Service: required key is missing"),
         ({"Service": {"Service": "db", "OnlyPassing": "yes"}}, "expected true or false"),
         (
-            {"Template": {"Type": "name_prefix_match"}, "Service": {"Service": "x"}},
-            "a template query needs a name",
-        ),
-        (
             {
                 "Name": "t",
                 "Template": {"Type": "name_prefix_match", "Regexp": "("},

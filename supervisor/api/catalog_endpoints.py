@@ -52,11 +52,6 @@ class CatalogEndpoints:
         caller = identify(request, view)
         if not caller.is_proxy:
             require_operator(caller, view)
-        dc = request.arg("dc")
-        if dc and dc != view.config.datacenter:
-            raise HttpError(
-                404, f"No path to datacenter {dc!r}: this agent only knows {view.config.datacenter!r}"
-            )
 
     async def _blocking(self, request: Request, key: Any, compute: Callable[[], Any]) -> Response:
         self._check_access(request)

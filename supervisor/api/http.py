@@ -503,17 +503,27 @@ def _content_length(headers: h11._headers.Headers) -> int | None:
     return None
 
 
-def _request_from(head: h11.Request, body: bytes, remote: str, gone: asyncio.Event) -> Request:
-    target = head.target.decode("latin-1")
+def split_target(target: str) -> tuple[str, str]:
+    """Path and query of a request target. The usual origin form (``/v1/...?index=1``) is
+    split at the ``?`` -- urlsplit would read ``//v1/agent/self`` as a host named v1 --
+    and the absolute form (``http://host/v1/...``) by urlsplit."""
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return path, query.partition("#")[0]
     parts = urlsplit(target)
+    return parts.path or "/", parts.query
+
+
+def _request_from(head: h11.Request, body: bytes, remote: str, gone: asyncio.Event) -> Request:
+    path, query = split_target(head.target.decode("latin-1"))
     headers: dict[str, str] = {}
     for name, value in head.headers:
         headers[name.decode("latin-1")] = value.decode("latin-1")
     return Request(
         method=head.method.decode("latin-1").upper(),
-        path=unquote(parts.path),
-        raw_path=parts.path,
-        query=parse_qs(parts.query, keep_blank_values=True),
+        path=unquote(path),
+        raw_path=path,
+        query=parse_qs(query, keep_blank_values=True),
         headers=headers,
         body=body,
         remote=remote,

@@ -30,7 +30,7 @@ class IntentionEndpoints:
 
     def register(self, router: Router) -> None:
         router.add(("GET", "HEAD", "POST", "PUT"), "/v1/connect/intentions", self.collection)
-        router.add(READ_METHODS, "/v1/connect/intentions/exact", self.exact)
+        router.add(("GET", "HEAD", "PUT", "POST", "DELETE"), "/v1/connect/intentions/exact", self.exact)
         router.add(READ_METHODS, "/v1/connect/intentions/check", self.check)
         router.add(READ_METHODS, "/v1/connect/intentions/match", self.match)
         router.add(("GET", "HEAD", "PUT", "POST", "DELETE"), "/v1/connect/intentions/:id", self.single)
@@ -74,9 +74,26 @@ class IntentionEndpoints:
         return source, destination
 
     async def exact(self, request: Request) -> Response:
+        """Consul 1.9+'s intentions by name (current clients use only these): GET reads,
+        PUT creates or replaces, DELETE removes (``true`` whether or not it existed)."""
         self._operator(request)
         source, destination = self._pair(request)
-        intention = self.plane.intentions.exact(source, destination)
+        store = self.plane.intentions
+        intention = store.exact(source, destination)
+        if request.method in ("PUT", "POST"):
+            body = request.json()
+            if not isinstance(body, dict):
+                raise HttpError(400, "Request decode failed: expected a JSON object")
+            fields = _decode({**body, "SourceName": source, "DestinationName": destination})
+            if intention is None:
+                store.create(fields)
+            else:
+                store.update(intention.id, fields)
+            return Response.json(True)
+        if request.method == "DELETE":
+            if intention is not None:
+                store.delete(intention.id)
+            return Response.json(True)
         if intention is None:
             raise HttpError(404, f"Intention not found: {source} => {destination}")
         return Response.json(intention_json(intention))

@@ -72,9 +72,6 @@ class QueryEndpoints:
         self._caller(request, operator=False)
         view = self.plane.view
         assert view is not None
-        dc = request.arg("dc")
-        if dc and dc != view.config.datacenter:
-            raise HttpError(404, f"No path to datacenter {dc!r}")
         name_or_id = request.params["id"]
         self.plane.queries.resolve(name_or_id)  # 404 now, not inside the blocking loop
         connect = truthy(request, "connect")

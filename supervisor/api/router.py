@@ -1,11 +1,16 @@
-"""Map (method, path) to handlers; ``:name`` segments become ``request.params``.
+"""Map (method, path) to handlers; ``:name`` segments become ``request.params``, a last
+``*name`` segment takes the rest of the path.
 
 Domain errors raised by a handler become their HTTP status here (the domain knows
-nothing of HTTP): not found 404, a conflict 409, an unusable definition 400.
+nothing of HTTP): not found 404, a conflict 409, an unusable definition 400. As in
+Consul, empty segments are ignored (``//v1/agent/self`` is routed), a known path with
+another method is a 405 naming the allowed ones, ``OPTIONS`` answers with them, and
+``?pretty`` indents a JSON answer.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -34,10 +39,16 @@ class Route:
     handler: Handler
 
     def match(self, parts: list[str]) -> dict[str, str] | None:
-        if len(parts) != len(self.segments):
-            return None
+        segments = self.segments
         params = {}
-        for pattern, part in zip(self.segments, parts, strict=True):
+        if segments and segments[-1].startswith("*"):
+            if len(parts) < len(segments) - 1:
+                return None
+            params[segments[-1][1:]] = "/".join(parts[len(segments) - 1 :])
+            segments, parts = segments[:-1], parts[: len(segments) - 1]
+        if len(parts) != len(segments):
+            return None
+        for pattern, part in zip(segments, parts, strict=True):
             if pattern.startswith(":"):
                 if not part:
                     return None
@@ -56,7 +67,7 @@ class Router:
 
     async def __call__(self, request: Request) -> Response:
         # Match on the raw path so an encoded "/" (%2F) inside an ID stays one segment.
-        parts = [_unquote(part) for part in request.raw_path.strip("/").split("/")]
+        parts = [_unquote(part) for part in request.raw_path.split("/") if part]
         allowed: list[str] = []
         for route in self.routes:
             params = route.match(parts)
@@ -67,14 +78,24 @@ class Router:
                 continue
             request.params = params
             try:
-                return await route.handler(request)
+                response = await route.handler(request)
             except CatalogError as exc:
                 raise HttpError(status_of(exc), str(exc)) from None
+            return _pretty(response) if request.has_arg("pretty") else response
         if allowed:
-            raise HttpError(
-                405, f"Method {request.method} not allowed", {"Allow": ", ".join(sorted(set(allowed)))}
-            )
+            methods = ",".join(["OPTIONS", *sorted(set(allowed))])
+            if request.method == "OPTIONS":
+                return Response(headers={"Allow": methods})
+            raise HttpError(405, f"method {request.method} not allowed", {"Allow": methods})
         raise HttpError(404, f"Invalid URL path: {request.path!r} is not an endpoint of this agent")
+
+
+def _pretty(response: Response) -> Response:
+    """Consul's ``?pretty``: four-space indents and a final newline."""
+    if not response.headers.get("Content-Type", "").startswith("application/json") or not response.body:
+        return response
+    body = json.dumps(json.loads(response.body), indent=4).encode() + b"\n"
+    return Response(response.status, body, response.headers)
 
 
 def _unquote(part: str) -> str:

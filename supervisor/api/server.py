@@ -8,11 +8,12 @@ import socket
 import threading
 from collections.abc import Callable
 
+from supervisor.api import unsupported
 from supervisor.api.agent_endpoints import AgentEndpoints
 from supervisor.api.auth import principal_of
 from supervisor.api.catalog_endpoints import CatalogEndpoints
 from supervisor.api.connect_endpoints import ConnectEndpoints
-from supervisor.api.http import HttpServer
+from supervisor.api.http import Handler, HttpError, HttpServer, Request, Response
 from supervisor.api.intention_endpoints import IntentionEndpoints
 from supervisor.api.limits import Caps, ConnectionBook, caps_for, open_file_limit
 from supervisor.api.query_endpoints import QueryEndpoints
@@ -38,6 +39,38 @@ def bind_listener(host: str, port: int) -> socket.socket:
             else "set addresses.http / client_addr to an address of this host"
         )
         raise ListenError(f"cannot listen on {exc.address} for the HTTP API: {exc.strerror}; {hint}") from exc
+
+
+# Endpoints that Consul forwards to a datacenter's servers and so take ``?dc=``; the
+# agent's own endpoints (/v1/agent/...) ignore it, as in Consul.
+DATACENTER_SCOPED = ("/v1/catalog/", "/v1/health/", "/v1/query", "/v1/connect/", "/v1/coordinate/")
+
+
+def datacenter_guard(handler: Handler, datacenter: Callable[[], str]) -> Handler:
+    """``?dc=`` naming another datacenter: Consul's "No path to datacenter", as a 503
+    rather than Consul's 500 -- this agent answers no client input with a 500, and a 503
+    reads the same to every client (an error carrying that text)."""
+
+    async def guarded(request: Request) -> Response:
+        dc = request.arg("dc")
+        if dc and request.path.startswith(DATACENTER_SCOPED) and dc != datacenter():
+            raise HttpError(503, "No path to datacenter", {"X-Consul-Index": "1"})
+        return await handler(request)
+
+    return guarded
+
+
+def compose(board: ViewBoard, supervisor: Supervisor, plane: ControlPlane) -> Handler:
+    """Every endpoint behind one handler: what the HTTP server serves (and unit tests call)."""
+    router = Router()
+    results = Results(plane.index)  # blocking queries' answers, and when each last changed
+    AgentEndpoints(board, supervisor, plane).register(router)
+    ConnectEndpoints(plane).register(router)
+    CatalogEndpoints(plane, results).register(router)
+    IntentionEndpoints(plane, results).register(router)
+    QueryEndpoints(plane, results).register(router)
+    unsupported.register(router)
+    return datacenter_guard(router, lambda: board.current.config.datacenter)
 
 
 class ApiServer:
@@ -105,13 +138,7 @@ class ApiServer:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         self.plane.start(self.board.current)
-        router = Router()
-        results = Results(self.plane.index)  # blocking queries' answers, and when each last changed
-        AgentEndpoints(self.board, self.supervisor, self.plane).register(router)
-        ConnectEndpoints(self.plane).register(router)
-        CatalogEndpoints(self.plane, results).register(router)
-        IntentionEndpoints(self.plane, results).register(router)
-        QueryEndpoints(self.plane, results).register(router)
+        handler = compose(self.board, self.supervisor, self.plane)
         file_limit = open_file_limit()
 
         def caps() -> Caps:
@@ -122,7 +149,7 @@ class ApiServer:
             )
 
         book = ConnectionBook(caps)
-        http = HttpServer(router, book, lambda request: principal_of(request, self.board.current))
+        http = HttpServer(handler, book, lambda request: principal_of(request, self.board.current))
         http.serve(self.sock)
         self._ready.set()
         await self._stop.wait()

@@ -207,8 +207,6 @@ def parse_query(body: Any, source: str = "<api>") -> QueryDefinition:
     cleaned = SCHEMA.validate(body, "", ctx)
     if ctx.problems or not isinstance(cleaned, dict):
         raise ConfigError(ctx.problems or [ConfigProblem(source, "", "expected a JSON object")])
-    if cleaned.get("template") and not cleaned.get("name"):
-        raise ConfigError.single(source, "Name", "a template query needs a name (the prefix it matches)")
     return QueryDefinition.from_fields(cleaned)
 
 
@@ -270,13 +268,20 @@ class Queries:
         return query
 
     def create(self, definition: QueryDefinition) -> PreparedQuery:
-        self._check_name(definition.name, None)
+        if not definition.name and definition.template is None:
+            # Consul's rule: an anonymous query lives as long as its session, and this agent
+            # has no sessions.
+            raise InvalidDefinition(
+                "Invalid prepared query: Must be bound to a session "
+                "(this agent has no sessions: give the query a Name)"
+            )
+        self._check_name(definition, None)
         index = self.next_index()
         return self._store(PreparedQuery(str(uuid.uuid4()), definition, index, index))
 
     def update(self, query_id: str, definition: QueryDefinition) -> PreparedQuery:
         current = self.get(query_id)
-        self._check_name(definition.name, query_id)
+        self._check_name(definition, query_id)
         return self._store(replace(current, definition=definition, modify_index=self.next_index()))
 
     def delete(self, query_id: str) -> None:
@@ -285,8 +290,14 @@ class Queries:
         self._commit({key: value for key, value in self.queries.items() if key != query_id})
         self.on_change()
 
-    def _check_name(self, name: str, own_id: str | None) -> None:
+    def _check_name(self, definition: QueryDefinition, own_id: str | None) -> None:
+        name = definition.name
         if not name:
+            if definition.template is not None and any(
+                not query.name and query.definition.template is not None and query.id != own_id
+                for query in self.queries.values()
+            ):
+                raise Conflict("a query template with an empty name already exists")
             return
         for query in self.queries.values():
             if query.name == name and query.id != own_id:

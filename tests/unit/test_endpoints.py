@@ -19,18 +19,13 @@ import logging
 import random
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote
 
 import pytest
 
-from supervisor.api.agent_endpoints import MANAGED_API_DISALLOWED, MANAGED_DEREGISTER, AgentEndpoints
-from supervisor.api.catalog_endpoints import CatalogEndpoints
-from supervisor.api.connect_endpoints import ConnectEndpoints
-from supervisor.api.http import HttpError, Request, Response
-from supervisor.api.intention_endpoints import IntentionEndpoints
-from supervisor.api.query_endpoints import QueryEndpoints
-from supervisor.api.results import Results
-from supervisor.api.router import Router
+from supervisor.api.agent_endpoints import MANAGED_API_DISALLOWED, MANAGED_DEREGISTER
+from supervisor.api.http import HttpError, Request, Response, split_target
+from supervisor.api.server import compose
 from supervisor.catalog.index import Index
 from supervisor.catalog.registry import Registry
 from supervisor.config.build import build_config
@@ -98,14 +93,8 @@ class Agent:
         self.services_changed = 0
         self.plane = ControlPlane(None, Registry(None), Index(), self._services_changed)
         self.supervisor = RecordingSupervisor()
-        self.router = Router()
-        results = Results(self.plane.index)
         supervisor = cast(Supervisor, self.supervisor)  # only its post() is used by the endpoints
-        AgentEndpoints(self.board, supervisor, self.plane).register(self.router)
-        ConnectEndpoints(self.plane).register(self.router)
-        CatalogEndpoints(self.plane, results).register(self.router)
-        IntentionEndpoints(self.plane, results).register(self.router)
-        QueryEndpoints(self.plane, results).register(self.router)
+        self.handler = compose(self.board, supervisor, self.plane)  # what the HTTP server serves
         self.loop = asyncio.new_event_loop()
         self.loop.run_until_complete(self._start())
 
@@ -119,13 +108,13 @@ class Agent:
         return self.board.current.proxies[proxy_id].spec.token
 
     def request(self, method: str, target: str, body: Any = None, token: str | None = None) -> Request:
-        parts = urlsplit(target)
+        path, query = split_target(target)
         raw = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
         return Request(
             method=method,
-            path=unquote(parts.path),
-            raw_path=parts.path,
-            query=parse_qs(parts.query, keep_blank_values=True),
+            path=unquote(path),
+            raw_path=path,
+            query=parse_qs(query, keep_blank_values=True),
             headers={"x-consul-token": token} if token else {},
             body=raw,
             remote="127.0.0.1:50000",
@@ -133,7 +122,7 @@ class Agent:
 
     async def _serve(self, request: Request) -> Response:
         try:
-            return await self.router(request)
+            return await self.handler(request)
         except HttpError as exc:
             return Response.text(exc.message, exc.status, exc.headers)
 
@@ -347,8 +336,8 @@ def test_check_updates_are_validated(agent: Agent) -> None:
     update = "/v1/agent/check/update/db-ttl"
     bad_status = agent.call("PUT", update, {"Status": "fine"})
     assert bad_status.status == 400 and "passing, warning or critical" in text(bad_status)
-    extra = agent.call("PUT", update, {"Status": "passing", "Notes": "x"})
-    assert extra.status == 400 and "notes" in text(extra)
+    extra = agent.call("PUT", update, {"status": "passing", "Output": None, "Notes": "x"})
+    assert extra.status == 200  # Consul's decoding: any case, null absent, others skipped
     unknown = agent.call("PUT", "/v1/agent/check/pass/no-such-check")
     assert unknown.status == 404 and "no-such-check" in text(unknown)
     assert agent.call("PUT", update, {"Status": "warning", "Output": "slow"}).status == 200
@@ -360,11 +349,12 @@ def test_check_updates_are_validated(agent: Agent) -> None:
     ("target", "status", "says"),
     [
         ("/v1/health/service/db?passing=perhaps", 400, "passing"),
-        ("/v1/health/service/db?dc=eu-west", 404, "No path to datacenter"),
+        ("/v1/health/service/db?dc=eu-west", 503, "No path to datacenter"),
         (f"/v1/catalog/service/{quote('no such/name', safe='')}", 400, "Invalid service name"),
-        ("/v1/kv/some-key", 404, "/v1/kv/some-key"),
+        ("/v1/kv/some-key", 501, "does not implement the KV store"),
+        ("/v1/no/such/endpoint", 404, "/v1/no/such/endpoint"),
     ],
-    ids=["bad-flag", "other-dc", "bad-name", "no-such-endpoint"],
+    ids=["bad-flag", "other-dc", "bad-name", "not-implemented", "no-such-endpoint"],
 )
 def test_discovery_requests_that_cannot_be_answered(
     agent: Agent, target: str, status: int, says: str
@@ -375,7 +365,7 @@ def test_discovery_requests_that_cannot_be_answered(
 
 def test_a_write_endpoint_read_with_get_is_405(agent: Agent) -> None:
     response = agent.call("GET", "/v1/agent/reload")
-    assert response.status == 405 and response.headers["Allow"] == "POST, PUT"
+    assert response.status == 405 and response.headers["Allow"] == "OPTIONS,POST,PUT"
     assert agent.supervisor.events == []
 
 
@@ -592,3 +582,58 @@ def test_prepared_query_tokens_are_shown_only_to_the_master_when_acls_are_on(
     assert [query["Token"] for query in agent.get("/v1/query")] == ["<hidden>"]
     assert [query["Token"] for query in agent.get("/v1/query", token=MASTER)] == ["query-secret"]
     assert agent.call("GET", "/v1/query", token=agent.token("web-proxy")).status == 403
+
+
+def test_intentions_by_name_as_consul_1_9_clients_use_them(agent: Agent) -> None:
+    exact = "/v1/connect/intentions/exact?source=web&destination=db"
+    assert agent.call("GET", exact).status == 404
+    created = agent.call("PUT", exact, {"Action": "deny", "Description": "not yet"})
+    assert (created.status, json.loads(created.body)) == (200, True)
+    stored = agent.get(exact)
+    assert (stored["SourceName"], stored["DestinationName"], stored["Action"]) == ("web", "db", "deny")
+    replaced = agent.call("PUT", exact, {"Action": "allow"})
+    assert replaced.status == 200
+    [only] = agent.get("/v1/connect/intentions")  # replaced in place, not a second one
+    assert (only["ID"], only["Action"]) == (stored["ID"], "allow")
+    assert json.loads(agent.call("DELETE", exact).body) is True
+    assert agent.get("/v1/connect/intentions") == []
+    assert agent.call("DELETE", exact).status == 200  # gone already: still true, as Consul
+    assert agent.call("PUT", "/v1/connect/intentions/exact?source=web", {"Action": "allow"}).status == 400
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "says"),
+    [
+        ("GET", "/v1/kv/app/db?recurse", "the KV store"),
+        ("PUT", "/v1/session/create", "sessions"),
+        ("PUT", "/v1/event/fire/deploy", "user events"),
+        ("GET", "/v1/acl/tokens", "ACL management"),
+        ("PUT", "/v1/txn", "transactions"),
+        ("GET", "/v1/coordinate/nodes", "network coordinates"),
+        ("GET", "/v1/operator/raft/configuration", "operator endpoints"),
+        ("GET", "/v1/snapshot", "snapshots"),
+        ("PUT", "/v1/catalog/register", "catalog registration"),
+    ],
+)
+def test_what_this_agent_does_not_implement_is_a_501_that_says_so(
+    agent: Agent, method: str, target: str, says: str
+) -> None:
+    response = agent.call(method, target, {} if method == "PUT" else None)
+    assert response.status == 501
+    assert says in text(response) and "proxy-supervisor does not implement" in text(response)
+
+
+def test_paths_are_cleaned_and_options_names_the_methods(agent: Agent) -> None:
+    assert json.loads(agent.call("GET", "//v1/agent//self").body)["Config"]["NodeName"] == "node-1"
+    options = agent.call("OPTIONS", "/v1/agent/service/register")
+    assert options.status == 200 and "PUT" in options.headers["Allow"]
+    pretty = agent.call("GET", "/v1/catalog/datacenters?pretty")
+    assert pretty.body == b'[\n    "dc1"\n]\n'
+
+
+def test_other_datacenters_are_refused_only_where_consul_forwards(agent: Agent) -> None:
+    for target in ("/v1/catalog/services?dc=eu", "/v1/query?dc=eu", "/v1/connect/intentions?dc=eu"):
+        response = agent.call("GET", target)
+        assert (response.status, text(response)) == (503, "No path to datacenter"), target
+    assert agent.call("GET", "/v1/agent/services?dc=eu").status == 200  # the agent's own: dc ignored
+    assert agent.call("GET", "/v1/catalog/services?dc=dc1").status == 200

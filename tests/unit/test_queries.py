@@ -132,11 +132,21 @@ def test_renaming_onto_a_taken_name_is_a_conflict_but_keeping_ones_own_is_not() 
     assert (updated.create_index, updated.modify_index > first.modify_index) == (first.create_index, True)
 
 
-def test_unnamed_queries_never_clash() -> None:
+def test_an_unnamed_query_needs_a_session_as_in_consul_and_this_agent_has_none() -> None:
     store = Store()
-    store.create({"Service": {"Service": "a"}})
-    store.create({"Service": {"Service": "b"}})
-    assert len(store.queries.list()) == 2
+    with pytest.raises(InvalidDefinition, match="Must be bound to a session"):
+        store.create({"Service": {"Service": "a"}})
+    assert store.queries.list() == []
+
+
+def test_the_empty_named_template_is_the_catch_all_and_there_is_one() -> None:
+    store = Store()
+    store.create(template("", "${name.full}"))
+    store.create(template("geo-", "geo-${name.suffix}"))
+    assert store.queries.resolve("db")[1].service == "db"  # nothing else matches: the catch-all
+    assert store.queries.resolve("geo-web")[1].service == "geo-web"  # a longer prefix wins
+    with pytest.raises(Conflict, match="a query template with an empty name already exists"):
+        store.create(template("", "other"))
 
 
 def test_queries_are_listed_by_name_and_every_change_notifies() -> None:

@@ -12,11 +12,11 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 import pytest
 
-from supervisor.api.http import HttpConnection, HttpError, HttpServer, Request, Response
+from supervisor.api.http import HttpConnection, HttpError, HttpServer, Request, Response, split_target
 from supervisor.api.limits import Caps, ConnectionBook
 from supervisor.api.router import READ_METHODS, WRITE_METHODS, Router, status_of
 from supervisor.catalog.errors import CatalogError, Conflict, InvalidDefinition, NotFound
@@ -24,12 +24,12 @@ from supervisor.catalog.errors import CatalogError, Conflict, InvalidDefinition,
 
 def make_request(method: str, target: str, headers: Mapping[str, str] | None = None) -> Request:
     """A request as ``http._request_from`` builds it from a request line."""
-    parts = urlsplit(target)
+    path, query = split_target(target)
     return Request(
         method=method,
-        path=unquote(parts.path),
-        raw_path=parts.path,
-        query=parse_qs(parts.query, keep_blank_values=True),
+        path=unquote(path),
+        raw_path=path,
+        query=parse_qs(query, keep_blank_values=True),
         headers={name.lower(): value for name, value in (headers or {}).items()},
         body=b"",
         remote="127.0.0.1:50000",
@@ -101,12 +101,13 @@ def test_an_encoded_slash_stays_inside_its_segment(router: Router, recorder: Rec
     assert refusal(router, "GET", "/v1/agent/service/team/web").status == 404
 
 
-def test_a_trailing_slash_is_tolerated_but_an_empty_segment_never_fills_a_parameter(
-    router: Router, recorder: Recorder
-) -> None:
+def test_empty_segments_are_ignored_as_consul_cleans_paths(router: Router, recorder: Recorder) -> None:
     route(router, "GET", "/v1/agent/services/")
-    assert refusal(router, "GET", "/v1/query//execute").status == 404
-    assert recorder.calls == [("services", {})]
+    route(router, "GET", "//v1/agent//services")
+    # Consul redirects to the cleaned path: an empty segment never becomes an empty ID.
+    route(router, "GET", "/v1/agent/service//web")
+    assert refusal(router, "GET", "/v1/agent/service//").status == 404
+    assert recorder.calls == [("services", {}), ("services", {}), ("service", {"id": "web"})]
 
 
 def test_routes_are_tried_in_order_and_a_refused_method_goes_on_to_the_next(
@@ -116,6 +117,25 @@ def test_routes_are_tried_in_order_and_a_refused_method_goes_on_to_the_next(
     route(router, "GET", "/v1/connect/intentions/1234")
     route(router, "DELETE", "/v1/connect/intentions/exact")  # the literal route reads only
     assert recorder.calls == [("exact", {}), ("single", {"id": "1234"}), ("single", {"id": "exact"})]
+
+
+def test_options_names_the_methods_and_a_rest_segment_takes_the_rest(
+    router: Router, recorder: Recorder
+) -> None:
+    assert route(router, "OPTIONS", "/v1/agent/services").headers == {"Allow": "OPTIONS,GET,HEAD"}
+    router.add(READ_METHODS, "/v1/kv/*key", recorder.handler("kv"))
+    route(router, "GET", "/v1/kv/app/config/db")
+    route(router, "GET", "/v1/kv")
+    assert recorder.calls == [("kv", {"key": "app/config/db"}), ("kv", {"key": ""})]
+
+
+def test_pretty_indents_json_as_consul_does(router: Router) -> None:
+    async def answer(_request: Request) -> Response:
+        return Response.json({"a": [1]})
+
+    router.add(READ_METHODS, "/v1/pretty", answer)
+    assert route(router, "GET", "/v1/pretty?pretty").body == b'{\n    "a": [\n        1\n    ]\n}\n'
+    assert route(router, "GET", "/v1/pretty").body == b'{"a":[1]}'
 
 
 def test_an_unknown_path_is_404_naming_the_path(router: Router) -> None:
@@ -129,10 +149,10 @@ def test_a_known_path_with_a_wrong_method_is_405_with_every_allowed_method(
 ) -> None:
     error = refusal(router, "DELETE", "/v1/agent/services")
     assert error.status == 405
-    assert error.headers == {"Allow": "GET, HEAD"}
+    assert error.headers == {"Allow": "OPTIONS,GET,HEAD"}  # Consul's spelling
     # Two routes match this path: the Allow header is the union of both, once each.
     error = refusal(router, "PUT", "/v1/connect/intentions/exact")
-    assert error.headers == {"Allow": "DELETE, GET, HEAD"}
+    assert error.headers == {"Allow": "OPTIONS,DELETE,GET,HEAD"}
     assert recorder.calls == []
 
 
