@@ -17,6 +17,7 @@ from supervisor.api.blocking import MAX_WAIT, block_until_changed
 from supervisor.api.catalog_shapes import check_json
 from supervisor.api.http import HttpError, Request, Response
 from supervisor.api.router import READ_METHODS, WRITE_METHODS, Router
+from supervisor.api.selection import Selection
 from supervisor.api.shapes import (
     agent_self_json,
     agent_services,
@@ -112,6 +113,7 @@ class AgentEndpoints:
     async def services(self, request: Request) -> Response:
         view = self.board.current
         caller = identify(request, view)
+        selection = Selection.of(request)
         services = self._services(view)
         if caller.is_proxy:  # a proxy sees its own service and its own proxy registration
             services = {
@@ -121,7 +123,7 @@ class AgentEndpoints:
             }
         else:
             require_operator(caller, view)
-        return Response.json(services)
+        return Response.json(selection.apply_values(services))
 
     async def service(self, request: Request) -> Response:
         service_id = request.params["id"]
@@ -240,10 +242,10 @@ class AgentEndpoints:
     async def checks(self, request: Request) -> Response:
         view = self.board.current
         require_operator(identify(request, view), view)
+        selection = Selection.of(request)
         catalog = self.plane.catalog
-        return Response.json(
-            {check.check_id: check_json(check, catalog.node.name) for check in catalog.local_checks()}
-        )
+        checks = {check.check_id: check_json(check, catalog.node.name) for check in catalog.local_checks()}
+        return Response.json(selection.apply_values(checks))
 
     def _ttl_update(self, request: Request, status: CheckStatus, output: str) -> Response:
         view = self.board.current

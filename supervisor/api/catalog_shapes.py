@@ -3,6 +3,7 @@ built from the catalog's typed entries. Pure functions."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from supervisor.api.shapes import managed_proxy_service_json, service_json
@@ -87,3 +88,16 @@ def catalog_entry_json(entry: Entry) -> dict[str, Any]:
         "CreateIndex": entry.index,
         "ModifyIndex": entry.index,
     }
+
+
+def node_services_json(
+    node: Node, entries: Sequence[Entry], narrow: Callable[[Mapping[str, Any]], dict[str, Any]]
+) -> dict[str, Any]:
+    """``/v1/catalog/node/:node``: the node, and its services by ID (``narrow`` applies a
+    filter to the services, as Consul filters that map's values)."""
+    services = {}
+    for entry in entries:
+        service = instance_json(entry.instance)
+        service["CreateIndex"] = service["ModifyIndex"] = entry.index
+        services[service["ID"]] = service
+    return {"Node": node_json(node), "Services": narrow(services)}

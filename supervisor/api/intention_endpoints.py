@@ -11,6 +11,7 @@ from supervisor.api.connect_shapes import intention_json
 from supervisor.api.http import HttpError, Request, Response
 from supervisor.api.results import Results
 from supervisor.api.router import READ_METHODS, Router
+from supervisor.api.selection import Selection
 from supervisor.catalog.intentions import IntentionFields, parse_intention
 from supervisor.controlplane import ControlPlane
 from supervisor.errors import ConfigError
@@ -46,10 +47,15 @@ class IntentionEndpoints:
         if request.method in ("POST", "PUT"):
             intention = store.create(_decode(request.json()))
             return Response.json({"ID": intention.id})
+        selection = Selection.of(request)
+
+        def compute() -> Any:
+            return selection.apply(intention_json(i) for i in store.sorted())
+
         data, index = await block_until_changed(
             request,
             self.plane.changes,
-            lambda: self.results.get(("intentions",), lambda: [intention_json(i) for i in store.sorted()]),
+            lambda: self.results.get(("intentions", selection.key), compute),
             lambda r: r[1],
             param="index",
         )

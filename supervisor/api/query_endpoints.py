@@ -11,6 +11,7 @@ from supervisor.api.catalog_endpoints import truthy
 from supervisor.api.catalog_shapes import health_entry_json
 from supervisor.api.connect_shapes import query_json
 from supervisor.api.http import HttpError, Request, Response
+from supervisor.api.read_meta import read_headers
 from supervisor.api.results import Results
 from supervisor.api.router import READ_METHODS, Router
 from supervisor.catalog.queries import QueryDefinition, parse_query, shuffled
@@ -54,7 +55,15 @@ class QueryEndpoints:
         if request.method in ("POST", "PUT"):
             query = store.create(self._decode(request))
             return Response.json({"ID": query.id})
-        return Response.json([query_json(query, show) for query in store.list()])
+        headers = read_headers(request)
+        data, index = await block_until_changed(
+            request,
+            self.plane.changes,
+            lambda: self.results.get(("queries", show), lambda: [query_json(q, show) for q in store.list()]),
+            lambda r: r[1],
+            param="index",
+        )
+        return Response.json(data, headers={"X-Consul-Index": str(index), **headers})
 
     async def single(self, request: Request) -> Response:
         show = self._caller(request)
@@ -66,7 +75,11 @@ class QueryEndpoints:
         if request.method == "DELETE":
             store.delete(query_id)
             return Response()
-        return Response.json([query_json(store.get(query_id), show)])
+        query = store.get(query_id)
+        return Response.json(
+            [query_json(query, show)],
+            headers={"X-Consul-Index": str(query.modify_index), **read_headers(request)},
+        )
 
     async def execute(self, request: Request) -> Response:
         self._caller(request, operator=False)
@@ -93,7 +106,9 @@ class QueryEndpoints:
         nodes = shuffled(list(data["Nodes"]))  # a copy: the cached answer stays as it is
         if limit:
             nodes = nodes[:limit]
-        return Response.json({**data, "Nodes": nodes}, headers={"X-Consul-Index": str(index)})
+        return Response.json(
+            {**data, "Nodes": nodes}, headers={"X-Consul-Index": str(index), **read_headers(request)}
+        )
 
     def _execute(self, name_or_id: str, connect_param: bool) -> dict[str, Any]:
         view = self.plane.view

@@ -296,11 +296,12 @@ class Catalog:
     def nodes(self) -> list[Node]:
         return self.storage.nodes()
 
-    def services(self) -> dict[str, list[str]]:
+    def services(self, chosen: Callable[[Entry], bool] = lambda _: True) -> dict[str, list[str]]:
         """Every service name with the union of its instances' tags."""
         services: dict[str, set[str]] = {}
         for entry in self.storage.entries():
-            services.setdefault(entry.instance.name, set()).update(entry.instance.tags)
+            if chosen(entry):
+                services.setdefault(entry.instance.name, set()).update(entry.instance.tags)
         return {name: sorted(tags) for name, tags in sorted(services.items())}
 
     def local_checks(self, predicate: Callable[[CheckResult], bool] = lambda _: True) -> list[CheckResult]:
@@ -308,11 +309,28 @@ class Catalog:
         results = (result_of(self.checks[check_id]) for check_id in sorted(self.checks))
         return [result for result in results if predicate(result)]
 
-    def service_checks(self, name: str) -> list[CheckResult]:
-        """The checks of every instance of ``name``, on every node."""
+    def service_checks(self, name: str) -> list[tuple[str, CheckResult]]:
+        """The checks of every instance of ``name``, with the name of the node they run on."""
         return [
-            check for entry in self.select(name) for check in entry.checks if check.check_id != SERF_CHECK
+            (entry.node.name, check)
+            for entry in self.select(name)
+            for check in entry.checks
+            if check.service_id
         ]
+
+    def node_entries(self, node_name: str) -> list[Entry]:
+        return [entry for entry in self.storage.entries() if entry.node.name == node_name]
+
+    def node_health(self, node_name: str) -> list[CheckResult]:
+        """Every check on a node: its own, then its instances'."""
+        instance_checks = [
+            check for entry in self.node_entries(node_name) for check in entry.checks if check.service_id
+        ]
+        return [*self.storage.node_checks(node_name), *instance_checks]
+
+    def all_checks(self) -> list[tuple[str, CheckResult]]:
+        """Every check of the datacenter, with its node's name."""
+        return [(node.name, check) for node in self.storage.nodes() for check in self.node_health(node.name)]
 
     def check(self, check_id: str) -> CheckResult | None:
         state = self.checks.get(check_id)

@@ -264,7 +264,7 @@ def test_service_checks_and_local_checks_leave_out_serf_health() -> None:
 
     async def scenario(catalog: Catalog) -> None:
         catalog.update(view_of(config), ())
-        assert [check.check_id for check in catalog.service_checks("web")] == [
+        assert [check.check_id for _, check in catalog.service_checks("web")] == [
             "service:web:1",
             "service:web:2",
         ]
@@ -524,7 +524,7 @@ def test_every_query_reads_from_the_storage_so_a_shared_store_answers_for_other_
         assert ids(catalog.select("web", tags=["v1"])) == ["web", "web-remote"]
         assert ids(catalog.select("web", passing=True)) == ["web"]
         assert [node.name for node in catalog.nodes()] == ["node-1", "node-2"]
-        assert "remote-check" in [check.check_id for check in catalog.service_checks("web")]
+        assert "remote-check" in [check.check_id for _, check in catalog.service_checks("web")]
 
     with_catalog(scenario, storage)
 
