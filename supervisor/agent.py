@@ -175,7 +175,7 @@ class Agent:
             if self.data_dir is not None and self.lock is not None:
                 guard = DataDirGuard(self.data_dir, self.lock, node_id)
             registry = Registry(os.path.join(self.data_dir.root, "services") if self.data_dir else None)
-            registry.load(config.proxy_defaults)
+            registry.load(config.proxy_defaults, remote_scripts=config.enable_script_checks)
             supervisor = Supervisor(
                 SupervisorOptions(
                     data_dir=self.data_dir,
@@ -190,7 +190,7 @@ class Agent:
             )
             resources.callback(supervisor.close)
             plane = ControlPlane(self.data_dir, registry, Index(), lambda: supervisor.post(ServicesChanged()))
-            plane.load_stores()
+            plane.load_stores(config)
             board.subscribe(self._on_view_change)
             self.api = ApiServer(sock, board, supervisor, plane)
             self.api.start()

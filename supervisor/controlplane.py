@@ -14,13 +14,15 @@ import os
 import time
 from collections.abc import Callable
 
-from supervisor.catalog.catalog import Catalog
+from supervisor.catalog.agent_checks import AgentChecks
+from supervisor.catalog.catalog import DEREGISTER_MINIMUM, Catalog, Sources
+from supervisor.catalog.errors import InvalidDefinition, NotFound
 from supervisor.catalog.index import Index
 from supervisor.catalog.intentions import IntentionFile, Intentions
 from supervisor.catalog.queries import Queries, QueryFile
 from supervisor.catalog.registry import Registry
 from supervisor.changes import ChangeSignal
-from supervisor.config.model import AgentConfig
+from supervisor.config.model import AgentConfig, CheckDef, ServiceDef
 from supervisor.connect.ca import CertificateAuthority
 from supervisor.connect.leaves import LeafManager
 from supervisor.errors import DataDirError, SupervisorError
@@ -28,6 +30,11 @@ from supervisor.state.datadir import DataDir
 from supervisor.supervision.view import AgentView
 
 log = logging.getLogger("supervisor.controlplane")
+
+MANAGED_DEREGISTER = (
+    "Managed proxy service cannot be deregistered directly. "
+    "Deregister the service that has a managed proxy instead."
+)
 
 
 class ControlPlane:
@@ -37,6 +44,8 @@ class ControlPlane:
         registry: Registry,
         index: Index,
         services_changed: Callable[[], None],
+        *,
+        deregister_minimum: float = DEREGISTER_MINIMUM,
     ) -> None:
         self.data_dir = data_dir
         self.registry = registry
@@ -47,7 +56,10 @@ class ControlPlane:
         self.changes = ChangeSignal()
         self.ca: CertificateAuthority | None = None
         self.leaves: LeafManager | None = None
-        self.catalog = Catalog(index, self.changes)
+        self.catalog = Catalog(index, self.changes, reap=self._reap, deregister_minimum=deregister_minimum)
+        self.checks = AgentChecks(os.path.join(data_dir.root, "checks") if data_dir is not None else None)
+        # Config-file services deregistered through the API: gone until the next reload.
+        self.hidden: frozenset[str] = frozenset()
         self.intentions = Intentions(
             IntentionFile(os.path.join(connect_dir, "intentions.json")) if connect_dir else None,
             index.next,
@@ -61,10 +73,12 @@ class ControlPlane:
         self.view: AgentView | None = None
         self._prune_task: asyncio.Task[None] | None = None
 
-    def load_stores(self) -> None:
-        """Read intentions and queries (before serving: a bad file stops the agent)."""
+    def load_stores(self, config: AgentConfig) -> None:
+        """Read intentions, queries and registered checks (before serving: a bad
+        intentions or queries file stops the agent; a bad check file is set aside)."""
         self.intentions.load()
         self.queries.load()
+        self.checks.load(remote_scripts=config.enable_script_checks)
 
     def save_all(self) -> None:
         """Write every store again, from memory: data_dir was deleted under the running agent.
@@ -73,6 +87,7 @@ class ControlPlane:
             ("intentions", self.intentions.save),
             ("prepared queries", self.queries.save),
             ("service registrations", self.registry.save_all),
+            ("check registrations", self.checks.save_all),
         ]
         if self.ca is not None:
             stores.insert(0, ("the CA", self.ca.save))
@@ -98,7 +113,7 @@ class ControlPlane:
         log.info("Connect CA ready: trust domain %s, active root %s", self.ca.trust_domain, self.ca.active.id)
         self.leaves = LeafManager(self.ca, self.changed)
         self.view = view
-        self.catalog.update(view, self.registry.services)
+        self.refresh_catalog()
         self._schedule_prune()
 
     def changed(self) -> None:
@@ -110,7 +125,86 @@ class ControlPlane:
         self.view = view
         if previous is not None and previous.config is not view.config:
             self._apply_config(previous.config, view.config)
-        self.catalog.update(view, self.registry.services)
+            if self.hidden:
+                log.info(
+                    "reloaded: services deregistered through the API are back: %s", ", ".join(self.hidden)
+                )
+                self.hidden = frozenset()
+        self.refresh_catalog()
+
+    def refresh_catalog(self) -> None:
+        """Rebuild the catalog from the view and the API's registrations."""
+        view = self.view
+        if view is None:
+            return
+        service_ids = {s.id for s in (*view.config.services, *self.registry.services)} | set(view.proxies)
+        self.checks.keep_only(service_ids)
+        agent_checks: tuple[CheckDef, ...] = (*view.config.checks, *self.checks.checks)
+        self.catalog.update(view, Sources(self.registry.services, agent_checks, self.hidden))
+
+    def service_exists(self, service_id: str) -> bool:
+        return service_id in self.catalog.instances
+
+    # -- service registrations ----------------------------------------------------------------
+
+    def register_service(self, service: ServiceDef, raw: object) -> None:
+        previous = self.registry.get(service.id)
+        self.registry.register(service, raw)
+        self.refresh_catalog()
+        if service.managed_proxy is not None or (previous is not None and previous.managed_proxy is not None):
+            self.services_changed()
+
+    def deregister_service(self, service_id: str) -> None:
+        """Remove an API registration with its checks. A config-file service is removed
+        until the next reload, as in Consul -- unless it has a managed proxy: that proxy is
+        supervised from the file, and stopping it until a reload restarts it would be a
+        restart nobody asked for."""
+        view = self.view
+        assert view is not None
+        if service_id in view.proxies:
+            raise InvalidDefinition(MANAGED_DEREGISTER)
+        configured = view.config.service(service_id)
+        if configured is not None and service_id not in self.hidden:
+            if configured.managed_proxy is not None:
+                raise InvalidDefinition(
+                    f"service {service_id!r} has a managed proxy supervised from {configured.source}; "
+                    "remove it there and reload"
+                )
+            self.hidden = self.hidden | {service_id}
+            log.warning(
+                "service %s (defined in %s) deregistered through the API: gone until the next reload",
+                service_id,
+                configured.source,
+            )
+        else:
+            previous = self.registry.get(service_id)
+            if not self.registry.deregister(service_id):
+                raise NotFound(f"Unknown service ID {service_id!r}")
+            if previous is not None and previous.managed_proxy is not None:
+                self.services_changed()
+        self.checks.drop_service(service_id)
+        self.refresh_catalog()
+
+    def _reap(self, service_id: str, check_id: str) -> None:
+        """DeregisterCriticalServiceAfter ran out for ``check_id``."""
+        try:
+            self.deregister_service(service_id)
+        except (InvalidDefinition, NotFound, DataDirError) as exc:
+            log.warning("check %s: service %s stays registered: %s", check_id, service_id, exc)
+
+    # -- checks registered through the API ----------------------------------------------------
+
+    def register_check(self, check: CheckDef, raw: object) -> None:
+        if check.service_id and not self.service_exists(check.service_id):
+            raise NotFound(f"ServiceID {check.service_id!r} does not exist")
+        self.checks.register(check, raw)
+        self.refresh_catalog()
+
+    def deregister_check(self, check_id: str) -> None:
+        """Unknown IDs are no error, as in Consul; checks from config files stay (they go
+        with their file)."""
+        if self.checks.deregister(check_id):
+            self.refresh_catalog()
 
     def _apply_config(self, previous: AgentConfig, config: AgentConfig) -> None:
         if self.ca is not None and config.ca != previous.ca:
@@ -125,8 +219,9 @@ class ControlPlane:
                     self.leaves.reissue_all()
                 self._schedule_prune()
             self.changed()
-        if config.proxy_defaults != previous.proxy_defaults and self.registry.services:
-            self.registry.rebuild(config.proxy_defaults)
+        rules_changed = config.enable_script_checks != previous.enable_script_checks
+        if (config.proxy_defaults != previous.proxy_defaults or rules_changed) and self.registry.services:
+            self.registry.rebuild(config.proxy_defaults, remote_scripts=config.enable_script_checks)
             self.services_changed()
 
     def _schedule_prune(self) -> None:

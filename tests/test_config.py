@@ -56,14 +56,14 @@ def test_consul_1_2_json_agent_config_loads_unmodified() -> None:
     assert web.checks[0].check_id == "web-http" and web.checks[0].kind == "http"
 
     db = config.service("db")
-    assert db is not None and [check.kind for check in db.checks] == ["tcp"]  # script check skipped
+    assert db is not None and [check.kind for check in db.checks] == ["tcp", "script"]
+    assert db.checks[1].args == ("/usr/local/bin/check_db.sh",)  # enable_script_checks is set
     legacy_proxy = config.service("db-legacy-proxy")
     assert legacy_proxy is not None and legacy_proxy.proxy is not None
     assert legacy_proxy.proxy.destination_service_name == "db"
 
     ignored = {notice.path for notice in config.notices}
     assert {"server", "retry_join", "encrypt", "performance", "telemetry", "ports.dns"} <= ignored
-    assert any("args checks are not run" in notice.message for notice in config.notices)
 
 
 def test_consul_1_4_hcl_agent_config_loads_unmodified() -> None:

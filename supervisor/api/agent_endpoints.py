@@ -14,7 +14,6 @@ from typing import Any
 
 from supervisor.api.auth import identify, may_read_service, require_operator, require_service_read
 from supervisor.api.blocking import MAX_WAIT, block_until_changed
-from supervisor.api.catalog_shapes import check_json
 from supervisor.api.http import HttpError, Request, Response
 from supervisor.api.router import READ_METHODS, WRITE_METHODS, Router
 from supervisor.api.selection import Selection
@@ -24,8 +23,6 @@ from supervisor.api.shapes import (
     proxy_config_json,
     proxy_status_json,
 )
-from supervisor.catalog.catalog import NotATTLCheck, UnknownCheck
-from supervisor.catalog.status import CheckStatus
 from supervisor.config.build import build_service
 from supervisor.config.durations import parse_duration
 from supervisor.config.limits import parse_uint
@@ -38,10 +35,6 @@ from supervisor.supervision.manager import Supervisor
 from supervisor.supervision.view import AgentView, ProxyStatus, ViewBoard
 
 MANAGED_API_DISALLOWED = "Managed proxy registration via the API is disallowed."
-MANAGED_DEREGISTER = (
-    "Managed proxy service cannot be deregistered directly. "
-    "Deregister the service that has a managed proxy instead."
-)
 
 RELOAD_TIMEOUT = 60.0
 LEAVE_TIMEOUT = 120.0
@@ -86,7 +79,7 @@ class AgentEndpoints:
         return self.plane.changes
 
     def _services(self, view: AgentView) -> dict[str, dict[str, Any]]:
-        return agent_services(view, self.plane.registry.services)
+        return agent_services(view, self.plane.registry.services, self.plane.hidden)
 
     def register(self, router: Router) -> None:
         router.add(READ_METHODS, "/v1/agent/self", self.agent_self)
@@ -97,11 +90,6 @@ class AgentEndpoints:
         router.add(WRITE_METHODS, "/v1/agent/reload", self.reload)
         router.add(WRITE_METHODS, "/v1/agent/leave", self.leave)
         router.add(WRITE_METHODS, "/v1/agent/connect/proxies/:id/restart", self.restart_proxy)
-        router.add(READ_METHODS, "/v1/agent/checks", self.checks)
-        router.add(WRITE_METHODS, "/v1/agent/check/pass/:id", self.check_pass)
-        router.add(WRITE_METHODS, "/v1/agent/check/warn/:id", self.check_warn)
-        router.add(WRITE_METHODS, "/v1/agent/check/fail/:id", self.check_fail)
-        router.add(WRITE_METHODS, "/v1/agent/check/update/:id", self.check_update)
         router.add(WRITE_METHODS, "/v1/agent/service/register", self.register_service)
         router.add(WRITE_METHODS, "/v1/agent/service/deregister/:id", self.deregister_service)
 
@@ -237,50 +225,6 @@ class AgentEndpoints:
             raise HttpError(404, f"unknown service ID: {service_id}")
         return str(data["Service"])
 
-    # -- checks ---------------------------------------------------------------------------
-
-    async def checks(self, request: Request) -> Response:
-        view = self.board.current
-        require_operator(identify(request, view), view)
-        selection = Selection.of(request)
-        catalog = self.plane.catalog
-        checks = {check.check_id: check_json(check, catalog.node.name) for check in catalog.local_checks()}
-        return Response.json(selection.apply_values(checks))
-
-    def _ttl_update(self, request: Request, status: CheckStatus, output: str) -> Response:
-        view = self.board.current
-        require_operator(identify(request, view), view)
-        check_id = request.params["id"]
-        try:
-            self.plane.catalog.update_ttl(check_id, status, output)
-        except UnknownCheck:
-            raise HttpError(404, f"Unknown check ID {check_id!r}") from None
-        except NotATTLCheck as exc:
-            raise HttpError(400, str(exc)) from None
-        return Response()
-
-    async def check_pass(self, request: Request) -> Response:
-        return self._ttl_update(request, CheckStatus.PASSING, request.arg("note") or "")
-
-    async def check_warn(self, request: Request) -> Response:
-        return self._ttl_update(request, CheckStatus.WARNING, request.arg("note") or "")
-
-    async def check_fail(self, request: Request) -> Response:
-        return self._ttl_update(request, CheckStatus.CRITICAL, request.arg("note") or "")
-
-    async def check_update(self, request: Request) -> Response:
-        body = request.json()
-        if not isinstance(body, dict):
-            raise HttpError(400, "Request decode failed: expected a JSON object with Status and Output")
-        # Consul's decoding: names match case-insensitively, null is absent, others are skipped.
-        fields = {key.lower(): value for key, value in body.items() if value is not None}
-        status, output = fields.get("status"), fields.get("output", "")
-        if status not in tuple(CheckStatus):
-            raise HttpError(400, f"Invalid check status {status!r}: use passing, warning or critical")
-        if not isinstance(output, str):
-            raise HttpError(400, "Output must be a string")
-        return self._ttl_update(request, CheckStatus(status), output)
-
     # -- registration ---------------------------------------------------------------------
 
     async def register_service(self, request: Request) -> Response:
@@ -299,12 +243,7 @@ class AgentEndpoints:
             if not view.config.connect_enabled:
                 raise HttpError(400, "Managed proxies need connect.enabled = true")
         self._check_clashes(view, service)
-        registry = self.plane.registry
-        previous = registry.get(service.id)
-        registry.register(service, body)
-        self.plane.catalog.update(view, registry.services)
-        if service.managed_proxy is not None or (previous is not None and previous.managed_proxy is not None):
-            self.plane.services_changed()
+        self.plane.register_service(service, body)
         return Response()
 
     def _check_clashes(self, view: AgentView, service: ServiceDef) -> None:
@@ -329,19 +268,5 @@ class AgentEndpoints:
     async def deregister_service(self, request: Request) -> Response:
         view = self.board.current
         require_operator(identify(request, view), view)
-        service_id = request.params["id"]
-        if service_id in view.proxies:
-            raise HttpError(400, MANAGED_DEREGISTER)
-        configured = view.config.service(service_id)
-        if configured is not None:
-            raise HttpError(
-                400, f"service {service_id!r} is defined in {configured.source}; remove it there and reload"
-            )
-        registry = self.plane.registry
-        previous = registry.get(service_id)
-        if not registry.deregister(service_id):
-            raise HttpError(404, f"Unknown service ID {service_id!r}")
-        self.plane.catalog.update(view, registry.services)
-        if previous is not None and previous.managed_proxy is not None:
-            self.plane.services_changed()
+        self.plane.deregister_service(request.params["id"])
         return Response()

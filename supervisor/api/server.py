@@ -12,6 +12,7 @@ from supervisor.api import unsupported
 from supervisor.api.agent_endpoints import AgentEndpoints
 from supervisor.api.auth import principal_of
 from supervisor.api.catalog_endpoints import CatalogEndpoints
+from supervisor.api.check_endpoints import CheckEndpoints
 from supervisor.api.connect_endpoints import ConnectEndpoints
 from supervisor.api.http import Handler, HttpError, HttpServer, Request, Response
 from supervisor.api.intention_endpoints import IntentionEndpoints
@@ -65,6 +66,7 @@ def compose(board: ViewBoard, supervisor: Supervisor, plane: ControlPlane) -> Ha
     router = Router()
     results = Results(plane.index)  # blocking queries' answers, and when each last changed
     AgentEndpoints(board, supervisor, plane).register(router)
+    CheckEndpoints(plane).register(router)
     ConnectEndpoints(plane).register(router)
     CatalogEndpoints(plane, results).register(router)
     IntentionEndpoints(plane, results).register(router)

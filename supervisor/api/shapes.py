@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from supervisor.api.blocking import content_hash
@@ -110,10 +110,13 @@ def managed_proxy_service_json(planned: PlannedProxy) -> dict[str, Any]:
     return data
 
 
-def agent_services(view: AgentView, registered: Sequence[ServiceDef] = ()) -> dict[str, dict[str, Any]]:
-    """Every service registered on this agent, keyed by ID (managed proxies included)."""
+def agent_services(
+    view: AgentView, registered: Sequence[ServiceDef] = (), hidden: Collection[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """Every service registered on this agent, keyed by ID (managed proxies included;
+    ``hidden``: config-file services deregistered through the API until a reload)."""
     services: dict[str, dict[str, Any]] = {}
-    for service in (*view.config.services, *registered):
+    for service in (*(s for s in view.config.services if s.id not in hidden), *registered):
         planned = view.proxies.get(service.proxy_id) if service.managed_proxy is not None else None
         services[service.id] = service_json(service, planned)
         if planned is not None:

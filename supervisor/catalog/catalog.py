@@ -16,14 +16,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from supervisor.catalog.checks import CRITICAL, PASSING, CheckSpec, CheckState, run_check
 from supervisor.catalog.index import Index
 from supervisor.catalog.model import CheckResult, Entry, Instance, InstanceSource, Node
-from supervisor.catalog.status import CheckKind, CheckStatus
+from supervisor.catalog.status import CheckKind, CheckStatus, worst
 from supervisor.catalog.storage import CatalogStorage, LocalStorage
 from supervisor.changes import ChangeSignal
-from supervisor.config.model import ServiceDef
+from supervisor.config.model import CheckDef, ServiceDef
 from supervisor.net import bare_host, join_host_port
 from supervisor.supervision.desired import PlannedProxy
 from supervisor.supervision.view import AgentView, ProxyStatus
@@ -55,27 +56,37 @@ def proxy_check_target(planned: PlannedProxy) -> str | None:
     return join_host_port(address, planned.port)
 
 
+DEREGISTER_MINIMUM = 60.0  # Consul's check_deregister_interval_min
+
+
+def spec_of(
+    check: CheckDef, service_id: str = "", service_name: str = "", tags: tuple[str, ...] = ()
+) -> CheckSpec:
+    return CheckSpec(
+        check_id=check.check_id,
+        name=check.name,
+        service_id=service_id,
+        service_name=service_name,
+        service_tags=tags,
+        kind=check.kind,
+        target=check.target,
+        interval=check.interval,
+        timeout=check.timeout,
+        ttl=check.ttl,
+        initial_status=check.status,
+        notes=check.notes,
+        method=check.method,
+        header=tuple((name, tuple(values)) for name, values in check.header.items()),
+        tls_skip_verify=check.tls_skip_verify,
+        args=check.args,
+        alias_node=check.alias_node,
+        alias_service=check.alias_service,
+        deregister_after=check.deregister_critical_service_after,
+    )
+
+
 def service_checks(service: ServiceDef) -> list[CheckSpec]:
-    return [
-        CheckSpec(
-            check_id=check.check_id,
-            name=check.name,
-            service_id=service.id,
-            service_name=service.name,
-            service_tags=service.tags,
-            kind=check.kind,
-            target=check.target,
-            interval=check.interval,
-            timeout=check.timeout,
-            ttl=check.ttl,
-            initial_status=check.status,
-            notes=check.notes,
-            method=check.method,
-            header=tuple((name, tuple(values)) for name, values in check.header.items()),
-            tls_skip_verify=check.tls_skip_verify,
-        )
-        for check in service.checks
-    ]
+    return [spec_of(check, service.id, service.name, service.tags) for check in service.checks]
 
 
 def proxy_check(planned: PlannedProxy) -> CheckSpec | None:
@@ -97,52 +108,93 @@ def proxy_check(planned: PlannedProxy) -> CheckSpec | None:
     )
 
 
+@dataclass(frozen=True)
+class Sources:
+    """Everything the catalog is made from, besides the supervision loop's view."""
+
+    registered: Sequence[ServiceDef] = ()  # API registrations
+    agent_checks: Sequence[CheckDef] = ()  # top-level config checks, API checks, maintenance
+    hidden: frozenset[str] = frozenset()  # config-file services deregistered until a reload
+
+
 def instances_of(
-    view: AgentView, registered: Sequence[ServiceDef]
-) -> tuple[dict[str, Instance], dict[str, CheckSpec]]:
-    """The instances (by service ID) and check specs a view and the API registrations make."""
+    view: AgentView, sources: Sources
+) -> tuple[dict[str, Instance], dict[str, CheckSpec], tuple[str, ...]]:
+    """The instances (by service ID), every check spec, and the IDs of the node's own checks."""
     instances: dict[str, Instance] = {}
     specs: dict[str, CheckSpec] = {}
-    sources = [
-        *((s, InstanceSource.CONFIG) for s in view.config.services),
-        *((s, InstanceSource.API) for s in registered),
+    services = [
+        *((s, InstanceSource.CONFIG) for s in view.config.services if s.id not in sources.hidden),
+        *((s, InstanceSource.API) for s in sources.registered),
     ]
-    for service, source in sources:
+    extra: dict[str, list[CheckDef]] = {}
+    node_ids: list[str] = []
+    for check in sources.agent_checks:
+        if check.service_id:
+            extra.setdefault(check.service_id, []).append(check)
+        else:
+            specs[check.check_id] = spec_of(check)
+            node_ids.append(check.check_id)
+    for service, source in services:
         planned = view.proxies.get(service.proxy_id) if service.managed_proxy is not None else None
         checks = service_checks(service)
+        checks += [spec_of(c, service.id, service.name, service.tags) for c in extra.get(service.id, ())]
         specs.update((spec.check_id, spec) for spec in checks)
         instances[service.id] = Instance(service, source, tuple(spec.check_id for spec in checks), planned)
     for planned in view.proxies.values():
+        if planned.service.id in sources.hidden:
+            continue
         spec = proxy_check(planned)
-        if spec is not None:
-            specs[spec.check_id] = spec
-        ids = (spec.check_id,) if spec is not None else ()
+        own = [spec] if spec is not None else []
+        own += [
+            spec_of(c, planned.proxy_id, planned.service.proxy_name) for c in extra.get(planned.proxy_id, ())
+        ]
+        specs.update((s.check_id, s) for s in own)
+        ids = tuple(s.check_id for s in own)
         instances[planned.proxy_id] = Instance(planned.service, InstanceSource.MANAGED_PROXY, ids, planned)
-    return instances, specs
+    return instances, specs, tuple(node_ids)
+
+
+Reap = Callable[[str, str], None]  # (service ID, check ID): the service was critical too long
 
 
 class Catalog:
-    def __init__(self, index: Index, changes: ChangeSignal, storage: CatalogStorage | None = None) -> None:
+    def __init__(
+        self,
+        index: Index,
+        changes: ChangeSignal,
+        storage: CatalogStorage | None = None,
+        *,
+        reap: Reap | None = None,
+        deregister_minimum: float = DEREGISTER_MINIMUM,
+    ) -> None:
         self.index = index
         self.changes = changes
         self.storage: CatalogStorage = storage if storage is not None else LocalStorage()
         self.instances: dict[str, Instance] = {}
         self.checks: dict[str, CheckState] = {}
         self.node = Node("", "localhost", "127.0.0.1", "dc1", {})
+        self.node_check_ids: tuple[str, ...] = ()
+        self._reap = reap
+        self._deregister_minimum = deregister_minimum
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._reapers: dict[str, asyncio.TimerHandle] = {}
         self._proxy_pids: dict[str, int | None] = {}
         self._instance_index: dict[str, int] = {}  # index at which each instance last changed
 
     # -- keeping up with the agent ---------------------------------------------------------
 
-    def update(self, view: AgentView, registered: Sequence[ServiceDef]) -> None:
+    def update(self, view: AgentView, sources: Sources | Sequence[ServiceDef] = Sources()) -> None:
+        if not isinstance(sources, Sources):
+            sources = Sources(registered=tuple(sources))
         config = view.config
         bind = config.bind_addr
         address = bind if bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        node = Node(view.node_id, config.node_name, address, config.datacenter, {})
-        instances, specs = instances_of(view, registered)
-        changed = node != self.node or instances != self.instances
+        node = Node(view.node_id, config.node_name, address, config.datacenter, dict(config.node_meta))
+        instances, specs, node_check_ids = instances_of(view, sources)
+        changed = node != self.node or instances != self.instances or node_check_ids != self.node_check_ids
         self.node = node
+        self.node_check_ids = node_check_ids
         for service_id, instance in instances.items():
             if self.instances.get(service_id) != instance:
                 self._instance_index[service_id] = self.index.next()
@@ -178,10 +230,14 @@ class Catalog:
                 # probe quickly until it answers instead of waiting a full interval.
                 new.pid = self._proxy_pids.get(spec.proxy_id)
                 new.probe_fast(time.monotonic())
+            if state is not None:
+                new.critical_since = state.critical_since
             self.checks[check_id] = new
-            self._tasks[check_id] = asyncio.get_running_loop().create_task(
-                run_check(new, self._report), name=f"check {check_id}"
-            )
+            self._track_critical(new)
+            if spec.kind.probed or spec.kind is CheckKind.TTL:
+                self._tasks[check_id] = asyncio.get_running_loop().create_task(
+                    run_check(new, self._report), name=f"check {check_id}"
+                )
             changed = True
         return changed
 
@@ -212,6 +268,9 @@ class Catalog:
         task = self._tasks.pop(check_id, None)
         if task is not None:
             task.cancel()
+        reaper = self._reapers.pop(check_id, None)
+        if reaper is not None:
+            reaper.cancel()
 
     # -- check results ---------------------------------------------------------------------
 
@@ -226,7 +285,73 @@ class Catalog:
             log.info("check %s (%s): %s -> %s", state.spec.check_id, state.spec.name, state.status, status)
         state.status, state.output = status, output
         state.modify_index = self.index.next()
+        self._track_critical(state)
         return True
+
+    # -- DeregisterCriticalServiceAfter --------------------------------------------------------
+
+    def _track_critical(self, state: CheckState) -> None:
+        """Start or stop the countdown of a check that deregisters its service when critical
+        too long (at least a minute, as Consul's check_deregister_interval_min)."""
+        spec = state.spec
+        if state.status is not CRITICAL:
+            state.critical_since = None
+            reaper = self._reapers.pop(spec.check_id, None)
+            if reaper is not None:
+                reaper.cancel()
+            return
+        if state.critical_since is None:
+            state.critical_since = time.monotonic()
+        if not spec.deregister_after or not spec.service_id or self._reap is None:
+            return
+        if spec.check_id in self._reapers:
+            return
+        after = max(spec.deregister_after, self._deregister_minimum)
+        delay = max(0.0, state.critical_since + after - time.monotonic())
+        self._reapers[spec.check_id] = asyncio.get_running_loop().call_later(delay, self._reap_now, state)
+
+    def _reap_now(self, state: CheckState) -> None:
+        spec = state.spec
+        self._reapers.pop(spec.check_id, None)
+        if self.checks.get(spec.check_id) is not state or state.status is not CRITICAL or self._reap is None:
+            return
+        log.warning(
+            "check %s of service %s has been critical for too long; deregistering the service",
+            spec.check_id,
+            spec.service_id,
+        )
+        self._reap(spec.service_id, spec.check_id)
+
+    # -- alias checks ------------------------------------------------------------------------
+
+    def _refresh_aliases(self) -> None:
+        """An alias check has the health of the service it names (its checks and the node's):
+        worked out again whenever anything changes."""
+        for state in self.checks.values():
+            spec = state.spec
+            if spec.kind is not CheckKind.ALIAS:
+                continue
+            if spec.alias_node and spec.alias_node != self.node.name:
+                self._set(state, CRITICAL, f"alias of node {spec.alias_node!r}: not a node of this agent")
+                continue
+            watched = [
+                other
+                for other in self.checks.values()
+                if other.spec.kind is not CheckKind.ALIAS
+                and (other.spec.service_id == spec.alias_service or not other.spec.service_id)
+                and (spec.alias_service or not other.spec.service_id)
+            ]
+            if not watched:
+                self._set(state, PASSING, "No checks found.")
+                continue
+            status = worst([other.status for other in watched])
+            failing = next((other for other in watched if other.status is status), None)
+            output = (
+                "All checks passing."
+                if status is PASSING or failing is None
+                else f"Aliased check {failing.spec.check_id!r} is {status}: {failing.output}".rstrip(": ")
+            )
+            self._set(state, status, output)
 
     def update_ttl(self, check_id: str, status: CheckStatus, output: str) -> None:
         """``PUT /v1/agent/check/{pass,warn,fail,update}/:id``."""
@@ -242,21 +367,26 @@ class Catalog:
             self._bump()
 
     def _bump(self) -> None:
+        self._refresh_aliases()
         self._publish()
         self.index.next()
         self.changes.fire()
 
     def _publish(self) -> None:
+        node_checks = (
+            self._serf(),
+            *(result_of(self.checks[c]) for c in self.node_check_ids if c in self.checks),
+        )
         entries = {
             service_id: Entry(
                 self.node,
                 instance,
-                (self._serf(), *(result_of(self.checks[c]) for c in instance.check_ids if c in self.checks)),
+                (*node_checks, *(result_of(self.checks[c]) for c in instance.check_ids if c in self.checks)),
                 self._instance_index.get(service_id, 1),
             )
             for service_id, instance in self.instances.items()
         }
-        self.storage.put_local(self.node, entries, (self._serf(),))
+        self.storage.put_local(self.node, entries, node_checks)
 
     def _serf(self) -> CheckResult:
         return CheckResult(

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from supervisor.catalog.probes import probe_http, probe_tcp, probe_tls_listener
+from supervisor.catalog.probes import probe_http, probe_script, probe_tcp, probe_tls_listener
 from supervisor.catalog.status import CheckKind, CheckStatus
 from supervisor.process.identity import read_stat
 
@@ -48,6 +48,10 @@ class CheckSpec:
     tls_skip_verify: bool = False
     proxy_id: str = ""  # set for a managed proxy's listening check
     tls_listener: bool = False  # the listener is the built-in proxy's: it must answer TLS
+    args: tuple[str, ...] = ()  # script checks
+    alias_node: str = ""
+    alias_service: str = ""
+    deregister_after: float = 0.0  # deregister the service once critical this long (0: never)
 
 
 @dataclass
@@ -61,6 +65,7 @@ class CheckState:
     fast_until: float = 0.0  # monotonic; probe quickly (backing off) until passing or this time
     fast_probes: int = 0  # probes since fast probing began
     pid: int | None = None  # a managed proxy's current process
+    critical_since: float | None = None  # monotonic; while critical
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def probe_fast(self, now: float) -> None:
@@ -96,9 +101,14 @@ def stopped_process(pid: int | None) -> str | None:
     return None
 
 
+SCRIPT_TIMEOUT = 30.0  # Consul's default for script checks
+
+
 async def probe(state: CheckState) -> tuple[CheckStatus, str]:
     spec = state.spec
     timeout = min(spec.timeout, spec.interval)
+    if spec.kind is CheckKind.SCRIPT:
+        return await probe_script(spec.args, spec.timeout if spec.timeout > 0 else SCRIPT_TIMEOUT)
     if spec.kind is CheckKind.HTTP:
         return await probe_http(
             spec.target,
@@ -116,9 +126,13 @@ async def probe(state: CheckState) -> tuple[CheckStatus, str]:
 
 
 async def run_check(state: CheckState, report: Report) -> None:
-    """Probe ``state``'s target forever (cancelled by the catalog when the check goes)."""
+    """Probe ``state``'s target forever (cancelled by the catalog when the check goes).
+    Only TCP, HTTP, script and TTL checks run; alias and maintenance checks are set by the
+    catalog."""
     if state.spec.kind is CheckKind.TTL:
         await _run_ttl(state, report)
+        return
+    if not state.spec.kind.probed:
         return
     while True:
         status, output = await probe(state)

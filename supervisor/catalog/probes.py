@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import ssl
 from urllib.parse import SplitResult, urlsplit
 
@@ -184,3 +185,46 @@ async def _exchange(
         elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
             break
     return status, reason, bytes(body)
+
+
+SCRIPT_OUTPUT_LIMIT = 4096  # Consul's checks.BufSize
+
+
+async def probe_script(args: tuple[str, ...], timeout: float) -> tuple[CheckStatus, str]:
+    """Run a script check (Consul's monitor): exit 0 passing, 1 warning, else critical.
+
+    The command runs in its own session with the agent's environment; on timeout the whole
+    process group is killed. Output (stdout and stderr together) is kept to 4 KB.
+    """
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return CheckStatus.CRITICAL, f"cannot run {args[0]}: {exc.strerror or exc}"
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        _kill_group(process.pid)
+        await process.wait()
+        return CheckStatus.CRITICAL, f"Timed out ({timeout:g}s) running check"
+    except asyncio.CancelledError:
+        _kill_group(process.pid)
+        raise
+    text = output[:SCRIPT_OUTPUT_LIMIT].decode("utf-8", "replace")
+    if len(output) > SCRIPT_OUTPUT_LIMIT:
+        text += f" ... (captured {SCRIPT_OUTPUT_LIMIT} of {len(output)} bytes)"
+    code = process.returncode
+    status = CheckStatus.PASSING if code == 0 else CheckStatus.WARNING if code == 1 else CheckStatus.CRITICAL
+    return status, text
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -33,7 +33,7 @@ class Registry:
         self.services: tuple[ServiceDef, ...] = ()
         self._raw: dict[str, Any] = {}
 
-    def load(self, defaults: ProxyDefaults) -> None:
+    def load(self, defaults: ProxyDefaults, *, remote_scripts: bool = False) -> None:
         if self.directory is None:
             return
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -48,7 +48,7 @@ class Registry:
                 if document is None:  # removed since the directory was listed
                     continue
                 raw = document["Service"]
-                service = build_service(raw, SOURCE, defaults)
+                service = build_service(raw, SOURCE, defaults, remote_scripts=remote_scripts)
             except (DataDirError, KeyError, TypeError, ConfigError) as exc:
                 aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
                 os.replace(path, aside)
@@ -83,12 +83,14 @@ class Registry:
         for service_id, raw in self._raw.items():
             self._persist(service_id, raw)
 
-    def rebuild(self, defaults: ProxyDefaults) -> None:
+    def rebuild(self, defaults: ProxyDefaults, *, remote_scripts: bool = False) -> None:
         """Re-apply proxy_defaults (after a config reload) to the registered services."""
         rebuilt = []
         for service in self.services:
             try:
-                rebuilt.append(build_service(self._raw[service.id], SOURCE, defaults))
+                rebuilt.append(
+                    build_service(self._raw[service.id], SOURCE, defaults, remote_scripts=remote_scripts)
+                )
             except ConfigError as exc:
                 log.error("registered service %s no longer valid: %s", service.id, exc)
                 rebuilt.append(service)

@@ -22,6 +22,14 @@ class CheckKind(enum.StrEnum):
     TCP = "tcp"
     HTTP = "http"
     TTL = "ttl"
+    SCRIPT = "script"  # runs ``args``; exit 0 passing, 1 warning, else critical
+    ALIAS = "alias"  # the health of another service (of this node)
+    MAINTENANCE = "maintenance"  # Consul's maintenance-mode checks: critical while set
+
+    @property
+    def probed(self) -> bool:
+        """Run on an interval (the others change by updates or by other checks)."""
+        return self in (CheckKind.TCP, CheckKind.HTTP, CheckKind.SCRIPT)
 
 
 def worst(statuses: list[CheckStatus]) -> CheckStatus:

@@ -17,7 +17,7 @@ from typing import Any
 
 from supervisor.catalog.status import CheckKind, CheckStatus
 from supervisor.config.formats import parse_text
-from supervisor.config.keys import AGENT, SERVICE
+from supervisor.config.keys import AGENT, CHECK, SERVICE
 from supervisor.config.model import (
     ACLConfig,
     AgentConfig,
@@ -39,13 +39,31 @@ from supervisor.net import bare_host
 log = logging.getLogger("supervisor.config")
 
 COMMAND_LINE = "<command line>"
-_UNSUPPORTED_CHECK_KEYS = (
-    "args",
-    "script",
-    "docker_container_id",
-    "grpc",
-    "alias_node",
-    "alias_service",
+# Check kinds by the key that declares them.
+_CHECK_KINDS = (
+    ("tcp", CheckKind.TCP),
+    ("http", CheckKind.HTTP),
+    ("ttl", CheckKind.TTL),
+    ("args", CheckKind.SCRIPT),
+    ("alias_service", CheckKind.ALIAS),
+    ("alias_node", CheckKind.ALIAS),
+)
+# Kinds Consul had that this agent refuses (never drops silently), and what to use instead.
+_REFUSED_CHECK_KEYS = {
+    "grpc": "grpc checks are not run by this agent: use an http or tcp check of the service instead",
+    "docker_container_id": (
+        "docker checks are not run by this agent: use a script check (args) that runs "
+        "`docker exec`, with enable_script_checks"
+    ),
+    "script": "script was removed in Consul 1.0: give the command as args, a list of strings",
+}
+SCRIPTS_DISABLED = (
+    "Scripts are disabled on this agent; to enable, configure 'enable_script_checks' or "
+    "'enable_local_script_checks' to true"
+)
+REMOTE_SCRIPTS_DISABLED = (
+    "Scripts are disabled on this agent from remote calls; "
+    "to enable, configure 'enable_script_checks' to true"
 )
 
 
@@ -105,7 +123,9 @@ def build_config(
         raise ConfigError.single("", "", message) from exc
 
 
-def build_service(raw: Any, source: str, defaults: ProxyDefaults) -> ServiceDef:
+def build_service(
+    raw: Any, source: str, defaults: ProxyDefaults, *, remote_scripts: bool = False
+) -> ServiceDef:
     """Validate and build one service definition (an API registration), as config files are.
 
     Accepts Consul's API spellings (``ID``, ``Name``, ``Connect.Proxy`` …) and decodes as
@@ -121,11 +141,33 @@ def build_service(raw: Any, source: str, defaults: ProxyDefaults) -> ServiceDef:
         log.debug("%s: skipped fields this agent does not use: %s", source, ", ".join(ctx.skipped))
     if isinstance(cleaned, dict) and not cleaned.get("name"):
         raise ConfigError.single(source, "Name", "Missing service name")
-    builder = _Builder({"__services__": []}, (), dev=False, from_api=True)
+    builder = _Builder(_empty_document(), (), dev=False, from_api=True, remote_scripts=remote_scripts)
     service = builder._service(cleaned, source, "", defaults) if isinstance(cleaned, dict) else None
     if builder.problems or service is None:
         raise ConfigError(builder.problems or [ConfigProblem(source, "", "not a service definition")])
     return service
+
+
+def build_check(raw: Any, source: str, *, remote_scripts: bool = False) -> CheckDef:
+    """Validate and build one check registered through ``PUT /v1/agent/check/register``
+    (Consul's decoding and rules; ``remote_scripts``: enable_script_checks is set)."""
+    ctx = Context(source, from_client=True)
+    cleaned = CHECK.validate(raw, "", ctx)
+    if ctx.problems:
+        raise ConfigError(ctx.problems)
+    if not isinstance(cleaned, dict):
+        raise ConfigError.single(source, "", "expected a JSON object")
+    if not cleaned.get("name"):
+        raise ConfigError.single(source, "Name", "Missing check name")
+    builder = _Builder(_empty_document(), (), dev=False, from_api=True, remote_scripts=remote_scripts)
+    check = builder._check_def(cleaned, cleaned.get("id") or cleaned["name"], cleaned["name"], source, "")
+    if builder.problems or check is None:
+        raise ConfigError(builder.problems or [ConfigProblem(source, "", "not a check definition")])
+    return check
+
+
+def _empty_document() -> dict[str, Any]:
+    return {tag: [] for tag in _TAGGED}
 
 
 def _parse(source: Source, problems: list[ConfigProblem]) -> Any:
@@ -140,23 +182,29 @@ def _parse(source: Source, problems: list[ConfigProblem]) -> Any:
 
 
 def _tag_services(cleaned: dict[str, Any], raw: Any, source: str) -> dict[str, Any]:
-    """Replace ``service``/``services`` by ``(source, key path, service)`` triples so later
-    messages can say where each service was defined."""
-    tagged = []
-    for key in ("service", "services"):
-        entries = cleaned.pop(key, None) or []
-        single = key == "service" and isinstance(raw, dict) and isinstance(raw.get(key), dict)
-        for index, entry in enumerate(entries):
-            tagged.append((source, key if single else f"{key}[{index}]", entry))
-    cleaned["__services__"] = tagged
+    """Replace ``service``/``services`` (and the top-level ``check``/``checks``) by
+    ``(source, key path, definition)`` triples so later messages can say where each was
+    defined."""
+    for singular, plural, tag in (("service", "services", "__services__"), ("check", "checks", "__checks__")):
+        tagged = []
+        for key in (singular, plural):
+            entries = cleaned.pop(key, None) or []
+            single = key == singular and isinstance(raw, dict) and isinstance(raw.get(key), dict)
+            for index, entry in enumerate(entries):
+                if isinstance(entry, dict):
+                    tagged.append((source, key if single else f"{key}[{index}]", entry))
+        cleaned[tag] = tagged
     return cleaned
 
 
+_TAGGED = ("__services__", "__checks__")
+
+
 def _merge_documents(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    merged: dict[str, Any] = {"__services__": []}
+    merged: dict[str, Any] = {tag: [] for tag in _TAGGED}
     for document in documents:
         for key, value in document.items():
-            if key == "__services__":
+            if key in _TAGGED:
                 merged[key].extend(value)
             else:
                 merged[key] = _merge_values(merged.get(key), value)
@@ -176,11 +224,18 @@ class _Builder:
     """Turns one merged, type-checked document into an AgentConfig (or a ConfigError)."""
 
     def __init__(
-        self, doc: dict[str, Any], notices: tuple[ConfigProblem, ...], *, dev: bool, from_api: bool = False
+        self,
+        doc: dict[str, Any],
+        notices: tuple[ConfigProblem, ...],
+        *,
+        dev: bool,
+        from_api: bool = False,
+        remote_scripts: bool = False,
     ) -> None:
         self.doc = doc
         self.dev = dev
         self.from_api = from_api
+        self.remote_scripts = remote_scripts
         self.notices = list(notices)
         self.problems: list[ConfigProblem] = []
 
@@ -231,7 +286,13 @@ class _Builder:
             proxy_defaults=defaults,
             ca=self._ca(connect.get("ca_config", {})),
             acl=self._acl(),
+            enable_script_checks=doc.get("enable_script_checks", AgentConfig.enable_script_checks),
+            enable_local_script_checks=doc.get(
+                "enable_local_script_checks", AgentConfig.enable_local_script_checks
+            ),
+            node_meta=freeze(doc.get("node_meta", {})),
             services=services,
+            checks=self._agent_checks(),
             sources=tuple(sorted({source for source, _, _ in doc["__services__"]})),
             notices=tuple(self.notices),
         )
@@ -438,33 +499,42 @@ class _Builder:
         for number, (key, check) in enumerate(entries, start=1):
             check_path = join(path, key)
             default_id = f"service:{service_id}" if len(entries) == 1 else f"service:{service_id}:{number}"
-            built = self._check_def(check, default_id, name, source, check_path)
+            built = self._check_def(
+                check, default_id, f"Service '{name}' check", source, check_path, service_id=service_id
+            )
             if built is not None:
                 checks.append(built)
         return tuple(checks)
 
     def _check_def(
-        self, raw: dict[str, Any], default_id: str, service_name: str, source: str, path: str
+        self,
+        raw: dict[str, Any],
+        default_id: str,
+        default_name: str,
+        source: str,
+        path: str,
+        service_id: str = "",
     ) -> CheckDef | None:
-        unsupported = [key for key in _UNSUPPORTED_CHECK_KEYS if key in raw]
-        if unsupported:
-            self.notices.append(
-                ConfigProblem(source, path, f"ignored: {unsupported[0]} checks are not run by this tool")
+        refused = [key for key in _REFUSED_CHECK_KEYS if raw.get(key)]
+        if refused:
+            self.problem(source, join(path, refused[0]), _REFUSED_CHECK_KEYS[refused[0]])
+            return None
+        kinds = sorted({kind for key, kind in _CHECK_KINDS if raw.get(key) not in (None, "", [])})
+        if len(kinds) != 1:
+            self.problem(
+                source,
+                path,
+                "a check needs exactly one of tcp, http, ttl, args (a script) or alias_service",
             )
             return None
-        kinds = [kind for kind in CheckKind if kind.value in raw]
-        if len(kinds) != 1:
-            self.problem(source, path, "a check needs exactly one of tcp, http or ttl")
-            return None
         kind = kinds[0]
-        if kind is not CheckKind.TTL and not raw.get("interval"):
-            self.problem(source, join(path, "interval"), f'a {kind} check needs an interval such as "10s"')
+        if not self._check_rules_hold(raw, kind, source, path):
             return None
         return CheckDef(
             check_id=raw.get("id") or raw.get("check_id") or default_id,
-            name=raw.get("name") or f"Service '{service_name}' check",
+            name=raw.get("name") or default_name,
             kind=kind,
-            target=raw.get(kind.value, "") if kind is not CheckKind.TTL else "",
+            target=raw.get(kind.value, "") if kind in (CheckKind.TCP, CheckKind.HTTP) else "",
             interval=raw.get("interval", CheckDef.interval),
             timeout=raw.get("timeout", CheckDef.timeout),
             ttl=raw.get("ttl", CheckDef.ttl),
@@ -476,7 +546,49 @@ class _Builder:
             deregister_critical_service_after=raw.get(
                 "deregister_critical_service_after", CheckDef.deregister_critical_service_after
             ),
+            service_id=service_id or raw.get("service_id", ""),
+            args=tuple(raw.get("args", ())),
+            alias_node=raw.get("alias_node", ""),
+            alias_service=raw.get("alias_service", ""),
         )
+
+    def _check_rules_hold(self, raw: dict[str, Any], kind: CheckKind, source: str, path: str) -> bool:
+        """Consul's rules for a check's timing (``CheckType.Validate``), and who may run scripts."""
+        problems = []
+        interval, ttl = raw.get("interval"), raw.get("ttl")
+        if kind is CheckKind.ALIAS:
+            if interval:
+                problems.append(("interval", "Interval cannot be set for Alias checks"))
+            if ttl:
+                problems.append(("ttl", "TTL must be not be set for Alias checks"))
+        elif kind is CheckKind.TTL:
+            if interval:
+                problems.append(("interval", "Interval and TTL cannot both be specified"))
+        elif not interval:
+            problems.append(("interval", f'a {kind} check needs an interval such as "10s"'))
+        if kind is CheckKind.SCRIPT and not self._scripts_allowed():
+            problems.append(("args", REMOTE_SCRIPTS_DISABLED if self.from_api else SCRIPTS_DISABLED))
+        for key, message in problems:
+            self.problem(source, join(path, key), message)
+        return not problems
+
+    def _scripts_allowed(self) -> bool:
+        if self.from_api:
+            return self.remote_scripts
+        return bool(self.doc.get("enable_script_checks") or self.doc.get("enable_local_script_checks"))
+
+    def _agent_checks(self) -> tuple[CheckDef, ...]:
+        """Top-level ``check``/``checks``: the node's own, or a service's by ``service_id``."""
+        checks = []
+        for source, path, raw in self.doc["__checks__"]:
+            check_id = raw.get("id") or raw.get("check_id") or raw.get("name") or ""
+            if not check_id:
+                self.problem(source, join(path, "name"), "a check needs a name (or an id)")
+                continue
+            built = self._check_def(raw, check_id, raw.get("name") or check_id, source, path)
+            if built is not None:
+                checks.append(built)
+        return tuple(checks)
 
     # -- rules across the whole configuration -------------------------------------------
 

@@ -296,10 +296,10 @@ CONSUL_ONLY_TOP_LEVEL = tuple(
     disable_http_unprintable_char_filter disable_keyring_file disable_remote_exec
     disable_update_check discard_check_output discovery_max_stale dns_config domain
     enable_acl_replication enable_agent_tls_for_checks enable_central_service_config
-    enable_debug enable_script_checks enable_local_script_checks enable_syslog encrypt
+    enable_debug enable_syslog encrypt
     encrypt_verify_incoming encrypt_verify_outgoing gossip_lan gossip_wan http_config
     leave_on_terminate log_rotate_duration
-    node_meta non_voting_server performance pid_file primary_datacenter protocol
+    non_voting_server performance pid_file primary_datacenter protocol
     raft_protocol raft_snapshot_threshold raft_snapshot_interval raft_trailing_logs
     reconnect_timeout reconnect_timeout_wan recursors rejoin_after_leave retry_interval
     retry_interval_wan retry_join retry_max retry_max_wan retry_join_wan segment segments
@@ -311,7 +311,7 @@ CONSUL_ONLY_TOP_LEVEL = tuple(
     check_deregister_interval_min check_reap_interval consul revision segment_limit
     segment_name_limit sync_coordinate_interval_min sync_coordinate_rate_target version
     version_prerelease audit alt_domain default_query_time max_query_time cache auto_encrypt
-    dns check checks
+    dns
     """.split()
 )
 
@@ -429,8 +429,13 @@ AGENT = Obj(
         "acl_master_token": Str(),
         "acl_default_policy": Str(("allow", "deny")),
         "acl_datacenter": Str(),
+        "enable_script_checks": Bool(),
+        "enable_local_script_checks": Bool(),
+        "node_meta": Map(Str()),
         "service": OneOrMany(SERVICE),
         "services": List(SERVICE),
+        "check": OneOrMany(CHECK),
+        "checks": List(CHECK),
     },
     ignored=dict.fromkeys(CONSUL_ONLY_TOP_LEVEL, _NOT_USED),
 )

@@ -56,12 +56,13 @@ class Upstream:
 
 @dataclass(frozen=True)
 class CheckDef:
-    """A health check declared on a service."""
+    """A health check: declared on a service, at the top level of a config file, or
+    registered through the API (``service_id``: the service it belongs to, "" for the node)."""
 
     check_id: str
     name: str
     kind: CheckKind
-    target: str = ""
+    target: str = ""  # tcp host:port, http URL
     interval: float = 10.0
     timeout: float = 10.0
     ttl: float = 0.0
@@ -71,6 +72,10 @@ class CheckDef:
     header: JSONMap = field(default_factory=lambda: EMPTY_MAP)
     tls_skip_verify: bool = False
     deregister_critical_service_after: float = 0.0
+    service_id: str = ""
+    args: tuple[str, ...] = ()  # script checks: the command
+    alias_node: str = ""
+    alias_service: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,7 +184,11 @@ class AgentConfig:
     proxy_defaults: ProxyDefaults = field(default_factory=ProxyDefaults)
     ca: CAConfig = field(default_factory=CAConfig)
     acl: ACLConfig = field(default_factory=ACLConfig)
+    enable_script_checks: bool = False  # script checks from config files and the API
+    enable_local_script_checks: bool = False  # script checks from config files only
+    node_meta: JSONMap = field(default_factory=lambda: EMPTY_MAP)
     services: tuple[ServiceDef, ...] = ()
+    checks: tuple[CheckDef, ...] = ()  # top-level checks (of the node, or naming a service_id)
     sources: tuple[str, ...] = ()
     notices: tuple[ConfigProblem, ...] = ()
 

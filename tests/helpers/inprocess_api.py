@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import json
 import random
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote
@@ -72,8 +73,8 @@ class Agent:
     """The API of one agent, on an event loop that runs only while a request is served."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        document = {"node_name": "node-1", "services": SERVICES, **settings}
-        config = build_config([Source("agent.json", "json", json.dumps(document))], dev=True)
+        self.document = {"node_name": "node-1", "services": SERVICES, **settings}
+        config = build_config([Source("agent.json", "json", json.dumps(self.document))], dev=True)
         tokens = itertools.count(1)
         plan = plan_proxies(
             config,
@@ -85,7 +86,10 @@ class Agent:
         )
         self.board = ViewBoard(AgentView(config, NODE_ID, API_ADDRESS, proxies=plan.proxies))
         self.services_changed = 0
-        self.plane = ControlPlane(None, Registry(None), Index(), self._services_changed)
+        # Consul's one-minute floor for DeregisterCriticalServiceAfter, shortened for tests.
+        self.plane = ControlPlane(
+            None, Registry(None), Index(), self._services_changed, deregister_minimum=0.05
+        )
         self.supervisor = RecordingSupervisor()
         supervisor = cast(Supervisor, self.supervisor)  # only its post() is used by the endpoints
         self.handler = compose(self.board, supervisor, self.plane)  # what the HTTP server serves
@@ -97,6 +101,21 @@ class Agent:
 
     def _services_changed(self) -> None:
         self.services_changed += 1
+
+    def reload_config(self, **changes: Any) -> None:
+        """A configuration reload as the supervision loop publishes it: a new config
+        object in a new view, handed to the control plane on its loop."""
+        self.document = {**self.document, **changes}
+        config = build_config([Source("agent.json", "json", json.dumps(self.document))], dev=True)
+        current = self.board.current
+        view = AgentView(config, current.node_id, current.api_address, proxies=current.proxies)
+        self.board.publish(view)
+
+        async def apply() -> None:
+            self.plane.on_view(view)
+            self.plane.changes.fire()
+
+        self.loop.run_until_complete(apply())
 
     def token(self, proxy_id: str) -> str:
         return self.board.current.proxies[proxy_id].spec.token
@@ -142,6 +161,13 @@ class Agent:
     def settle(self) -> None:
         for _ in range(5):
             self.loop.run_until_complete(asyncio.sleep(0))
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Run the loop (check tasks, timers) until ``condition`` holds; fail at the deadline."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "condition not met in time"
+            self.loop.run_until_complete(asyncio.sleep(0.01))
 
     def close(self) -> None:
         self.plane.close()

@@ -260,6 +260,29 @@ def test_check_fields_are_read() -> None:
     assert (tcp.check_id, tcp.kind, tcp.status) == ("service:web:2", CheckKind.TCP, CheckStatus.WARNING)
 
 
+def test_script_alias_and_top_level_checks_are_built() -> None:
+    built = config(
+        enable_local_script_checks=True,
+        node_meta={"rack": "r1"},
+        service={"name": "web", "check": {"args": ["/bin/check", "-q"], "interval": "5s", "timeout": "2s"}},
+        checks=[
+            {"name": "disk", "args": ["/bin/df"], "interval": "30s"},
+            {"id": "web-alias", "name": "web via db", "alias_service": "db", "service_id": "web"},
+        ],
+    )
+    [script] = built.services[0].checks
+    assert (script.kind, script.args, script.timeout) == (CheckKind.SCRIPT, ("/bin/check", "-q"), 2.0)
+    disk, alias = built.checks
+    assert (disk.check_id, disk.kind, disk.service_id) == ("disk", CheckKind.SCRIPT, "")
+    assert (alias.check_id, alias.kind, alias.alias_service, alias.service_id) == (
+        "web-alias",
+        CheckKind.ALIAS,
+        "db",
+        "web",
+    )
+    assert thaw(built.node_meta) == {"rack": "r1"} and built.enable_local_script_checks
+
+
 def test_check_and_checks_are_numbered_together() -> None:
     service = one_service({"name": "web", "check": {"ttl": "5s"}, "checks": [{"ttl": "6s"}]})
     assert [(check.check_id, check.ttl) for check in service.checks] == [
@@ -272,7 +295,28 @@ def test_check_and_checks_are_numbered_together() -> None:
     ("check", "expected"),
     [
         ({"tcp": "x:1", "http": "http://x", "interval": "1s"}, "service.check: a check needs exactly one of"),
-        ({"interval": "1s"}, "service.check: a check needs exactly one of tcp, http or ttl"),
+        ({"interval": "1s"}, "service.check: a check needs exactly one of tcp, http, ttl, args"),
+        (
+            {"ttl": "5s", "interval": "1s"},
+            "service.check.interval: Interval and TTL cannot both be specified",
+        ),
+        (
+            {"alias_service": "db", "interval": "1s"},
+            "service.check.interval: Interval cannot be set for Alias",
+        ),
+        (
+            {"args": ["/bin/true"], "interval": "1s"},
+            "service.check.args: Scripts are disabled on this agent;",
+        ),
+        ({"grpc": "127.0.0.1:9000", "interval": "1s"}, "service.check.grpc: grpc checks are not run"),
+        (
+            {"docker_container_id": "abc", "interval": "1s"},
+            "service.check.docker_container_id: docker checks",
+        ),
+        (
+            {"script": "/bin/check", "interval": "1s"},
+            "service.check.script: script was removed in Consul 1.0",
+        ),
         ({"http": "http://x"}, 'service.check.interval: a http check needs an interval such as "10s"'),
         ({"ttl": "ten"}, "service.check.ttl:"),
         ({"ttl": "5s", "status": "unknown"}, "service.check.status: 'unknown' is not one of"),

@@ -11,8 +11,9 @@ from urllib.parse import quote
 
 import pytest
 
-from supervisor.api.agent_endpoints import MANAGED_API_DISALLOWED, MANAGED_DEREGISTER
+from supervisor.api.agent_endpoints import MANAGED_API_DISALLOWED
 from supervisor.api.http import Response
+from supervisor.controlplane import MANAGED_DEREGISTER
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.supervision.events import ReloadRequested
 from tests.helpers.inprocess_api import (
@@ -112,12 +113,22 @@ def test_a_registration_cannot_take_an_id_the_configuration_owns(agent: Agent) -
     assert [entry["ServiceID"] for entry in agent.get("/v1/catalog/service/db")] == ["db"]
 
 
-def test_configured_services_and_managed_proxies_are_not_deregistered_through_the_api(agent: Agent) -> None:
-    configured = agent.call("PUT", "/v1/agent/service/deregister/db")
-    assert configured.status == 400 and "agent.json" in text(configured)
+def test_a_configured_service_deregistered_through_the_api_is_gone_until_a_reload(agent: Agent) -> None:
+    assert agent.call("PUT", "/v1/agent/service/deregister/db").status == 200  # as Consul
+    assert "db" not in agent.get("/v1/agent/services")
+    assert agent.get("/v1/catalog/service/db") == [] and "db-ttl" not in agent.get("/v1/agent/checks")
+    agent.reload_config()  # a reload brings it back
+    assert "db" in agent.get("/v1/agent/services") and agent.get("/v1/catalog/service/db") != []
+
+
+def test_services_with_managed_proxies_and_the_proxies_are_not_deregistered_through_the_api(
+    agent: Agent,
+) -> None:
     managed = agent.call("PUT", "/v1/agent/service/deregister/web-proxy")
     assert (managed.status, text(managed)) == (400, MANAGED_DEREGISTER)
-    assert {"db", "web-proxy"} <= set(agent.get("/v1/agent/services"))
+    parent = agent.call("PUT", "/v1/agent/service/deregister/web")
+    assert parent.status == 400 and "supervised from agent.json" in text(parent)
+    assert {"web", "web-proxy"} <= set(agent.get("/v1/agent/services"))
 
 
 def test_managed_proxy_registration_needs_the_operator_to_allow_it(agents: Callable[..., Agent]) -> None:

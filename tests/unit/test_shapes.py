@@ -32,7 +32,7 @@ from supervisor.api.shapes import (
     proxy_status_json,
     service_json,
 )
-from supervisor.catalog.catalog import instances_of
+from supervisor.catalog.catalog import Sources, instances_of
 from supervisor.catalog.index import Index
 from supervisor.catalog.intentions import Action, Intention
 from supervisor.catalog.model import CheckResult, Entry, Node
@@ -252,7 +252,7 @@ def test_a_check_has_consuls_field_names_and_a_string_status() -> None:
 
 
 def entry_of(service_id: str, index: int = 42) -> Entry:
-    instances, _ = instances_of(make_view(), ())
+    instances, _, _ = instances_of(make_view(), Sources())
     return Entry(NODE, instances[service_id], (check_result(),), index)
 
 
