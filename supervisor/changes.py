@@ -16,6 +16,7 @@ class ChangeSignal:
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self.count = 0
+        self.held = 0  # blocking queries waiting for a change right now
 
     def fire(self) -> None:
         """Must run on the event loop (use ``loop.call_soon_threadsafe`` from elsewhere)."""

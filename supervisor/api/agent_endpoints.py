@@ -20,6 +20,7 @@ from supervisor.api.selection import Selection
 from supervisor.api.shapes import (
     agent_self_json,
     agent_services,
+    member_json,
     proxy_config_json,
     proxy_status_json,
 )
@@ -83,6 +84,7 @@ class AgentEndpoints:
 
     def register(self, router: Router) -> None:
         router.add(READ_METHODS, "/v1/agent/self", self.agent_self)
+        router.add(READ_METHODS, "/v1/agent/members", self.members)
         router.add(READ_METHODS, "/v1/agent/services", self.services)
         router.add(READ_METHODS, "/v1/agent/service/:id", self.service)
         router.add(READ_METHODS, "/v1/agent/connect/proxy/:id", self.proxy_config)
@@ -92,6 +94,17 @@ class AgentEndpoints:
         router.add(WRITE_METHODS, "/v1/agent/connect/proxies/:id/restart", self.restart_proxy)
         router.add(WRITE_METHODS, "/v1/agent/service/register", self.register_service)
         router.add(WRITE_METHODS, "/v1/agent/service/deregister/:id", self.deregister_service)
+
+    async def members(self, request: Request) -> Response:
+        """The LAN members: this agent (a single-host agent is its own cluster). ``?wan``
+        lists the WAN pool, which this agent is not in; a segment with it is an error."""
+        view = self.board.current
+        require_operator(identify(request, view), view)
+        if request.arg("wan"):
+            if request.arg("segment") not in (None, "", "_all"):
+                raise HttpError(400, "Cannot provide a segment with wan=true")
+            return Response.json([])
+        return Response.json([member_json(view)])
 
     async def agent_self(self, request: Request) -> Response:
         view = self.board.current

@@ -77,7 +77,21 @@ async def block_until_changed(
     if given is None or given == "":
         return compute()
     deadline = time.monotonic() + parse_wait(request)
-    gone = request.client_gone
+    changes.held += 1
+    try:
+        return await _wait(changes, compute, key, given, deadline, request.client_gone)
+    finally:
+        changes.held -= 1
+
+
+async def _wait(
+    changes: ChangeSignal,
+    compute: Callable[[], T],
+    key: Callable[[T], str | int],
+    given: str,
+    deadline: float,
+    gone: asyncio.Event | None,
+) -> T:
     while True:
         event = changes.current()
         result = compute()

@@ -9,6 +9,7 @@ from supervisor.api.auth import Caller, identify, require_operator
 from supervisor.api.blocking import block_until_changed
 from supervisor.api.http import HttpError, Request, Response
 from supervisor.api.router import READ_METHODS, WRITE_METHODS, Router
+from supervisor.config.durations import format_duration
 from supervisor.config.keys import check_safe_id
 from supervisor.config.schema import Context, Invalid, Obj, Str
 from supervisor.connect.spiffe import InvalidSpiffeID, parse_service
@@ -31,12 +32,38 @@ class ConnectEndpoints:
     def register(self, router: Router) -> None:
         router.add(READ_METHODS, "/v1/agent/connect/ca/roots", self.roots)
         router.add(READ_METHODS, "/v1/connect/ca/roots", self.roots)
+        router.add(("GET", "HEAD", "PUT", "POST"), "/v1/connect/ca/configuration", self.ca_configuration)
         router.add(READ_METHODS, "/v1/agent/connect/ca/leaf/:service", self.leaf)
         router.add(WRITE_METHODS, "/v1/agent/connect/authorize", self.authorize)
 
     def _view(self) -> Any:
         assert self.plane.view is not None
         return self.plane.view
+
+    async def ca_configuration(self, request: Request) -> Response:
+        """``GET /v1/connect/ca/configuration``: the built-in provider and its settings (the
+        private key is never shown, as Consul shows it "hidden")."""
+        view = self._view()
+        require_operator(identify(request, view), view)
+        if request.method not in ("GET", "HEAD"):
+            raise HttpError(
+                405,
+                "the CA is configured in connect.ca_config of the agent's config files: "
+                "edit it there and reload",
+                {"Allow": "OPTIONS,GET,HEAD"},
+            )
+        ca = self.plane.ca
+        assert ca is not None
+        ca_config = view.config.ca
+        config: dict[str, Any] = {
+            "LeafCertTTL": format_duration(ca_config.leaf_cert_ttl),
+            "RotationPeriod": "2160h",
+        }
+        if ca_config.private_key:
+            config.update({"PrivateKey": "hidden", "RootCert": ca_config.root_cert})
+        index = ca.roots_index
+        body = {"Provider": "consul", "Config": config, "CreateIndex": index, "ModifyIndex": index}
+        return Response.json(body, headers={"X-Consul-Index": str(index)})
 
     async def roots(self, request: Request) -> Response:
         ca = self.plane.ca

@@ -17,6 +17,7 @@ from supervisor.api.connect_endpoints import ConnectEndpoints
 from supervisor.api.http import Handler, HttpError, HttpServer, Request, Response
 from supervisor.api.intention_endpoints import IntentionEndpoints
 from supervisor.api.limits import Caps, ConnectionBook, caps_for, open_file_limit
+from supervisor.api.metrics_endpoints import ApiStats, MetricsEndpoints, counting
 from supervisor.api.query_endpoints import QueryEndpoints
 from supervisor.api.results import Results
 from supervisor.api.router import Router
@@ -61,8 +62,11 @@ def datacenter_guard(handler: Handler, datacenter: Callable[[], str]) -> Handler
     return guarded
 
 
-def compose(board: ViewBoard, supervisor: Supervisor, plane: ControlPlane) -> Handler:
+def compose(
+    board: ViewBoard, supervisor: Supervisor, plane: ControlPlane, stats: ApiStats | None = None
+) -> Handler:
     """Every endpoint behind one handler: what the HTTP server serves (and unit tests call)."""
+    stats = stats if stats is not None else ApiStats()
     router = Router()
     results = Results(plane.index)  # blocking queries' answers, and when each last changed
     AgentEndpoints(board, supervisor, plane).register(router)
@@ -71,8 +75,9 @@ def compose(board: ViewBoard, supervisor: Supervisor, plane: ControlPlane) -> Ha
     CatalogEndpoints(plane, results).register(router)
     IntentionEndpoints(plane, results).register(router)
     QueryEndpoints(plane, results).register(router)
+    MetricsEndpoints(board, plane.changes, stats).register(router)
     unsupported.register(router)
-    return datacenter_guard(router, lambda: board.current.config.datacenter)
+    return counting(datacenter_guard(router, lambda: board.current.config.datacenter), stats)
 
 
 class ApiServer:
@@ -140,7 +145,8 @@ class ApiServer:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         self.plane.start(self.board.current)
-        handler = compose(self.board, self.supervisor, self.plane)
+        stats = ApiStats()
+        handler = compose(self.board, self.supervisor, self.plane, stats)
         file_limit = open_file_limit()
 
         def caps() -> Caps:
@@ -151,6 +157,7 @@ class ApiServer:
             )
 
         book = ConnectionBook(caps)
+        stats.book = book
         http = HttpServer(handler, book, lambda request: principal_of(request, self.board.current))
         http.serve(self.sock)
         self._ready.set()

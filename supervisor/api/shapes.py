@@ -180,6 +180,38 @@ def proxy_status_json(
     }
 
 
+SERF_LAN_PORT = 8301  # Consul's; this agent speaks no Serf, the member is described as Consul would
+
+
+def member_json(view: AgentView) -> dict[str, Any]:
+    """This agent as a Serf member (``/v1/agent/members``, ``/v1/agent/self``): a client
+    node, alive (Status 1), with Consul 1.5's protocol numbers."""
+    config = view.config
+    bind = config.bind_addr
+    return {
+        "Name": config.node_name,
+        "Addr": bind if bind not in ("0.0.0.0", "::", "") else "127.0.0.1",
+        "Port": SERF_LAN_PORT,
+        "Tags": {
+            "role": "node",
+            "dc": config.datacenter,
+            "id": view.node_id,
+            "segment": "",
+            "vsn": "2",
+            "vsn_min": "2",
+            "vsn_max": "3",
+            "build": f"{CONSUL_COMPATIBLE_VERSION}:proxy-supervisor-{__version__}",
+        },
+        "Status": 1,
+        "ProtocolMin": 1,
+        "ProtocolMax": 5,
+        "ProtocolCur": 2,
+        "DelegateMin": 2,
+        "DelegateMax": 5,
+        "DelegateCur": 4,
+    }
+
+
 def agent_self_json(view: AgentView) -> dict[str, Any]:
     config = view.config
     return {
@@ -201,14 +233,8 @@ def agent_self_json(view: AgentView) -> dict[str, Any]:
             "ACLsEnabled": config.acl.enabled,
             "LogLevel": config.log_level,
         },
-        "Member": {
-            "Name": config.node_name,
-            "Addr": config.bind_addr,
-            "Port": 0,
-            "Tags": {"dc": config.datacenter, "role": "node", "id": view.node_id},
-            "Status": 1,
-        },
-        "Meta": {"consul-network-segment": ""},
+        "Member": member_json(view),
+        "Meta": {"consul-network-segment": "", **thaw(config.node_meta)},
         "Stats": {
             "agent": {"managed_proxies": str(len(view.proxies))},
             "proxy-supervisor": {

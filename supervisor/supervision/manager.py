@@ -23,7 +23,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from supervisor.config.model import AgentConfig, ServiceDef
@@ -75,7 +75,7 @@ from supervisor.supervision.policy import (
 from supervisor.supervision.processes import ProcessRunner
 from supervisor.supervision.slot import Slot, record_of, status_of
 from supervisor.supervision.sweeper import LeftoverSweeper
-from supervisor.supervision.view import AgentView, ViewBoard
+from supervisor.supervision.view import AgentView, Totals, ViewBoard
 from supervisor.supervision.workers import Background, Workers
 
 log = logging.getLogger("supervisor.manager")
@@ -166,6 +166,7 @@ class Supervisor:
             options.policy.stop_timeout,
         )
         self._reload_error: str | None = None
+        self._totals = Totals()
         self._view_version = 0
         self._shutdown: ShutdownRequested | None = None
         self._shutdown_replies: list[Any] = []
@@ -238,6 +239,7 @@ class Supervisor:
         for description in result.killed:
             log.warning("killed %s", description)
         self._restarts_seed = result.records
+        self._count(adopted=len(result.adopted))
         now = self.clock.monotonic()
         for proxy_id, adopted in result.adopted.items():
             slot = self._slot(proxy_id)
@@ -296,6 +298,7 @@ class Supervisor:
             if event.config is None:
                 assert event.error is not None
                 self._reload_error = str(event.error)
+                self._count(failed_reloads=self._totals.failed_reloads + 1)
                 log.error(
                     "configuration reload (%s) failed; keeping the running configuration:\n%s",
                     event.reason,
@@ -304,6 +307,7 @@ class Supervisor:
                 self._mark_dirty()  # the view carries the reload error
             else:
                 self._reload_error = None
+                self._count(reloads=self._totals.reloads + 1)
                 log.info("configuration reloaded (%s)", event.reason)
                 self._apply(event.config)
         finally:
@@ -502,6 +506,7 @@ class Supervisor:
     def _launch(self, slot: Slot) -> LaunchSpec:
         planned = slot.planned
         assert planned is not None, "a proxy is only started with a plan"
+        self._count(starts=self._totals.starts + 1)
         return launch_for(
             planned,
             self.options.node_id,
@@ -515,9 +520,15 @@ class Supervisor:
         self._sweeper.exited(slot.proxy_id)
         # Swept once the exits stop: reading /proc competes with the restarts for the CPU.
         self._sweep_alarm.set(self._sweep_debounce.poke(self.clock.monotonic()))
-        level = logging.INFO if slot.machine.state is State.STOPPING else logging.WARNING
+        expected = slot.machine.state is State.STOPPING
+        totals = self._totals
+        self._count(exits=totals.exits + 1, unexpected_exits=totals.unexpected_exits + (not expected))
+        level = logging.INFO if expected else logging.WARNING
         log.log(level, "proxy %s: pid %d %s", slot.proxy_id, handle.pid, status.describe())
         self._drive(slot, slot.machine.exited(handle.generation, self.clock.monotonic(), status.describe()))
+
+    def _count(self, **changes: int) -> None:
+        self._totals = replace(self._totals, **changes)
 
     # -- persistence and publishing -----------------------------------------------------------
 
@@ -572,5 +583,6 @@ class Supervisor:
                 statuses=statuses,
                 reload_error=self._reload_error,
                 version=self._view_version,
+                totals=self._totals,
             )
         )

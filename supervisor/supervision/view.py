@@ -39,6 +39,18 @@ class ProxyStatus:
 
 
 @dataclass(frozen=True)
+class Totals:
+    """Counts since the agent started (for ``/v1/agent/metrics``)."""
+
+    starts: int = 0  # proxy processes started
+    exits: int = 0  # proxy processes that exited (stopped ones included)
+    unexpected_exits: int = 0  # exits the agent did not ask for
+    adopted: int = 0  # proxies of an earlier agent run taken over at start-up
+    reloads: int = 0
+    failed_reloads: int = 0
+
+
+@dataclass(frozen=True)
 class AgentView:
     config: AgentConfig
     node_id: str
@@ -47,6 +59,7 @@ class AgentView:
     statuses: Mapping[str, ProxyStatus] = field(default_factory=dict)
     reload_error: str | None = None
     version: int = 0
+    totals: Totals = field(default_factory=Totals)
 
 
 class ViewBoard:
