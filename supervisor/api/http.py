@@ -400,7 +400,7 @@ class HttpConnection(asyncio.Protocol):
             (b"Content-Length", str(len(response.body)).encode()),
         ]
         headers += [
-            (name.encode("latin-1"), value.encode("latin-1")) for name, value in response.headers.items()
+            (name.encode("latin-1"), _header_value(value)) for name, value in response.headers.items()
         ]
         if close:
             headers.append((b"Connection", b"close"))
@@ -501,6 +501,15 @@ def _content_length(headers: h11._headers.Headers) -> int | None:
         if name == b"content-length":
             return int(value)  # h11 has checked it is one well-formed number
     return None
+
+
+def _header_value(value: str) -> bytes:
+    """A header value as printable ASCII: a value that carries client input (a service
+    name in ``X-Consul-Reason``) may hold any character, and a CR, LF or non-ASCII one
+    would break the response; those are escaped (``\\u0100``)."""
+    if value.isascii() and value.isprintable():
+        return value.encode("ascii")
+    return value.encode("unicode_escape")
 
 
 def split_target(target: str) -> tuple[str, str]:
