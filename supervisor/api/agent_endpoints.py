@@ -128,10 +128,7 @@ class AgentEndpoints:
 
     async def service(self, request: Request) -> Response:
         service_id = request.params["id"]
-        view = self.board.current
-        caller = identify(request, view)
-        service_name = self._service_name(service_id)
-        require_service_read(caller, view, service_id, service_name)
+        self._authorize_service_read(request, service_id)
 
         def compute() -> dict[str, Any]:
             data = self._services(self.board.current).get(service_id)
@@ -144,13 +141,23 @@ class AgentEndpoints:
         )
         return Response.json(data, headers={"X-Consul-ContentHash": data["ContentHash"]})
 
-    async def proxy_config(self, request: Request) -> Response:
-        proxy_id = request.params["id"]
+    # A blocking query can be held for minutes. The checks before it run in plain functions
+    # so that the waiting coroutine holds no AgentView: a pinned view keeps a whole config
+    # (and every proxy plan) alive, and under config churn held queries pinned one each.
+    def _authorize_service_read(self, request: Request, service_id: str) -> None:
+        view = self.board.current
+        require_service_read(identify(request, view), view, service_id, self._service_name(service_id))
+
+    def _authorize_proxy_config(self, request: Request, proxy_id: str) -> None:
         view = self.board.current
         planned = view.proxies.get(proxy_id)
         if planned is None:
             raise HttpError(404, f"unknown proxy service ID: {proxy_id}")
         require_service_read(identify(request, view), view, proxy_id, planned.service.name)
+
+    async def proxy_config(self, request: Request) -> Response:
+        proxy_id = request.params["id"]
+        self._authorize_proxy_config(request, proxy_id)
 
         def compute() -> dict[str, Any]:
             current = self.board.current.proxies.get(proxy_id)

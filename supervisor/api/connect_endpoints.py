@@ -77,8 +77,8 @@ class ConnectEndpoints:
         )
         return Response.json(data[0], headers={"X-Consul-Index": str(data[1])})
 
-    async def leaf(self, request: Request) -> Response:
-        service = valid_service_name(request.params["service"])
+    def _authorize_leaf(self, request: Request, service: str) -> None:
+        # Apart from the handler so that the held blocking query below pins no AgentView.
         view = self._view()
         caller = identify(request, view)
         if caller.is_proxy:
@@ -86,6 +86,10 @@ class ConnectEndpoints:
                 raise HttpError(403, "Permission denied: a proxy token may only fetch its own service's leaf")
         else:
             require_operator(caller, view)
+
+    async def leaf(self, request: Request) -> Response:
+        service = valid_service_name(request.params["service"])
+        self._authorize_leaf(request, service)
         leaves = self.plane.leaves
         assert leaves is not None
 

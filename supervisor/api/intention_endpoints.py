@@ -115,13 +115,8 @@ class IntentionEndpoints:
         )
         return Response.json({"Allowed": allowed})
 
-    async def match(self, request: Request) -> Response:
-        by = request.arg("by")
-        if by not in ("source", "destination"):
-            raise HttpError(400, "'by' must be 'source' or 'destination'")
-        names = tuple(request.query.get("name", []))
-        if not names:
-            raise HttpError(400, "at least one 'name' query parameter is required")
+    def _authorize_match(self, request: Request, by: str, names: tuple[str, ...]) -> None:
+        # Apart from the handler so that the held blocking query pins no AgentView.
         view = self.plane.view
         assert view is not None
         caller = identify(request, view)
@@ -134,6 +129,15 @@ class IntentionEndpoints:
                 )
         else:
             require_operator(caller, view)
+
+    async def match(self, request: Request) -> Response:
+        by = request.arg("by")
+        if by not in ("source", "destination"):
+            raise HttpError(400, "'by' must be 'source' or 'destination'")
+        names = tuple(request.query.get("name", []))
+        if not names:
+            raise HttpError(400, "at least one 'name' query parameter is required")
+        self._authorize_match(request, by, names)
         store = self.plane.intentions
 
         def compute() -> Any:

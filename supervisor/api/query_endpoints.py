@@ -83,8 +83,6 @@ class QueryEndpoints:
 
     async def execute(self, request: Request) -> Response:
         self._caller(request, operator=False)
-        view = self.plane.view
-        assert view is not None
         name_or_id = request.params["id"]
         self.plane.queries.resolve(name_or_id)  # 404 now, not inside the blocking loop
         connect = truthy(request, "connect")
