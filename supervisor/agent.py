@@ -24,7 +24,9 @@ from supervisor.api.server import ApiServer, bind_listener
 from supervisor.catalog.index import Index
 from supervisor.catalog.registry import Registry
 from supervisor.config import load_config
-from supervisor.config.model import AgentConfig
+from supervisor.config.build import registration_builder
+from supervisor.config.model import AgentConfig, ServiceDef
+from supervisor.config.sidecars import SidecarPorts
 from supervisor.connect.ca import validate_ca_config
 from supervisor.controlplane import ControlPlane
 from supervisor.logsetup import configure_logging, set_level
@@ -119,6 +121,7 @@ def status_line(view: AgentView) -> str:
 class Agent:
     def __init__(self, options: AgentOptions) -> None:
         self.options = options
+        self._current_services: Callable[[], tuple[ServiceDef, ...]] = tuple
         self.config = self.load()
         self.lock: AgentLock | None = None
         self.data_dir: DataDir | None = None
@@ -130,7 +133,14 @@ class Agent:
 
     def load(self) -> AgentConfig:
         options = self.options
-        config = load_config(options.config_files, options.config_dirs, options.flags, dev=options.dev)
+        # A reload keeps the ports sidecars have now (Consul 1.5's rule).
+        config = load_config(
+            options.config_files,
+            options.config_dirs,
+            options.flags,
+            dev=options.dev,
+            sidecar_ports=SidecarPorts.of(self._current_services()),
+        )
         validate_ca_config(config.ca)  # a bad operator CA fails the load (or the reload) as a whole
         return config
 
@@ -175,7 +185,8 @@ class Agent:
             if self.data_dir is not None and self.lock is not None:
                 guard = DataDirGuard(self.data_dir, self.lock, node_id)
             registry = Registry(os.path.join(self.data_dir.root, "services") if self.data_dir else None)
-            registry.load(config.proxy_defaults, remote_scripts=config.enable_script_checks)
+            registry.load(registration_builder(config))
+            self._current_services = lambda: (*board.current.config.services, *registry.services)
             supervisor = Supervisor(
                 SupervisorOptions(
                     data_dir=self.data_dir,

@@ -22,6 +22,7 @@ from supervisor.catalog.intentions import IntentionFile, Intentions
 from supervisor.catalog.queries import Queries, QueryFile
 from supervisor.catalog.registry import Registry
 from supervisor.changes import ChangeSignal
+from supervisor.config.build import registration_builder, registration_rules
 from supervisor.config.model import AgentConfig, CheckDef, ServiceDef
 from supervisor.connect.ca import CertificateAuthority
 from supervisor.connect.leaves import LeafManager
@@ -147,11 +148,15 @@ class ControlPlane:
 
     # -- service registrations ----------------------------------------------------------------
 
-    def register_service(self, service: ServiceDef, raw: object) -> None:
-        previous = self.registry.get(service.id)
-        self.registry.register(service, raw)
+    def register_service(self, services: ServiceDef | tuple[ServiceDef, ...], raw: object) -> None:
+        """Keep a registration (a service, or a service and its sidecar)."""
+        group = services if isinstance(services, tuple) else (services,)
+        previous = self.registry.get(group[0].id)
+        self.registry.register(group, raw)
         self.refresh_catalog()
-        if service.managed_proxy is not None or (previous is not None and previous.managed_proxy is not None):
+        if group[0].managed_proxy is not None or (
+            previous is not None and previous.managed_proxy is not None
+        ):
             self.services_changed()
 
     def deregister_service(self, service_id: str) -> None:
@@ -170,7 +175,8 @@ class ControlPlane:
                     f"service {service_id!r} has a managed proxy supervised from {configured.source}; "
                     "remove it there and reload"
                 )
-            self.hidden = self.hidden | {service_id}
+            sidecars = {s.id for s in view.config.services if s.sidecar_for == service_id}
+            self.hidden = self.hidden | {service_id} | sidecars
             log.warning(
                 "service %s (defined in %s) deregistered through the API: gone until the next reload",
                 service_id,
@@ -219,9 +225,8 @@ class ControlPlane:
                     self.leaves.reissue_all()
                 self._schedule_prune()
             self.changed()
-        rules_changed = config.enable_script_checks != previous.enable_script_checks
-        if (config.proxy_defaults != previous.proxy_defaults or rules_changed) and self.registry.services:
-            self.registry.rebuild(config.proxy_defaults, remote_scripts=config.enable_script_checks)
+        if registration_rules(config) != registration_rules(previous) and self.registry.services:
+            self.registry.rebuild(registration_builder(config))
             self.services_changed()
 
     def _schedule_prune(self) -> None:

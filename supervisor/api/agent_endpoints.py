@@ -24,7 +24,7 @@ from supervisor.api.shapes import (
     proxy_config_json,
     proxy_status_json,
 )
-from supervisor.config.build import build_service
+from supervisor.config.build import build_registration
 from supervisor.config.durations import parse_duration
 from supervisor.config.limits import parse_uint
 from supervisor.config.model import ServiceDef
@@ -252,33 +252,38 @@ class AgentEndpoints:
         require_operator(identify(request, view), view)
         body = request.json()
         try:
-            service = build_service(body, "request body", view.config.proxy_defaults)
+            services, kept = build_registration(
+                body, "request body", view.config, (*view.config.services, *self.plane.registry.services)
+            )
         except ConfigError as exc:
             raise HttpError(
                 400, "Invalid service registration: " + "; ".join(str(p) for p in exc.problems)
             ) from None
-        if service.managed_proxy is not None:
+        service = services[0]
+        if service.managed_proxy is not None and not service.supervises_sidecar:
             if not view.config.allow_managed_api_registration:
                 raise HttpError(400, MANAGED_API_DISALLOWED)
             if not view.config.connect_enabled:
                 raise HttpError(400, "Managed proxies need connect.enabled = true")
-        self._check_clashes(view, service)
-        self.plane.register_service(service, body)
+        for each in services:
+            self._check_clashes(view, each, services[0].id)
+        self.plane.register_service(services, kept)
         return Response()
 
-    def _check_clashes(self, view: AgentView, service: ServiceDef) -> None:
+    def _check_clashes(self, view: AgentView, service: ServiceDef, registering: str) -> None:
         owned: dict[str, str] = {}
         for configured in view.config.services:
             owned[configured.id] = f"in {configured.source}"
             if configured.managed_proxy is not None:
                 owned[configured.proxy_id] = f"as the managed proxy of {configured.id} ({configured.source})"
         for registered in self.plane.registry.services:
-            if registered.id == service.id:
-                continue  # re-registering a service replaces it
+            if registering in (registered.id, registered.sidecar_for):
+                continue  # re-registering a service replaces it (and its sidecar)
             owned[registered.id] = "by an API registration"
             if registered.managed_proxy is not None:
                 owned[registered.proxy_id] = f"as the managed proxy of registered service {registered.id}"
-        ids = [service.id] + ([service.proxy_id] if service.managed_proxy is not None else [])
+        proxy = service.managed_proxy is not None and not service.supervises_sidecar
+        ids = [service.id] + ([service.proxy_id] if proxy else [])
         for service_id in ids:
             if service_id in owned:
                 raise HttpError(

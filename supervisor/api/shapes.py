@@ -117,7 +117,8 @@ def agent_services(
     ``hidden``: config-file services deregistered through the API until a reload)."""
     services: dict[str, dict[str, Any]] = {}
     for service in (*(s for s in view.config.services if s.id not in hidden), *registered):
-        planned = view.proxies.get(service.proxy_id) if service.managed_proxy is not None else None
+        managed = service.managed_proxy is not None and not service.supervises_sidecar
+        planned = view.proxies.get(service.proxy_id) if managed else None
         services[service.id] = service_json(service, planned)
         if planned is not None:
             services[planned.proxy_id] = managed_proxy_service_json(planned)

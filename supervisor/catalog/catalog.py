@@ -136,14 +136,15 @@ def instances_of(
             specs[check.check_id] = spec_of(check)
             node_ids.append(check.check_id)
     for service, source in services:
-        planned = view.proxies.get(service.proxy_id) if service.managed_proxy is not None else None
+        managed = service.managed_proxy is not None and not service.supervises_sidecar
+        planned = view.proxies.get(service.proxy_id) if managed else None
         checks = service_checks(service)
         checks += [spec_of(c, service.id, service.name, service.tags) for c in extra.get(service.id, ())]
         specs.update((spec.check_id, spec) for spec in checks)
         instances[service.id] = Instance(service, source, tuple(spec.check_id for spec in checks), planned)
     for planned in view.proxies.values():
-        if planned.service.id in sources.hidden:
-            continue
+        if planned.service.id in sources.hidden or planned.service.supervises_sidecar:
+            continue  # (a supervised sidecar is cataloged as the sidecar service it is)
         spec = proxy_check(planned)
         own = [spec] if spec is not None else []
         own += [

@@ -295,3 +295,27 @@ def leave(client: AgentClient, out: TextIO) -> int:
 
 def print_error(message: str) -> None:
     sys.stderr.write(f"Error: {message}\n")
+
+
+def sidecar_proxy_id(client: AgentClient, service_id: str) -> str:
+    """The ID of the one connect-proxy registered on this agent for ``service_id`` (Consul's
+    ``connect proxy -sidecar-for`` lookup, with its messages)."""
+    try:
+        services = client.get("/v1/agent/services")
+    except AgentRequestError as exc:
+        raise AgentRequestError(f"Failed looking up sidecar proxy info for {service_id}: {exc}") from None
+    found = sorted(
+        str(service.get("ID"))
+        for service in (services or {}).values()
+        if isinstance(service, dict)
+        and service.get("Kind") == "connect-proxy"
+        and str((service.get("Proxy") or {}).get("DestinationServiceID", "")).lower() == service_id.lower()
+    )
+    if not found:
+        raise AgentRequestError(f"No sidecar proxy registered for {service_id}")
+    if len(found) > 1:
+        raise AgentRequestError(
+            f"More than one sidecar proxy registered for {service_id}.\n"
+            f"    Start proxy with -proxy-id and one of the following IDs: {', '.join(found)}"
+        )
+    return found[0]

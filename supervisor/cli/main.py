@@ -95,8 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     connect = sub.add_parser("connect", help="Connect tools")
     connect.set_defaults(handler=needs_subcommand("connect needs a subcommand: proxy"))
     connect_sub = connect.add_subparsers(dest="connect_command", metavar="SUBCOMMAND", parser_class=Parser)
-    proxy = connect_sub.add_parser("proxy", help="run the built-in proxy for a registered connect-proxy")
-    flag(proxy, "proxy-id", dest="proxy_id", required=True, metavar="ID", help="the proxy's service ID")
+    proxy = connect_sub.add_parser(
+        "proxy", help="run the built-in proxy for a registered connect-proxy (or a service's sidecar)"
+    )
+    flag(proxy, "proxy-id", dest="proxy_id", default="", metavar="ID", help="the proxy's service ID")
+    flag(
+        proxy,
+        "sidecar-for",
+        dest="sidecar_for",
+        default="",
+        metavar="SERVICE-ID",
+        help="run the sidecar registered for this service (-proxy-id wins if both are given)",
+    )
     client_flags(proxy)
     flag(proxy, "log-level", dest="log_level", default=None, metavar="LEVEL")
     proxy.set_defaults(handler=_run_connect_proxy)
@@ -184,10 +194,19 @@ def _show_log(args: argparse.Namespace, out: TextIO) -> int:
     return commands.show_log(path, args.lines, args.follow, out)
 
 
-def _run_connect_proxy(args: argparse.Namespace, _out: TextIO) -> int:
+def _run_connect_proxy(args: argparse.Namespace, out: TextIO) -> int:
     from builtin_proxy.__main__ import main as proxy_main
 
-    proxy_args = ["-proxy-id", args.proxy_id, "-registered"]
+    proxy_id = args.proxy_id or os.environ.get("CONNECT_PROXY_ID", "")
+    sidecar_for = args.sidecar_for or os.environ.get("CONNECT_SIDECAR_FOR", "")
+    if not proxy_id and not sidecar_for:
+        raise UsageError("-proxy-id or -sidecar-for must be given so that the proxy can configure itself")
+    if not proxy_id:
+        proxy_id = commands.sidecar_proxy_id(AgentClient(args.http_addr, args.token), sidecar_for)
+        out.write("Configuration mode: Agent API\n")
+        out.write(f"    Sidecar for ID: {sidecar_for}\n          Proxy ID: {proxy_id}\n")
+        out.flush()
+    proxy_args = ["-proxy-id", proxy_id, "-registered"]
     if args.http_addr:
         proxy_args += ["-http-addr", args.http_addr]
     if args.token:

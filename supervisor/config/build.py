@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from supervisor.catalog.status import CheckKind, CheckStatus
@@ -24,13 +24,24 @@ from supervisor.config.model import (
     CAConfig,
     CheckDef,
     ConnectProxyDef,
+    DNSConfig,
     ManagedProxyDef,
     ProxyDefaults,
     ServiceDef,
+    SOAConfig,
     Upstream,
     freeze,
 )
-from supervisor.config.schema import Context, join
+from supervisor.config.schema import Context, join, normalise_key
+from supervisor.config.sidecars import (
+    NO_SIDECAR_PORTS,
+    NoSidecarPort,
+    SidecarPorts,
+    assign_ports,
+    build_sidecar,
+    sidecar_id,
+    supervised,
+)
 from supervisor.config.sources import Source, collect_sources
 from supervisor.errors import ConfigError, ConfigProblem
 from supervisor.levels import canonical
@@ -73,10 +84,11 @@ def load_config(
     flags: Mapping[str, Any] | None = None,
     *,
     dev: bool = False,
+    sidecar_ports: SidecarPorts = NO_SIDECAR_PORTS,
 ) -> AgentConfig:
     """Read every source and build the configuration (raises ConfigError)."""
     sources, unreadable = collect_sources(config_files, config_dirs)
-    return build_config(sources, flags, dev=dev, problems=unreadable)
+    return build_config(sources, flags, dev=dev, problems=unreadable, sidecar_ports=sidecar_ports)
 
 
 def build_config(
@@ -85,9 +97,11 @@ def build_config(
     *,
     dev: bool = False,
     problems: Sequence[ConfigProblem] = (),
+    sidecar_ports: SidecarPorts = NO_SIDECAR_PORTS,
 ) -> AgentConfig:
     """Build from already-read sources; ``flags`` is a config document from the command line.
-    ``problems`` (sources that could not be read) are reported with every other problem."""
+    ``problems`` (sources that could not be read) are reported with every other problem.
+    ``sidecar_ports``: the ports sidecars have now, kept by a reload (see ``sidecars``)."""
     problems = list(problems)
     notices: list[ConfigProblem] = []
     documents: list[dict[str, Any]] = []
@@ -112,7 +126,7 @@ def build_config(
             documents.append(_tag_services(cleaned, data, name))
     if problems:
         raise ConfigError(problems)
-    builder = _Builder(_merge_documents(documents), tuple(notices), dev=dev)
+    builder = _Builder(_merge_documents(documents), tuple(notices), dev=dev, sidecar_ports=sidecar_ports)
     try:
         return builder.build()
     except ConfigError:
@@ -146,6 +160,91 @@ def build_service(
     if builder.problems or service is None:
         raise ConfigError(builder.problems or [ConfigProblem(source, "", "not a service definition")])
     return service
+
+
+def build_registration(
+    raw: Any, source: str, config: AgentConfig, existing: Sequence[ServiceDef] = ()
+) -> tuple[tuple[ServiceDef, ...], Any]:
+    """An API registration: the service, then its sidecar if it has one, and ``raw`` as it
+    is to be kept (with the sidecar's assigned port written in, so that a restart of the
+    agent keeps it). Decoded and validated as ``build_service``; the agent's ``config``
+    gives the proxy defaults, the script-check rule and the sidecar port range. A sidecar
+    is supervised only when the agent supervises sidecars and allows managed proxies
+    through the API."""
+    ctx = Context(source, from_client=True)
+    cleaned = SERVICE.validate(raw, "", ctx)
+    if ctx.problems:
+        raise ConfigError(ctx.problems)
+    if ctx.skipped:
+        log.debug("%s: skipped fields this agent does not use: %s", source, ", ".join(ctx.skipped))
+    if not isinstance(cleaned, dict):
+        raise ConfigError.single(source, "", "not a service definition")
+    if not cleaned.get("name"):
+        raise ConfigError.single(source, "Name", "Missing service name")
+    # ``existing``: the agent's services now. A re-registered sidecar keeps its port;
+    # every other service's port is taken.
+    parent_id = cleaned.get("id") or cleaned["name"]
+    others = [s for s in existing if parent_id not in (s.id, s.sidecar_for)]
+    sidecar_ports = SidecarPorts(
+        current={s.id: s.port for s in existing if s.sidecar_for == parent_id},
+        taken=SidecarPorts.of(others).taken,
+    )
+    builder = _Builder(
+        _empty_document(),
+        (),
+        dev=False,
+        from_api=True,
+        remote_scripts=config.enable_script_checks,
+        sidecar_ports=sidecar_ports,
+    )
+    services = builder._services(
+        [(source, "", cleaned)],
+        config.proxy_defaults,
+        (config.sidecar_min_port, config.sidecar_max_port),
+        supervise=config.supervise_sidecars and config.allow_managed_api_registration,
+    )
+    if builder.problems or not services:
+        raise ConfigError(builder.problems or [ConfigProblem(source, "", "not a service definition")])
+    if len(services) == 2 and not (cleaned["connect"]["sidecar_service"].get("port")):
+        raw = _with_sidecar_port(raw, services[1].port)
+    return services, raw
+
+
+def registration_builder(config: AgentConfig) -> Callable[[Any, str], tuple[ServiceDef, ...]]:
+    """Builds kept API registrations again under ``config`` (at start-up, after a reload)."""
+    return lambda raw, source: build_registration(raw, source, config, config.services)[0]
+
+
+def registration_rules(config: AgentConfig) -> tuple[Any, ...]:
+    """What decides how a kept registration is built: when it changes, rebuild them."""
+    return (
+        config.proxy_defaults,
+        config.enable_script_checks,
+        config.supervise_sidecars,
+        config.allow_managed_api_registration,
+        config.sidecar_min_port,
+        config.sidecar_max_port,
+    )
+
+
+def _with_sidecar_port(raw: Any, port: int) -> Any:
+    """A copy of the client's body with ``Connect.SidecarService.Port`` set, whatever
+    spelling the client used for the keys."""
+
+    def child(mapping: dict[str, Any], name: str) -> tuple[str, Any]:
+        key = next((k for k in mapping if normalise_key(k) == normalise_key(name)), name)
+        return key, mapping.get(key)
+
+    copy = dict(raw)
+    connect_key, connect = child(copy, "connect")
+    connect = dict(connect)
+    sidecar_key, sidecar = child(connect, "sidecar_service")
+    sidecar = dict(sidecar)
+    port_key, _ = child(sidecar, "Port")
+    sidecar[port_key] = port
+    connect[sidecar_key] = sidecar
+    copy[connect_key] = connect
+    return copy
 
 
 def build_check(raw: Any, source: str, *, remote_scripts: bool = False) -> CheckDef:
@@ -231,8 +330,10 @@ class _Builder:
         dev: bool,
         from_api: bool = False,
         remote_scripts: bool = False,
+        sidecar_ports: SidecarPorts = NO_SIDECAR_PORTS,
     ) -> None:
         self.doc = doc
+        self.sidecar_ports = sidecar_ports
         self.dev = dev
         self.from_api = from_api
         self.remote_scripts = remote_scripts
@@ -249,10 +350,14 @@ class _Builder:
         ports = doc.get("ports", {})
         limits = doc.get("limits", {})
         defaults = self._proxy_defaults(connect.get("proxy_defaults", {}))
-        services = tuple(
-            service
-            for source, path, raw in doc["__services__"]
-            if (service := self._service(raw, source, path, defaults)) is not None
+        services = self._services(
+            doc["__services__"],
+            defaults,
+            (
+                ports.get("sidecar_min_port", AgentConfig.sidecar_min_port),
+                ports.get("sidecar_max_port", AgentConfig.sidecar_max_port),
+            ),
+            supervise=proxy_flags.get("supervise_sidecars", AgentConfig.supervise_sidecars),
         )
         config = AgentConfig(
             data_dir=doc.get("data_dir") or None,
@@ -274,6 +379,13 @@ class _Builder:
             http_max_conns=limits.get("http_max_conns", AgentConfig.http_max_conns),
             proxy_min_port=ports.get("proxy_min_port", AgentConfig.proxy_min_port),
             proxy_max_port=ports.get("proxy_max_port", AgentConfig.proxy_max_port),
+            sidecar_min_port=ports.get("sidecar_min_port", AgentConfig.sidecar_min_port),
+            sidecar_max_port=ports.get("sidecar_max_port", AgentConfig.sidecar_max_port),
+            supervise_sidecars=proxy_flags.get("supervise_sidecars", AgentConfig.supervise_sidecars),
+            dns_host=self._dns_host(),
+            dns_port=ports.get("dns", AgentConfig.dns_port),
+            domain=doc.get("domain", AgentConfig.domain),
+            dns=self._dns(doc.get("dns_config", {})),
             connect_enabled=connect.get("enabled", AgentConfig.connect_enabled),
             allow_managed_root=proxy_flags.get("allow_managed_root", AgentConfig.allow_managed_root),
             allow_managed_api_registration=proxy_flags.get(
@@ -323,6 +435,18 @@ class _Builder:
         first = host.split()[0] if host.split() else AgentConfig.http_host
         return bare_host(first)
 
+    def _dns_host(self) -> str:
+        host = self.doc.get("addresses", {}).get("dns") or self.doc.get("client_addr") or ""
+        first = host.split()[0] if host.split() else AgentConfig.dns_host
+        return bare_host(first)
+
+    def _dns(self, raw: dict[str, Any]) -> DNSConfig:
+        soa = raw.get("soa", {})
+        fields = {key: raw[key] for key in DNSConfig.__dataclass_fields__ if key in raw and key != "soa"}
+        if "service_ttl" in fields:
+            fields["service_ttl"] = freeze(fields["service_ttl"])
+        return DNSConfig(**fields, soa=SOAConfig(**soa))
+
     def _proxy_defaults(self, raw: dict[str, Any]) -> ProxyDefaults:
         command = raw.get("command")
         daemon_command = raw.get("daemon_command")
@@ -361,6 +485,70 @@ class _Builder:
         )
 
     # -- services -----------------------------------------------------------------------
+
+    def _services(
+        self,
+        tagged: Sequence[tuple[str, str, dict[str, Any]]],
+        defaults: ProxyDefaults,
+        sidecar_range: tuple[int, int],
+        *,
+        supervise: bool,
+    ) -> tuple[ServiceDef, ...]:
+        """Every service, each sidecar right after its parent."""
+        built: list[tuple[ServiceDef, dict[str, Any] | None, str, str]] = []
+        for source, path, raw in tagged:
+            service = self._service(raw, source, path, defaults)
+            if service is not None:
+                built.append((service, raw.get("connect", {}).get("sidecar_service"), source, path))
+        explicit = {service.port for service, _, _, _ in built if service.port}
+        explicit |= {block["port"] for _, block, _, _ in built if block and block.get("port")}
+        wanted = {
+            sidecar_id(service.id): (block or {}).get("port", 0)
+            for service, block, _, _ in built
+            if block is not None
+        }
+        ports = assign_ports(wanted, explicit, *sidecar_range, self.sidecar_ports)
+        services: list[ServiceDef] = []
+        for service, block, source, path in built:
+            if block is None:
+                services.append(service)
+                continue
+            sidecar = self._sidecar(service, block, ports[sidecar_id(service.id)], source, path)
+            if sidecar is None:
+                continue
+            services += [supervised(service, sidecar, defaults) if supervise else service, sidecar]
+        return tuple(services)
+
+    def _sidecar(
+        self, parent: ServiceDef, block: dict[str, Any], port: int | NoSidecarPort, source: str, path: str
+    ) -> ServiceDef | None:
+        path = join(path, "connect.sidecar_service")
+        if parent.managed_proxy is not None:
+            self.problem(
+                source,
+                path,
+                "a service cannot have both a managed proxy (connect.proxy) and a sidecar_service; "
+                "keep one (proxy-supervisor convert turns a managed proxy into a sidecar_service)",
+            )
+            return None
+        if parent.kind == "connect-proxy":
+            self.problem(source, path, "a connect-proxy service cannot have a sidecar_service")
+            return None
+        if isinstance(port, NoSidecarPort):
+            self.problem(source, join(path, "port"), str(port))
+            return None
+        proxy_block = block.get("proxy", {})
+        config, upstreams = self._split_legacy_upstreams(proxy_block, source, join(path, "proxy"))
+        service_id = sidecar_id(parent.id)
+        name = block.get("name") or f"{parent.name}-sidecar-proxy"
+        return build_sidecar(
+            block,
+            parent,
+            port,
+            checks=self._checks(block, service_id, name, source, path),
+            upstreams=upstreams,
+            proxy_config=freeze(config),
+        )
 
     def _service(
         self, raw: dict[str, Any], source: str, path: str, defaults: ProxyDefaults
@@ -620,7 +808,7 @@ class _Builder:
         owners: dict[str, str] = {}
         for service in config.services:
             ids = [(service.id, f"{service.source}.id")]
-            if service.managed_proxy is not None:
+            if service.managed_proxy is not None and not service.supervises_sidecar:
                 ids.append((service.proxy_id, f"{service.source}.connect.proxy (its proxy ID)"))
             for service_id, where in ids:
                 if service_id in owners:

@@ -251,32 +251,97 @@ CONNECT_PROXY_BLOCK = Obj(
     }
 )
 
+
+def _refuse(message: str) -> Custom:
+    def refuse(value: Any, path: str, ctx: Context) -> Any:
+        if value in ("", False, {}, None) and ctx.from_client:
+            return None  # what a client sends for "unset"
+        raise Invalid(message)
+
+    return Custom(refuse)
+
+
+_SERVICE_FIELDS: dict[str, Node] = {
+    "name": Custom(check_safe_id),
+    "kind": Str(("", "connect-proxy")),
+    "tags": List(Str()),
+    "address": Str(),
+    "port": Int(0, 65535),
+    "meta": Map(Str()),
+    "check": OneOrMany(CHECK),
+    "checks": List(CHECK),
+    "token": Str(),
+    "enable_tag_override": Bool(),
+    "weights": Obj({"passing": Int(0), "warning": Int(0)}),
+    "proxy": CONNECT_PROXY_BLOCK,
+}
+
+# Consul 1.3+'s shorthand: a connect-proxy service registered with (and named after) its
+# parent. What cannot be overridden is refused with Consul's reasons.
+SIDECAR_SERVICE = Obj(
+    {
+        **_SERVICE_FIELDS,
+        "id": _refuse(
+            "a sidecar_service cannot specify an ID: the agent names it <service-id>-sidecar-proxy"
+        ),
+        "connect": Obj(
+            {
+                "native": _refuse("a sidecar cannot also be Connect-native, only typical services"),
+                "proxy": _refuse("a sidecar_service cannot have a managed proxy"),
+                "sidecar_service": _refuse("a sidecar_service cannot have a nested sidecar_service"),
+            }
+        ),
+    },
+    ignored={"tagged_addresses": "not used", "namespace": "namespaces are not supported"},
+)
+
 SERVICE = Obj(
     {
+        **_SERVICE_FIELDS,
         "id": Custom(check_safe_id),
-        "name": Custom(check_safe_id),
-        "kind": Str(("", "connect-proxy")),
-        "tags": List(Str()),
-        "address": Str(),
-        "port": Int(0, 65535),
-        "meta": Map(Str()),
-        "check": OneOrMany(CHECK),
-        "checks": List(CHECK),
-        "token": Str(),
-        "enable_tag_override": Bool(),
-        "weights": Obj({"passing": Int(0), "warning": Int(0)}),
-        "proxy": CONNECT_PROXY_BLOCK,
         "proxy_destination": Str(),
-        "connect": Obj(
-            {"native": Bool(), "proxy": MANAGED_PROXY},
-            ignored={"sidecar_service": "sidecar service registrations are not supported yet"},
-        ),
+        "connect": Obj({"native": Bool(), "proxy": MANAGED_PROXY, "sidecar_service": SIDECAR_SERVICE}),
     },
     required=("name",),
     ignored={"tagged_addresses": "not used", "namespace": "namespaces are not supported"},
 )
 
 _NOT_USED = "a Consul setting this tool does not use"
+
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def check_domain(value: Any, path: str, ctx: Context) -> str:
+    """The DNS domain the agent answers for (``consul.``): one or more labels."""
+    if not isinstance(value, str):
+        raise Invalid(f"expected a string, got {describe(value)}")
+    labels = value.rstrip(".").split(".")
+    if not value.rstrip(".") or len(value) > 253 or not all(_DNS_LABEL.fullmatch(x) for x in labels):
+        raise Invalid(f"{value[:80]!r} is not a DNS domain: use labels of letters, digits and -, as consul.")
+    return value.rstrip(".").lower() + "."
+
+
+DNS_CONFIG = Obj(
+    {
+        "allow_stale": Bool(),
+        "max_stale": Duration(),
+        "node_ttl": Duration(),
+        "service_ttl": Map(Duration()),
+        "enable_truncate": Bool(),
+        "only_passing": Bool(),
+        "udp_answer_limit": Int(1),
+        "a_record_limit": Int(0),
+        "disable_compression": Bool(),
+        "enable_additional_node_meta_txt": Bool(),
+        "soa": Obj({"refresh": Int(0), "retry": Int(0), "expire": Int(0), "min_ttl": Int(0)}),
+    },
+    ignored={
+        "recursor_timeout": "the agent answers only for its own domain (it does not recurse)",
+        "use_cache": "answers come from the agent's own catalog, always current",
+        "cache_max_age": "answers come from the agent's own catalog, always current",
+        "prefer_namespace": "namespaces are not supported",
+    },
+)
 
 
 def _unused(*names: str) -> dict[str, str]:
@@ -294,7 +359,7 @@ CONSUL_ONLY_TOP_LEVEL = tuple(
     ca_path cert_file key_file check_update_interval config_entries
     disable_anonymous_signature disable_coordinates disable_host_node_id
     disable_http_unprintable_char_filter disable_keyring_file disable_remote_exec
-    disable_update_check discard_check_output discovery_max_stale dns_config domain
+    disable_update_check discard_check_output discovery_max_stale
     enable_acl_replication enable_agent_tls_for_checks enable_central_service_config
     enable_debug enable_syslog encrypt
     encrypt_verify_incoming encrypt_verify_outgoing gossip_lan gossip_wan http_config
@@ -349,6 +414,7 @@ CONNECT = Obj(
             {
                 "allow_managed_root": Bool(),
                 "allow_managed_api_registration": Bool(),
+                "supervise_sidecars": Bool(),
                 "log_max_bytes": Custom(check_size),
                 "log_max_files": Int(0, 1000),
                 "user": Custom(check_account),
@@ -393,25 +459,20 @@ AGENT = Obj(
         "datacenter": Str(),
         "bind_addr": Str(),
         "client_addr": Str(),
-        "addresses": Obj({"http": Str()}, ignored={"dns": _NOT_USED, "https": _NOT_USED, "grpc": _NOT_USED}),
+        "addresses": Obj({"http": Str(), "dns": Str()}, ignored={"https": _NOT_USED, "grpc": _NOT_USED}),
         "ports": Obj(
             {
                 "http": Int(0, 65535),
+                "dns": Int(-1, 65535),
                 "proxy_min_port": Int(1, 65535),
                 "proxy_max_port": Int(1, 65535),
+                "sidecar_min_port": Int(0, 65535),
+                "sidecar_max_port": Int(0, 65535),
             },
-            ignored=_unused(
-                "dns",
-                "https",
-                "serf_lan",
-                "serf_wan",
-                "server",
-                "grpc",
-                "sidecar_min_port",
-                "sidecar_max_port",
-                "rpc",
-            ),
+            ignored=_unused("https", "serf_lan", "serf_wan", "server", "grpc", "rpc"),
         ),
+        "domain": Custom(check_domain),
+        "dns_config": DNS_CONFIG,
         "connect": CONNECT,
         "limits": Obj(
             {"http_max_conns_per_client": Int(0), "http_max_conns": Int(0)},

@@ -104,6 +104,11 @@ class ConnectProxyDef:
 
 @dataclass(frozen=True)
 class ServiceDef:
+    """A service from a config file or the API. A ``sidecar_service`` becomes a service of
+    its own (``sidecar_for``: its parent's ID) beside its parent. When the agent supervises
+    sidecars, the parent also carries the sidecar's proxy as its ``managed_proxy`` with
+    ``proxy_service_id`` the sidecar's ID, so supervision treats both kinds alike."""
+
     id: str
     name: str
     source: str = ""
@@ -119,15 +124,62 @@ class ServiceDef:
     native: bool = False
     proxy: ConnectProxyDef | None = None
     managed_proxy: ManagedProxyDef | None = None
+    sidecar_for: str = ""
+    proxy_service_id: str = ""  # a supervised sidecar: its service ID
+    proxy_service_name: str = ""
 
     @property
     def proxy_id(self) -> str:
         """ID of the managed proxy's own service (Consul: ``<service-id>-proxy``)."""
-        return f"{self.id}-proxy"
+        return self.proxy_service_id or f"{self.id}-proxy"
 
     @property
     def proxy_name(self) -> str:
-        return f"{self.name}-proxy"
+        return self.proxy_service_name or f"{self.name}-proxy"
+
+    @property
+    def supervises_sidecar(self) -> bool:
+        """The managed proxy is this service's sidecar (cataloged as the sidecar service)."""
+        return self.managed_proxy is not None and bool(self.proxy_service_id)
+
+
+SIDECAR_SUFFIX = "-sidecar-proxy"
+
+
+@dataclass(frozen=True)
+class SOAConfig:
+    refresh: int = 3600
+    retry: int = 600
+    expire: int = 86400
+    min_ttl: int = 0
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    """Consul 1.5's ``dns_config`` (the keys this agent uses)."""
+
+    allow_stale: bool = True
+    max_stale: float = 87600 * 3600.0
+    node_ttl: float = 0.0
+    service_ttl: JSONMap = field(default_factory=lambda: EMPTY_MAP)  # name or "prefix*": seconds
+    enable_truncate: bool = False
+    only_passing: bool = False
+    udp_answer_limit: int = 3
+    a_record_limit: int = 0
+    disable_compression: bool = False
+    enable_additional_node_meta_txt: bool = True
+    soa: SOAConfig = field(default_factory=SOAConfig)
+
+    def service_ttl_for(self, service: str) -> float:
+        """Consul's lookup: the exact name, else the longest ``prefix*`` match, else 0."""
+        exact = self.service_ttl.get(service)
+        if exact is not None:
+            return float(exact)
+        best, best_length = 0.0, -1
+        for key, ttl in self.service_ttl.items():
+            if key.endswith("*") and service.startswith(key[:-1]) and len(key) > best_length:
+                best, best_length = float(ttl), len(key)
+        return best
 
 
 DEFAULT_PROXY_LOG_MAX_BYTES = 10 * 1024 * 1024
@@ -174,6 +226,13 @@ class AgentConfig:
     http_max_conns: int = 0  # ours: a cap on all API connections; 0: the open-file limit decides
     proxy_min_port: int = 20000
     proxy_max_port: int = 20255
+    sidecar_min_port: int = 21000  # 0: no automatic sidecar ports
+    sidecar_max_port: int = 21255
+    supervise_sidecars: bool = False  # connect.proxy.supervise_sidecars: ours, not Consul's
+    dns_host: str = "127.0.0.1"
+    dns_port: int = 8600  # -1: no DNS interface
+    domain: str = "consul."
+    dns: DNSConfig = field(default_factory=DNSConfig)
     connect_enabled: bool = True
     allow_managed_root: bool = False
     allow_managed_api_registration: bool = False

@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 
 from supervisor.catalog.registry import SOURCE, Registry
-from supervisor.config.build import build_service
-from supervisor.config.model import ProxyDefaults, ServiceDef
+from supervisor.config.build import build_service, registration_builder
+from supervisor.config.model import AgentConfig, ProxyDefaults, ServiceDef
 from supervisor.errors import DataDirError
 
 DEFAULTS = ProxyDefaults()
+BUILD = registration_builder(AgentConfig(data_dir=None))
 
 
 def registration(raw: dict[str, Any]) -> tuple[ServiceDef, dict[str, Any]]:
@@ -35,7 +36,7 @@ def test_a_registration_is_saved_privately_and_rebuilt_identically(tmp_path: Pat
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert json.loads(path.read_text()) == {"Version": 1, "Service": raw}
     again = Registry(str(directory))
-    again.load(DEFAULTS)
+    again.load(BUILD)
     assert again.services == (service,)
 
 
@@ -65,7 +66,7 @@ def test_a_damaged_file_is_moved_aside_and_the_rest_still_load(
     (tmp_path / ".tmp-abc-good.json").write_text("half-written by a crash")
     registry = Registry(str(tmp_path))
     with caplog.at_level(logging.ERROR, logger="supervisor.registry"):
-        registry.load(DEFAULTS)
+        registry.load(BUILD)
     assert [service.id for service in registry.services] == ["good"]
     names = sorted(path.name for path in tmp_path.iterdir())
     assert "good.json" in names
@@ -95,13 +96,13 @@ def test_save_all_restores_every_registration_after_data_dir_was_deleted(tmp_pat
     directory.rmdir()
     registry.save_all()
     again = Registry(str(directory))
-    again.load(DEFAULTS)
+    again.load(BUILD)
     assert sorted(service.id for service in again.services) == ["db", "web"]
 
 
 def test_without_a_data_dir_registrations_live_in_memory_only() -> None:
     registry = Registry(None)
-    registry.load(DEFAULTS)
+    registry.load(BUILD)
     registry.register(*registration({"Name": "web"}))
     assert registry.get("web") is not None
     assert registry.deregister("web") is True
