@@ -69,6 +69,7 @@ def test_supervised_sidecars_carry_traffic_and_are_adopted(tmp_path: Path, app: 
         wait_until(lambda: talk(upstream_port) == b"ping|db", timeout=20, message="traffic through sidecars")
         # Listening (TCP on the sidecar port) and aliasing (db has no checks) both pass.
         wait_until(lambda: len(agent.get("/v1/health/connect/db?passing")) == 1, timeout=20)
+        assert agent.data_dir is not None
         assert (agent.data_dir / "proxy" / "logs" / "db-sidecar-proxy-stderr.log").exists()
 
         agent.kill9()
