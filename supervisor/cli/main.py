@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, TextIO
 
-from supervisor.cli import commands, connect_commands
+from supervisor.cli import commands, connect_commands, convert_command
 from supervisor.cli.client import AgentClient
 from supervisor.cli.dispatch import Handler, Parser, client_flags, flag, needs_subcommand, with_client
 from supervisor.errors import ConfigError, SupervisorError, UsageError
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         client_flags(agent_call)
 
     connect_commands.add_parsers(sub)
+    convert_command.add_parser(sub)
     connect = sub.add_parser("connect", help="Connect tools")
     connect.set_defaults(handler=needs_subcommand("connect needs a subcommand: proxy"))
     connect_sub = connect.add_subparsers(dest="connect_command", metavar="SUBCOMMAND", parser_class=Parser)

@@ -1,0 +1,170 @@
+"""Managed proxies to sidecar services: the migration Consul 1.6 forced on its users.
+
+``convert_document`` rewrites one parsed config document: every service's
+``connect.proxy`` becomes a ``connect.sidecar_service`` that keeps the proxy's port,
+upstreams and config, and everything else in the document stays as written. What has no
+equivalent in a sidecar registration is reported as a ``Note`` instead of dropped. Pure:
+reading and writing files is ``supervisor/cli/convert_command.py``'s.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from supervisor.config.formats import RepeatedBlocks
+from supervisor.config.schema import normalise_key
+from supervisor.net import split_host_port
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something of a managed proxy that the sidecar does not carry, or carries differently."""
+
+    path: str  # the service's key path in the document
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Conversion:
+    document: Any
+    converted: tuple[str, ...]  # key paths of the services rewritten
+    notes: tuple[Note, ...]
+
+
+def _key(mapping: Mapping[str, Any], name: str) -> str | None:
+    """The key of ``mapping`` that means ``name`` (Consul matched keys case-insensitively)."""
+    wanted = normalise_key(name)
+    return next((key for key in mapping if normalise_key(str(key)) == wanted), None)
+
+
+def _get(mapping: Mapping[str, Any], name: str, default: Any = None) -> Any:
+    key = _key(mapping, name)
+    return mapping[key] if key is not None else default
+
+
+def _pop(mapping: dict[str, Any], name: str, default: Any = None) -> Any:
+    key = _key(mapping, name)
+    return mapping.pop(key) if key is not None else default
+
+
+def convert_document(document: Any, allocated_ports: Mapping[str, int] | None = None) -> Conversion:
+    """Rewrite the managed proxies of ``document``. ``allocated_ports``: proxy ID -> the
+    port the agent assigned it (from its data_dir), so automatically assigned ports are
+    kept too."""
+    result = copy.deepcopy(document)
+    converted: list[str] = []
+    notes: list[Note] = []
+    if not isinstance(result, dict):
+        return Conversion(result, (), ())
+    for path, service in _services(result):
+        if _convert_service(service, path, allocated_ports or {}, notes):
+            converted.append(path)
+    connect = _get(result, "connect")
+    if converted and isinstance(connect, dict) and _key(connect, "proxy_defaults") is not None:
+        notes.append(
+            Note(
+                "connect.proxy_defaults",
+                "kept: Consul 1.6+ has no managed proxies to apply it to; here it is the command "
+                "of sidecars the agent supervises (connect.proxy.supervise_sidecars)",
+            )
+        )
+    return Conversion(result, tuple(converted), tuple(notes))
+
+
+def _services(document: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    found: list[tuple[str, dict[str, Any]]] = []
+    for name in ("service", "services"):
+        key = _key(document, name)
+        if key is None:
+            continue
+        value = document[key]
+        if isinstance(value, dict):
+            found.append((key, value))
+        elif isinstance(value, list | RepeatedBlocks):
+            found += [(f"{key}[{i}]", entry) for i, entry in enumerate(value) if isinstance(entry, dict)]
+    return found
+
+
+def _convert_service(
+    service: dict[str, Any], path: str, allocated: Mapping[str, int], notes: list[Note]
+) -> bool:
+    connect = _get(service, "connect")
+    if not isinstance(connect, dict) or not isinstance(_get(connect, "proxy"), dict):
+        return False
+    if _key(connect, "sidecar_service") is not None:
+        notes.append(Note(path, "has both connect.proxy and connect.sidecar_service: left as it is"))
+        return False
+    proxy: dict[str, Any] = dict(_pop(connect, "proxy"))
+    service_id = str(_get(service, "id") or _get(service, "name") or "")
+    config = dict(_get(proxy, "config") or {})
+    upstreams = _get(proxy, "upstreams") or _pop(config, "upstreams") or []
+    sidecar: dict[str, Any] = {}
+    proxy_block: dict[str, Any] = {}
+
+    bind_port = _pop(config, "bind_port")
+    if bind_port:
+        sidecar["port"] = int(bind_port)
+    elif f"{service_id}-proxy" in allocated:
+        sidecar["port"] = allocated[f"{service_id}-proxy"]
+        notes.append(
+            Note(path, f"kept port {sidecar['port']}, which the agent had assigned (from its data_dir)")
+        )
+    else:
+        notes.append(
+            Note(
+                path,
+                "the managed proxy's port was assigned by the agent (proxy_min_port..proxy_max_port); "
+                "the sidecar gets one of sidecar_min_port..sidecar_max_port (21000-21255) unless you set "
+                "port (convert -data-dir DIR keeps the assigned one)",
+            )
+        )
+    bind_address = _pop(config, "bind_address")
+    if bind_address and bind_address not in ("0.0.0.0", "::"):
+        sidecar["address"] = bind_address
+        notes.append(Note(path, f"the proxy listened on {bind_address}: now the sidecar's address"))
+    local = _pop(config, "local_service_address")
+    if local:
+        try:
+            host, port = split_host_port(str(local))
+            proxy_block["local_service_address"] = host
+            proxy_block["local_service_port"] = port
+        except ValueError:
+            proxy_block["local_service_address"] = str(local)
+    if upstreams:
+        proxy_block["upstreams"] = upstreams
+    if config:
+        proxy_block["config"] = config
+    if proxy_block:
+        sidecar["proxy"] = proxy_block
+
+    command = _get(proxy, "command")
+    if command:
+        shown = " ".join(command) if isinstance(command, list) else str(command)
+        notes.append(
+            Note(
+                path,
+                f"command {shown!r} is not carried over: a sidecar's proxy is started by you "
+                f"(e.g. `{shown} -sidecar-for {service_id}`), or by this agent with "
+                "connect.proxy.supervise_sidecars and connect.proxy_defaults.command",
+            )
+        )
+    exec_mode = _get(proxy, "exec_mode")
+    if exec_mode and exec_mode != "daemon":
+        notes.append(Note(path, f"exec_mode {exec_mode!r} has no sidecar equivalent: dropped"))
+    notes.extend(
+        Note(
+            path,
+            f"connect.proxy.{ours} (proxy-supervisor's) is not carried over: sidecars the agent "
+            f"supervises run as connect.proxy.{ours} of the agent's config",
+        )
+        for ours in ("user", "group")
+        if _get(proxy, ours)
+    )
+    connect["sidecar_service"] = sidecar
+    return True
