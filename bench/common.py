@@ -89,7 +89,8 @@ class Agent:
         if os.geteuid() == 0:
             proxy = config.setdefault("connect", {}).setdefault("proxy", {})
             proxy.setdefault("allow_managed_root", True)
-        self.write("00-agent.json", {**config, "ports": {**config.get("ports", {}), "http": port}})
+        ports = {"dns": -1, **config.get("ports", {}), "http": port}  # (no DNS unless asked for)
+        self.write("00-agent.json", {**config, "ports": ports})
         self.process: subprocess.Popen[bytes] | None = None
 
     def write(self, name: str, document: dict[str, Any]) -> None:

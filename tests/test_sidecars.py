@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, free_port_range
+from tests.conftest import free_port
 from tests.helpers.agent import AgentProcess
 from tests.helpers.apps import EchoApp
 from tests.helpers.mesh import talk
@@ -24,23 +24,19 @@ from tests.helpers.processes import wait_until
 
 
 def sidecar_mesh(agent: AgentProcess, app: EchoApp, upstream_port: int) -> None:
-    low, high = free_port_range(16)
-    # A drop-in of its own: drop-ins merge key by key, the agent's own ports stay.
-    agent.write("ports.json", {"ports": {"sidecar_min_port": low, "sidecar_max_port": high}})
+    # Ports the kernel just handed out, one per sidecar: a run of 16 around one (the
+    # automatic assignment's range) can hold a port another test's process is using.
+    # The assignment itself is tested in tests/unit/test_sidecars.py.
+    db_sidecar = {"port": free_port()}
     agent.write(
         "db.json",
-        {"service": {"name": "db", "port": app.port, "connect": {"sidecar_service": {}}}},
+        {"service": {"name": "db", "port": app.port, "connect": {"sidecar_service": db_sidecar}}},
     )
     upstreams = [{"destination_name": "db", "local_bind_port": upstream_port}]
+    web_sidecar = {"port": free_port(), "proxy": {"upstreams": upstreams}}
     agent.write(
         "web.json",
-        {
-            "service": {
-                "name": "web",
-                "port": 8080,
-                "connect": {"sidecar_service": {"proxy": {"upstreams": upstreams}}},
-            }
-        },
+        {"service": {"name": "web", "port": 8080, "connect": {"sidecar_service": web_sidecar}}},
     )
 
 

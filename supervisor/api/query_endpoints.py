@@ -14,6 +14,7 @@ from supervisor.api.http import HttpError, Request, Response
 from supervisor.api.read_meta import read_headers
 from supervisor.api.results import Results
 from supervisor.api.router import READ_METHODS, Router
+from supervisor.catalog.execution import execute
 from supervisor.catalog.queries import QueryDefinition, parse_query, shuffled
 from supervisor.config.limits import parse_uint
 from supervisor.controlplane import ControlPlane
@@ -111,26 +112,11 @@ class QueryEndpoints:
     def _execute(self, name_or_id: str, connect_param: bool) -> dict[str, Any]:
         view = self.plane.view
         assert view is not None
-        query, service = self.plane.queries.resolve(name_or_id)
-        entries = self.plane.catalog.select(
-            service.service,
-            connect=connect_param or service.connect,
-            tags=service.tags or (),
-            passing=service.only_passing,
-            exclude_critical=True,
-        )
-        node_meta = service.node_meta or {}
-        service_meta = service.service_meta or {}
-        entries = [
-            entry
-            for entry in entries
-            if all(entry.node.meta.get(key) == value for key, value in node_meta.items())
-            and all(entry.instance.meta.get(key) == value for key, value in service_meta.items())
-        ]
+        result = execute(self.plane.queries, self.plane.catalog, name_or_id, connect=connect_param)
         return {
-            "Service": service.service,
-            "Nodes": [health_entry_json(entry) for entry in entries],
-            "DNS": {"TTL": query.definition.dns_ttl},
+            "Service": result.service,
+            "Nodes": [health_entry_json(entry) for entry in result.entries],
+            "DNS": {"TTL": result.dns_ttl},
             "Datacenter": view.config.datacenter,
             "Failovers": 0,
         }

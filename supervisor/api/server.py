@@ -22,6 +22,8 @@ from supervisor.api.query_endpoints import QueryEndpoints
 from supervisor.api.results import Results
 from supervisor.api.router import Router
 from supervisor.controlplane import ControlPlane
+from supervisor.dns.resolver import Resolver
+from supervisor.dns.server import DnsServer
 from supervisor.errors import ListenError
 from supervisor.net import BindFailed, listen_socket
 from supervisor.supervision.manager import Supervisor
@@ -93,6 +95,9 @@ class ApiServer:
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
+        resolver = Resolver(plane.catalog, plane.queries, lambda: board.current.config)
+        self.dns = DnsServer(resolver)
+        self._dns_applied: asyncio.Future[None] | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -130,6 +135,7 @@ class ApiServer:
             return  # a newer view is already queued behind this one
         self.plane.on_view(view)
         self.plane.changes.fire()
+        self._dns_applied = asyncio.ensure_future(self.dns.apply(view.config))  # (rebinds on a move)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -145,6 +151,7 @@ class ApiServer:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         self.plane.start(self.board.current)
+        await self.dns.apply(self.board.current.config)
         stats = ApiStats()
         handler = compose(self.board, self.supervisor, self.plane, stats)
         file_limit = open_file_limit()
@@ -164,6 +171,7 @@ class ApiServer:
         await self._stop.wait()
         # Held blocking queries are cut off; let each connection finish closing.
         http.close()
+        self.dns.close()
         pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
         for task in pending:
             task.cancel()

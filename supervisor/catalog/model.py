@@ -68,6 +68,20 @@ class Instance:
         return {} if self.is_managed_proxy else self.service.meta
 
     @property
+    def port(self) -> int:
+        if self.is_managed_proxy and self.planned is not None:
+            return self.planned.port
+        return self.service.port
+
+    @property
+    def address(self) -> str:
+        """The instance's own address; "" means its node's."""
+        if self.is_managed_proxy and self.planned is not None:
+            bind = self.planned.bind_address
+            return "" if bind in ("0.0.0.0", "::", "[::]", "") else bind
+        return self.service.address
+
+    @property
     def connect_target(self) -> str | None:
         """The service this instance serves over Connect (a proxy, or a native app)."""
         if self.is_managed_proxy:

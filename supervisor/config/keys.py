@@ -331,7 +331,6 @@ DNS_CONFIG = Obj(
         "only_passing": Bool(),
         "udp_answer_limit": Int(1),
         "a_record_limit": Int(0),
-        "disable_compression": Bool(),
         "enable_additional_node_meta_txt": Bool(),
         "soa": Obj({"refresh": Int(0), "retry": Int(0), "expire": Int(0), "min_ttl": Int(0)}),
     },
@@ -340,6 +339,7 @@ DNS_CONFIG = Obj(
         "use_cache": "answers come from the agent's own catalog, always current",
         "cache_max_age": "answers come from the agent's own catalog, always current",
         "prefer_namespace": "namespaces are not supported",
+        "disable_compression": "answers are always compressed (dnspython's wire format)",
     },
 )
 

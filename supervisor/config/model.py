@@ -166,7 +166,6 @@ class DNSConfig:
     only_passing: bool = False
     udp_answer_limit: int = 3
     a_record_limit: int = 0
-    disable_compression: bool = False
     enable_additional_node_meta_txt: bool = True
     soa: SOAConfig = field(default_factory=SOAConfig)
 

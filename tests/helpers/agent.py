@@ -38,6 +38,7 @@ class AgentProcess:
         python: str = sys.executable,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        dns: bool = False,
     ) -> None:
         self.root = root
         self.cwd = cwd
@@ -45,9 +46,12 @@ class AgentProcess:
         self.config_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = root / "data" if data_dir else None
         self.port = free_port()
+        # No DNS interface unless the test asks for one: agents of parallel tests would
+        # all ask for 8600.
+        self.dns_port = free_port() if dns else -1
         low, high = free_port_range(64)
         self.base: dict[str, Any] = {
-            "ports": {"http": self.port, "proxy_min_port": low, "proxy_max_port": high},
+            "ports": {"http": self.port, "dns": self.dns_port, "proxy_min_port": low, "proxy_max_port": high},
             **(extra or {}),
         }
         if self.data_dir is not None:

@@ -1,0 +1,317 @@
+"""Answers to DNS queries from the catalog, as Consul 1.5's ``agent/dns.go`` gives them.
+
+``Resolver.answer`` takes a query's wire bytes and returns the response's (dnspython does
+the wire format); no sockets, so every rule is tested directly: critical instances left
+out (and warning ones with ``only_passing``), answers shuffled, SRV with the node (or
+``<hex>.addr``) targets and their addresses as additional records, NXDOMAIN with the SOA
+for names that find nothing, NODATA with the SOA for a type an instance lacks, SERVFAIL
+for names outside the domain and other datacenters, and the trimming of ``truncate``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+from supervisor.catalog.catalog import Catalog
+from supervisor.catalog.errors import InvalidDefinition, NotFound
+from supervisor.catalog.execution import execute
+from supervisor.catalog.model import Entry
+from supervisor.catalog.queries import Queries
+from supervisor.catalog.status import CheckStatus
+from supervisor.config.durations import parse_duration
+from supervisor.config.model import AgentConfig
+from supervisor.dns.names import Kind, Lookup, parse
+from supervisor.dns.truncate import Records, trim
+
+log = logging.getLogger("supervisor.dns")
+
+Transport = Literal["udp", "tcp"]
+A, AAAA, SRV, TXT, ANY = (
+    dns.rdatatype.A,
+    dns.rdatatype.AAAA,
+    dns.rdatatype.SRV,
+    dns.rdatatype.TXT,
+    dns.rdatatype.ANY,
+)
+IN = dns.rdataclass.IN
+
+
+class Unanswerable(Exception):
+    """The query is answered with this rcode and nothing else (SERVFAIL, NOTIMP …)."""
+
+    def __init__(self, rcode: dns.rcode.Rcode) -> None:
+        super().__init__(dns.rcode.to_text(rcode))
+        self.rcode = rcode
+
+
+@dataclass
+class Resolver:
+    catalog: Catalog
+    queries: Queries
+    config: Callable[[], AgentConfig]
+    rng: random.Random = field(default_factory=random.Random)
+    wall_clock: Callable[[], float] = time.time  # the SOA serial is a Unix time, as Consul's
+
+    def answer(self, wire: bytes, transport: Transport) -> bytes | None:
+        """The response to one query message; None for bytes that are no DNS message at all."""
+        try:
+            query = dns.message.from_wire(wire)
+        except Exception:  # noqa: BLE001 - any malformed message is a FORMERR, never a crash
+            return _format_error(wire)
+        response = dns.message.make_response(query)
+        response.use_edns(0 if query.edns >= 0 else False, payload=max(query.payload, 512))
+        response.flags |= dns.flags.AA
+        try:
+            if query.opcode() != dns.opcode.QUERY:
+                raise Unanswerable(dns.rcode.NOTIMP)
+            if len(query.question) != 1:
+                raise Unanswerable(dns.rcode.FORMERR)
+            records = self._resolve(query, self.config())
+        except Unanswerable as refusal:
+            response.set_rcode(refusal.rcode)
+            return response.to_wire(max_size=65535)
+        trimmed = trim(records, query, transport, self.config().dns)
+        response.set_rcode(trimmed.rcode)
+        response.answer = list(trimmed.answer)
+        response.authority = list(trimmed.authority)
+        response.additional = list(trimmed.additional)
+        if trimmed.truncated:
+            response.flags |= dns.flags.TC
+        return response.to_wire(max_size=65535)
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    def _resolve(self, query: dns.message.Message, config: AgentConfig) -> Records:
+        question = query.question[0]
+        qname, qtype = question.name, question.rdtype
+        if question.rdclass not in (IN, dns.rdataclass.ANY):
+            raise Unanswerable(dns.rcode.NOTIMP)
+        domain = dns.name.from_text(config.domain)
+        if not qname.is_subdomain(domain):
+            raise Unanswerable(dns.rcode.SERVFAIL)  # Consul without recursors
+        if qtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
+            raise Unanswerable(dns.rcode.NOTIMP)
+        context = _Context(config, domain, qname, qtype, int(self.wall_clock()) & 0xFFFFFFFF)
+        if qtype == dns.rdatatype.SOA:
+            return Records(answer=[context.soa()], authority=context.nameservers(), additional=context.glue())
+        if qtype == dns.rdatatype.NS:
+            return Records(answer=context.nameservers(), additional=context.glue())
+        labels = [label.decode("ascii", "replace").lower() for label in qname.relativize(domain).labels]
+        lookup = parse(labels, srv=qtype == SRV)
+        if lookup.datacenter and lookup.datacenter != config.datacenter.lower():
+            raise Unanswerable(dns.rcode.SERVFAIL)  # "No path to datacenter"
+        if lookup.kind is Kind.SERVICE or lookup.kind is Kind.CONNECT:
+            return self._service(context, lookup)
+        if lookup.kind is Kind.NODE:
+            return self._node(context, lookup)
+        if lookup.kind is Kind.QUERY:
+            return self._query(context, lookup)
+        if lookup.kind is Kind.ADDR:
+            return context.addr(lookup.name)
+        log.debug("dns: invalid query name %s", qname)
+        return context.nxdomain()
+
+    def _service(self, context: _Context, lookup: Lookup) -> Records:
+        dns_config = context.config.dns
+        entries = self.catalog.select(
+            lookup.name,
+            connect=lookup.kind is Kind.CONNECT,
+            tags=(lookup.tag,) if lookup.tag else (),
+            passing=dns_config.only_passing,
+            exclude_critical=True,
+        )
+        if not entries:
+            return context.nxdomain()
+        self.rng.shuffle(entries)
+        return context.service_records(entries, dns_config.service_ttl_for(lookup.name))
+
+    def _query(self, context: _Context, lookup: Lookup) -> Records:
+        try:
+            result = execute(self.queries, self.catalog, lookup.name)
+        except (NotFound, InvalidDefinition):
+            return context.nxdomain()
+        if not result.entries:
+            return context.nxdomain()
+        ttl = context.config.dns.service_ttl_for(result.service)
+        if result.dns_ttl:
+            try:
+                ttl = parse_duration(result.dns_ttl)
+            except ValueError:
+                log.warning(
+                    "prepared query %s: DNS TTL %r is not a duration", result.query.id, result.dns_ttl
+                )
+        entries = list(result.entries)
+        self.rng.shuffle(entries)
+        return context.service_records(entries, ttl)
+
+    def _node(self, context: _Context, lookup: Lookup) -> Records:
+        node = self.catalog.node
+        if lookup.name != node.name.lower():
+            return context.nxdomain()
+        if context.qtype not in (A, AAAA, ANY, TXT):
+            return Records()  # NOERROR, nothing, no SOA: Consul's answer
+        ttl = context.config.dns.node_ttl
+        records = Records()
+        if context.qtype != TXT:
+            records.answer += context.address_records(context.qname, node.address, ttl)
+        meta = context.meta_txt(context.qname, node.meta, ttl)
+        if context.qtype in (ANY, TXT):
+            records.answer += meta
+        elif context.config.dns.enable_additional_node_meta_txt:
+            records.additional += meta
+        return records
+
+
+@dataclass
+class _Context:
+    """One query's fixed facts and the record builders that need them."""
+
+    config: AgentConfig
+    domain: dns.name.Name
+    qname: dns.name.Name
+    qtype: dns.rdatatype.RdataType
+    serial: int
+
+    def soa(self) -> dns.rrset.RRset:
+        soa = self.config.dns.soa
+        text = (
+            f"ns.{self.domain} hostmaster.{self.domain} {self.serial} "
+            f"{soa.refresh} {soa.retry} {soa.expire} {soa.min_ttl}"
+        )
+        return dns.rrset.from_text(self.domain, soa.min_ttl, IN, dns.rdatatype.SOA, text)
+
+    def nxdomain(self) -> Records:
+        return Records(authority=[self.soa()], rcode=dns.rcode.NXDOMAIN)
+
+    def _node_target(self) -> dns.name.Name:
+        return _name(f"{self.config.node_name}.node.{self.config.datacenter}.", self.domain)
+
+    def nameservers(self) -> list[dns.rrset.RRset]:
+        ttl = int(self.config.dns.node_ttl)
+        return [dns.rrset.from_text(self.domain, ttl, IN, dns.rdatatype.NS, self._node_target().to_text())]
+
+    def glue(self) -> list[dns.rrset.RRset]:
+        target, address = self._node_target(), _node_address(self.config)
+        return self.address_records(target, address, self.config.dns.node_ttl, glue=True)
+
+    def address_records(
+        self, owner: dns.name.Name, address: str, ttl: float, *, glue: bool = False
+    ) -> list[dns.rrset.RRset]:
+        """A or AAAA (as the question and the address allow; glue whatever the question),
+        a CNAME for a host name."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            if self.qtype in (A, AAAA, ANY) and address:
+                return [dns.rrset.from_text(owner, int(ttl), IN, dns.rdatatype.CNAME, _fqdn(address))]
+            return []
+        kind = A if ip.version == 4 else AAAA
+        if not glue and self.qtype not in (kind, ANY, SRV):
+            return []
+        return [dns.rrset.from_text(owner, int(ttl), IN, kind, str(ip))]
+
+    def meta_txt(self, owner: dns.name.Name, meta: Mapping[str, str], ttl: float) -> list[dns.rrset.RRset]:
+        texts = [value if key.startswith("rfc1035-") else f"{key}={value}" for key, value in meta.items()]
+        return [dns.rrset.from_text(owner, int(ttl), IN, TXT, _quoted(text)) for text in texts]
+
+    def addr(self, text: str) -> Records:
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            return self.nxdomain()
+        if len(raw) not in (4, 16):
+            return Records()
+        address = str(ipaddress.ip_address(raw))
+        return Records(answer=self.address_records(self.qname, address, self.config.dns.node_ttl))
+
+    def service_records(self, entries: list[Entry], ttl: float) -> Records:
+        records = Records(srv=self.qtype == SRV)
+        limit = self.config.dns.a_record_limit
+        seen: set[tuple[str, str, int]] = set()
+        producing = 0
+        for entry in entries:
+            node_address = entry.node.address
+            address = entry.instance.address or node_address
+            key = (entry.node.name, address, entry.instance.port if self.qtype == SRV else 0)
+            if key in seen:
+                continue
+            seen.add(key)
+            if self.qtype == SRV:
+                records.add_srv(*self._srv(entry, address, node_address, ttl))
+                continue
+            if limit and producing >= limit:
+                break
+            found = self.address_records(self.qname, address, ttl)
+            if found:
+                producing += 1
+                records.answer += found
+        if not records.answer:
+            records.authority.append(self.soa())  # NODATA: the name exists, not this type
+        return records
+
+    def _srv(
+        self, entry: Entry, address: str, node_address: str, ttl: float
+    ) -> tuple[dns.rrset.RRset, list[dns.rrset.RRset]]:
+        passing, warning = entry.instance.service.weights
+        weight = warning if entry.status is CheckStatus.WARNING else passing
+        dc = self.config.datacenter
+        if address != node_address and _is_ip(address):
+            target = _name(f"{ipaddress.ip_address(address).packed.hex()}.addr.{dc}.", self.domain)
+        else:
+            target = _name(f"{entry.node.name}.node.{dc}.", self.domain)
+        text = f"1 {weight} {entry.instance.port} {target}"
+        srv = dns.rrset.from_text(self.qname, int(ttl), IN, SRV, text)
+        return srv, self.address_records(target, address, ttl)
+
+
+def _name(relative: str, domain: dns.name.Name) -> dns.name.Name:
+    try:
+        return dns.name.from_text(relative.rstrip("."), origin=domain)
+    except (dns.exception.DNSException, ValueError):
+        raise Unanswerable(dns.rcode.SERVFAIL) from None  # a node name DNS cannot carry
+
+
+def _node_address(config: AgentConfig) -> str:
+    bind = config.bind_addr
+    return bind if bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _fqdn(host: str) -> str:
+    return host if host.endswith(".") else host + "."
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _format_error(wire: bytes) -> bytes | None:
+    """FORMERR for a message whose header can be read; None (dropped) for less."""
+    if len(wire) < 12:
+        return None
+    flags = dns.flags.QR | (int.from_bytes(wire[2:4], "big") & dns.flags.RD)
+    header = wire[0:2] + (flags | dns.rcode.FORMERR).to_bytes(2, "big") + bytes(8)
+    return header
