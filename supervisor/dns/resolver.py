@@ -24,8 +24,14 @@ import dns.message
 import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.CNAME
+import dns.rdtypes.ANY.TXT
+import dns.rdtypes.IN.A
+import dns.rdtypes.IN.AAAA
+import dns.rdtypes.IN.SRV
 import dns.rrset
 
 from supervisor.catalog.catalog import Catalog
@@ -37,7 +43,7 @@ from supervisor.catalog.status import CheckStatus
 from supervisor.config.durations import parse_duration
 from supervisor.config.model import AgentConfig
 from supervisor.dns.names import Kind, Lookup, parse
-from supervisor.dns.truncate import Records, trim
+from supervisor.dns.truncate import Records, fit, limits
 
 log = logging.getLogger("supervisor.dns")
 
@@ -50,6 +56,14 @@ A, AAAA, SRV, TXT, ANY = (
     dns.rdatatype.ANY,
 )
 IN = dns.rdataclass.IN
+# Rdata made directly (dnspython's record classes are untyped): parsing record text costs
+# more than the rest of an answer.
+Make = Callable[..., dns.rdata.Rdata]
+AddressV4: Make = dns.rdtypes.IN.A.A
+AddressV6: Make = dns.rdtypes.IN.AAAA.AAAA
+Service: Make = dns.rdtypes.IN.SRV.SRV
+CNAME: Make = dns.rdtypes.ANY.CNAME.CNAME
+Text: Make = dns.rdtypes.ANY.TXT.TXT
 
 
 class Unanswerable(Exception):
@@ -86,14 +100,20 @@ class Resolver:
         except Unanswerable as refusal:
             response.set_rcode(refusal.rcode)
             return response.to_wire(max_size=65535)
-        trimmed = trim(records, query, transport, self.config().dns)
-        response.set_rcode(trimmed.rcode)
-        response.answer = list(trimmed.answer)
-        response.authority = list(trimmed.authority)
-        response.additional = list(trimmed.additional)
-        if trimmed.truncated:
+        response.set_rcode(records.rcode)
+        response.authority = list(records.authority)
+        dns_config = self.config().dns
+        keep, max_size = limits(records, query, transport, dns_config)
+
+        def render(count: int) -> bytes:
+            response.answer, response.additional = records.first(count)
+            return response.to_wire(max_size=65535)
+
+        kept, wire = fit(render, keep, max_size)
+        if kept < len(records.answer) and dns_config.enable_truncate:
             response.flags |= dns.flags.TC
-        return response.to_wire(max_size=65535)
+            wire = render(kept)
+        return wire
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -219,16 +239,18 @@ class _Context:
             ip = ipaddress.ip_address(address)
         except ValueError:
             if self.qtype in (A, AAAA, ANY) and address:
-                return [dns.rrset.from_text(owner, int(ttl), IN, dns.rdatatype.CNAME, _fqdn(address))]
+                target = dns.name.from_text(_fqdn(address))
+                return [dns.rrset.from_rdata(owner, int(ttl), CNAME(IN, dns.rdatatype.CNAME, target))]
             return []
         kind = A if ip.version == 4 else AAAA
         if not glue and self.qtype not in (kind, ANY, SRV):
             return []
-        return [dns.rrset.from_text(owner, int(ttl), IN, kind, str(ip))]
+        rdata = AddressV4(IN, A, str(ip)) if kind == A else AddressV6(IN, AAAA, str(ip))
+        return [dns.rrset.from_rdata(owner, int(ttl), rdata)]
 
     def meta_txt(self, owner: dns.name.Name, meta: Mapping[str, str], ttl: float) -> list[dns.rrset.RRset]:
         texts = [value if key.startswith("rfc1035-") else f"{key}={value}" for key, value in meta.items()]
-        return [dns.rrset.from_text(owner, int(ttl), IN, TXT, _quoted(text)) for text in texts]
+        return [dns.rrset.from_rdata(owner, int(ttl), Text(IN, TXT, [text.encode()])) for text in texts]
 
     def addr(self, text: str) -> Records:
         try:
@@ -275,8 +297,9 @@ class _Context:
             target = _name(f"{ipaddress.ip_address(address).packed.hex()}.addr.{dc}.", self.domain)
         else:
             target = _name(f"{entry.node.name}.node.{dc}.", self.domain)
-        text = f"1 {weight} {entry.instance.port} {target}"
-        srv = dns.rrset.from_text(self.qname, int(ttl), IN, SRV, text)
+        srv = dns.rrset.from_rdata(
+            self.qname, int(ttl), Service(IN, SRV, 1, weight, entry.instance.port, target)
+        )
         return srv, self.address_records(target, address, ttl)
 
 
@@ -302,10 +325,6 @@ def _is_ip(text: str) -> bool:
 
 def _fqdn(host: str) -> str:
     return host if host.endswith(".") else host + "."
-
-
-def _quoted(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _format_error(wire: bytes) -> bytes | None:

@@ -11,6 +11,7 @@ the partial answer without it, which spares the client a retry over TCP).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -51,52 +52,30 @@ class Records:
         return self.answer[:count], additional
 
 
-@dataclass(frozen=True)
-class Trimmed:
-    answer: tuple[dns.rrset.RRset, ...]
-    authority: tuple[dns.rrset.RRset, ...]
-    additional: tuple[dns.rrset.RRset, ...]
-    rcode: dns.rcode.Rcode
-    truncated: bool  # TC to be set
-
-
-def trim(
+def limits(
     records: Records, query: dns.message.Message, transport: Literal["udp", "tcp"], config: DNSConfig
-) -> Trimmed:
+) -> tuple[int, int]:
+    """How many answers may go at most, and in how many bytes."""
     total = len(records.answer)
     if transport == "udp":
         max_size = query.payload if query.edns >= 0 and query.payload > 512 else 512
         keep = min(total, MAX_UDP_ANSWERS, config.udp_answer_limit) if max_size == 512 else total
-    else:
-        max_size = TCP_MAX_SIZE
-        keep = min(total, TCP_MAX_SRV_ANSWERS if records.srv else TCP_MAX_ANSWERS)
-    keep = _fitting(records, query, keep, max_size)
-    answer, additional = records.first(keep)
-    return Trimmed(
-        tuple(answer),
-        tuple(records.authority),
-        tuple(additional),
-        records.rcode,
-        truncated=keep < total and config.enable_truncate,
-    )
+        return keep, max_size
+    return min(total, TCP_MAX_SRV_ANSWERS if records.srv else TCP_MAX_ANSWERS), TCP_MAX_SIZE
 
 
-def _size(records: Records, query: dns.message.Message, count: int) -> int:
-    message = dns.message.make_response(query)
-    message.answer, message.additional = records.first(count)
-    message.authority = list(records.authority)
-    return len(message.to_wire(max_size=0xFFFF))
-
-
-def _fitting(records: Records, query: dns.message.Message, keep: int, max_size: int) -> int:
-    """The most answers, up to ``keep``, that fit ``max_size`` (at least one)."""
-    if keep <= 1 or _size(records, query, keep) <= max_size:
-        return keep
+def fit(render: Callable[[int], bytes], keep: int, max_size: int) -> tuple[int, bytes]:
+    """The response with the most answers, up to ``keep``, that fits ``max_size`` bytes
+    (at least one answer): ``render(count)`` makes the response with the first ``count``.
+    One rendering when it fits, as it nearly always does; a binary search when not."""
+    wire = render(keep)
+    if keep <= 1 or len(wire) <= max_size:
+        return keep, wire
     low, high = 1, keep - 1  # low always fits (or is the single answer sent anyway)
     while low < high:
         middle = (low + high + 1) // 2
-        if _size(records, query, middle) <= max_size:
+        if len(render(middle)) <= max_size:
             low = middle
         else:
             high = middle - 1
-    return low
+    return low, render(low)
