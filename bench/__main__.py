@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench [agent|control|proxy|soak] [--quick]``; results go to
+"""Run the benchmarks: ``python -m bench [agent|control|proxy|dns|soak] [--quick]``; results go to
 bench/results/."""
 
 from __future__ import annotations
@@ -7,14 +7,16 @@ import argparse
 import json
 from pathlib import Path
 
-from bench import agent_bench, control_bench, proxy_bench, soak_bench
+from bench import agent_bench, control_bench, dns_bench, proxy_bench, soak_bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("suite", nargs="?", default="agent", choices=["agent", "control", "proxy", "soak"])
+    parser.add_argument(
+        "suite", nargs="?", default="agent", choices=["agent", "control", "proxy", "soak", "dns"]
+    )
     parser.add_argument("--quick", action="store_true", help="smaller and shorter runs")
     parser.add_argument(
         "--proxies", type=int, default=None, help="proxies (agent: 200 for adoption and idle CPU; soak: 100)"
@@ -45,6 +47,11 @@ def main() -> int:
             print(f"plot: {RESULTS / 'proxy.png'}")
         except ImportError:
             print("no plot: install the bench extra (pip install -e '.[bench]') for matplotlib")
+    if args.suite == "dns":
+        results = dns_bench.run(seconds=3 if args.quick else 10)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "dns.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(dns_bench.report(results))
     if args.suite == "soak":
         if args.quick:
             results = soak_bench.run(count=10, minutes=1)

@@ -42,6 +42,7 @@ from supervisor.catalog.queries import Queries
 from supervisor.catalog.status import CheckStatus
 from supervisor.config.durations import parse_duration
 from supervisor.config.model import AgentConfig
+from supervisor.dns.cache import AnswerCache
 from supervisor.dns.names import Kind, Lookup, parse
 from supervisor.dns.truncate import Records, fit, limits
 
@@ -82,8 +83,28 @@ class Resolver:
     rng: random.Random = field(default_factory=random.Random)
     wall_clock: Callable[[], float] = time.time  # the SOA serial is a Unix time, as Consul's
 
+    cache: AnswerCache = field(default_factory=AnswerCache)
+
     def answer(self, wire: bytes, transport: Transport) -> bytes | None:
         """The response to one query message; None for bytes that are no DNS message at all."""
+        config = self.config()
+        end = _question_name_end(wire)
+        if end is None:
+            return self._answer(wire, transport, config)
+        # Keyed without the ID and with the name in lower case: resolvers that randomize
+        # the letter case (0x20) still share answers. A reused answer gets the client's ID
+        # and name back in place (same length; the answers point at the question's name).
+        key = (wire[2:12] + wire[12:end].lower() + wire[end:], transport)
+        version = (self.catalog.index.value, int(self.wall_clock()))
+        cached = self.cache.get(key, version, config, self.rng)
+        if cached is not None:
+            return wire[:2] + cached[2:12] + wire[12:end] + cached[end:]
+        reply = self._answer(wire, transport, config)
+        if reply is not None and reply[12:end].lower() == wire[12:end].lower():
+            self.cache.put(key, version, reply)
+        return reply
+
+    def _answer(self, wire: bytes, transport: Transport, config: AgentConfig) -> bytes | None:
         try:
             query = dns.message.from_wire(wire)
         except Exception:  # noqa: BLE001 - any malformed message is a FORMERR, never a crash
@@ -96,13 +117,13 @@ class Resolver:
                 raise Unanswerable(dns.rcode.NOTIMP)
             if len(query.question) != 1:
                 raise Unanswerable(dns.rcode.FORMERR)
-            records = self._resolve(query, self.config())
+            records = self._resolve(query, config)
         except Unanswerable as refusal:
             response.set_rcode(refusal.rcode)
             return response.to_wire(max_size=65535)
         response.set_rcode(records.rcode)
         response.authority = list(records.authority)
-        dns_config = self.config().dns
+        dns_config = config.dns
         keep, max_size = limits(records, query, transport, dns_config)
 
         def render(count: int) -> bytes:
@@ -325,6 +346,21 @@ def _is_ip(text: str) -> bool:
 
 def _fqdn(host: str) -> str:
     return host if host.endswith(".") else host + "."
+
+
+def _question_name_end(wire: bytes) -> int | None:
+    """Where the first question's name ends in a query (None: no plain name there)."""
+    if len(wire) < 12 or wire[4:6] != b"\x00\x01":
+        return None
+    position = 12
+    while position < len(wire):
+        length = wire[position]
+        if length == 0:
+            return position + 1
+        if length > 63:
+            return None  # a compression pointer (or worse) in a query
+        position += 1 + length
+    return None
 
 
 def _format_error(wire: bytes) -> bytes | None:

@@ -241,3 +241,29 @@ def test_malformed_and_unsupported_messages(agent: Agent) -> None:
 )
 def test_name_parsing(labels: list[str], srv: bool, expected: Lookup) -> None:
     assert parse(labels, srv=srv) == expected
+
+
+def test_repeated_questions_are_reused_yet_spread_and_follow_changes(agent: Agent) -> None:
+    answer = resolver(agent).answer  # one resolver: its answer cache is in play
+    firsts = set()
+    for number in range(60):
+        query = dns.message.make_query("api.service.consul.", "A", use_edns=0, payload=4096)
+        query.id = number
+        reply = dns.message.from_wire(answer(query.to_wire(), "udp") or b"")
+        assert reply.id == number  # each client gets its own ID back
+        firsts.add(answers(reply)[0])
+    assert len(firsts) > 1
+    new = {"ID": "api-7", "Name": "api", "Port": 7007, "Address": "10.0.0.7"}
+    assert agent.call("PUT", "/v1/agent/service/register", new).status == 200
+    query = dns.message.make_query("api.service.consul.", "A", use_edns=0, payload=4096)
+    assert "10.0.0.7" in answers(dns.message.from_wire(answer(query.to_wire(), "udp") or b""))
+
+
+def test_letter_case_is_echoed_also_from_reused_answers(agent: Agent) -> None:
+    answer = resolver(agent).answer
+    for spelling in ["api.service.consul.", "ApI.sErViCe.CoNsUl.", "API.SERVICE.CONSUL."] * 5:
+        query = dns.message.make_query(spelling, "A", use_edns=0, payload=4096)
+        reply = dns.message.from_wire(answer(query.to_wire(), "udp") or b"")
+        assert reply.question[0].name.to_text() == spelling  # byte for byte, as 0x20 checks
+        assert {rrset.name.to_text() for rrset in reply.answer} == {spelling}
+        assert len(answers(reply)) == 6
