@@ -12,13 +12,9 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psutil
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from supervisor.api.auth import identify, require_operator
 from supervisor.api.http import Handler, HttpError, Request, Response
@@ -109,9 +105,9 @@ class MetricsEndpoints:
         figures = self.figures()
         form = request.arg("format")
         if form == "prometheus":
-            registry = CollectorRegistry(auto_describe=False)
-            registry.register(_Figures(figures))
-            return Response(200, generate_latest(registry), {"Content-Type": PROMETHEUS_TYPE})
+            from supervisor.api import prometheus_text  # prometheus_client only when asked for
+
+            return Response(200, prometheus_text.render(figures), {"Content-Type": PROMETHEUS_TYPE})
         if form not in (None, ""):
             raise HttpError(400, f"Invalid format {form[:40]!r}: use prometheus, or leave it out for JSON")
         return Response.json(consul_json(figures))
@@ -139,24 +135,3 @@ def consul_json(figures: list[Figure]) -> dict[str, object]:
     ]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S +0000 UTC", time.gmtime(int(time.time()) // 10 * 10))
     return {"Timestamp": stamp, "Gauges": gauges, "Points": [], "Counters": counters, "Samples": []}
-
-
-class _Figures(Collector):
-    """The figures as Prometheus metric families (dots become underscores, as Consul's
-    Prometheus sink flattens names; counters get ``_total``)."""
-
-    def __init__(self, figures: list[Figure]) -> None:
-        self._figures = figures
-
-    def collect(self) -> Iterator[Metric]:
-        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
-        for figure in self._figures:
-            name = figure.name.replace(".", "_")
-            labels = [key for key, _ in figure.labels]
-            family = families.get(name)
-            if family is None:
-                kind = CounterMetricFamily if figure.kind == "counter" else GaugeMetricFamily
-                family = kind(name, f"{figure.name} ({figure.kind})", labels=labels)
-                families[name] = family
-            family.add_metric([value for _, value in figure.labels], figure.value)
-        yield from families.values()

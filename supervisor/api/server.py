@@ -7,6 +7,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from supervisor.api import unsupported
 from supervisor.api.agent_endpoints import AgentEndpoints
@@ -21,9 +22,8 @@ from supervisor.api.metrics_endpoints import ApiStats, MetricsEndpoints, countin
 from supervisor.api.query_endpoints import QueryEndpoints
 from supervisor.api.results import Results
 from supervisor.api.router import Router
+from supervisor.config.model import AgentConfig
 from supervisor.controlplane import ControlPlane
-from supervisor.dns.resolver import Resolver
-from supervisor.dns.server import DnsServer
 from supervisor.errors import ListenError
 from supervisor.net import BindFailed, listen_socket
 from supervisor.supervision.manager import Supervisor
@@ -82,6 +82,10 @@ def compose(
     return counting(datacenter_guard(router, lambda: board.current.config.datacenter), stats)
 
 
+if TYPE_CHECKING:
+    from supervisor.dns.server import DnsServer
+
+
 class ApiServer:
     def __init__(
         self, sock: socket.socket, board: ViewBoard, supervisor: Supervisor, plane: ControlPlane
@@ -95,8 +99,7 @@ class ApiServer:
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
-        resolver = Resolver(plane.catalog, plane.queries, lambda: board.current.config)
-        self.dns = DnsServer(resolver)
+        self.dns: DnsServer | None = None  # made when the config first asks for DNS
         self._dns_applied: asyncio.Future[None] | None = None
 
     @property
@@ -135,7 +138,18 @@ class ApiServer:
             return  # a newer view is already queued behind this one
         self.plane.on_view(view)
         self.plane.changes.fire()
-        self._dns_applied = asyncio.ensure_future(self.dns.apply(view.config))  # (rebinds on a move)
+        self._dns_applied = asyncio.ensure_future(self._apply_dns(view.config))  # (rebinds on a move)
+
+    async def _apply_dns(self, config: AgentConfig) -> None:
+        if self.dns is None:
+            if config.dns_port < 0:
+                return  # dnspython (~12 MiB) is imported only by agents that serve DNS
+            from supervisor.dns.resolver import Resolver
+            from supervisor.dns.server import DnsServer
+
+            resolver = Resolver(self.plane.catalog, self.plane.queries, lambda: self.board.current.config)
+            self.dns = DnsServer(resolver)
+        await self.dns.apply(config)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -151,7 +165,7 @@ class ApiServer:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         self.plane.start(self.board.current)
-        await self.dns.apply(self.board.current.config)
+        await self._apply_dns(self.board.current.config)
         stats = ApiStats()
         handler = compose(self.board, self.supervisor, self.plane, stats)
         file_limit = open_file_limit()
@@ -171,7 +185,8 @@ class ApiServer:
         await self._stop.wait()
         # Held blocking queries are cut off; let each connection finish closing.
         http.close()
-        self.dns.close()
+        if self.dns is not None:
+            self.dns.close()
         pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
         for task in pending:
             task.cancel()
