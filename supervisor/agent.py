@@ -24,8 +24,8 @@ from supervisor.api.server import ApiServer, bind_listener
 from supervisor.catalog.index import Index
 from supervisor.catalog.registry import Registry
 from supervisor.config import load_config
-from supervisor.config.build import registration_builder
 from supervisor.config.model import AgentConfig, ServiceDef
+from supervisor.config.registrations import registration_builder
 from supervisor.config.sidecars import SidecarPorts
 from supervisor.connect.ca import validate_ca_config
 from supervisor.controlplane import ControlPlane

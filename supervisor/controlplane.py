@@ -22,8 +22,8 @@ from supervisor.catalog.intentions import IntentionFile, Intentions
 from supervisor.catalog.queries import Queries, QueryFile
 from supervisor.catalog.registry import Registry
 from supervisor.changes import ChangeSignal
-from supervisor.config.build import registration_builder, registration_rules
 from supervisor.config.model import AgentConfig, CheckDef, ServiceDef
+from supervisor.config.registrations import registration_builder, registration_rules
 from supervisor.connect.ca import CertificateAuthority
 from supervisor.connect.leaves import LeafManager
 from supervisor.errors import DataDirError, SupervisorError

@@ -24,10 +24,10 @@ from supervisor.api.shapes import (
     proxy_config_json,
     proxy_status_json,
 )
-from supervisor.config.build import build_registration
 from supervisor.config.durations import parse_duration
 from supervisor.config.limits import parse_uint
 from supervisor.config.model import ServiceDef
+from supervisor.config.registrations import build_registration
 from supervisor.controlplane import ControlPlane
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.supervision.events import ReloadRequested, RestartRequested, ShutdownRequested

@@ -16,7 +16,7 @@ from supervisor.catalog.agent_checks import is_maintenance, maintenance_check
 from supervisor.catalog.catalog import NotATTLCheck, UnknownCheck
 from supervisor.catalog.model import CheckResult, Instance
 from supervisor.catalog.status import CheckStatus
-from supervisor.config.build import build_check
+from supervisor.config.registrations import build_check
 from supervisor.controlplane import ControlPlane
 from supervisor.errors import ConfigError
 

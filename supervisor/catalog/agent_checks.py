@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from supervisor.catalog.status import CheckKind
-from supervisor.config.build import build_check
 from supervisor.config.model import CheckDef
+from supervisor.config.registrations import build_check
 from supervisor.errors import ConfigError, DataDirError
 from supervisor.state.atomic import remove_stale_temp_files
 from supervisor.state.documents import load_document, save_document

@@ -31,8 +31,9 @@ from supervisor.catalog.model import CheckResult, Entry, Instance, InstanceSourc
 from supervisor.catalog.status import CheckKind, CheckStatus
 from supervisor.catalog.storage import CatalogStorage, LocalStorage
 from supervisor.changes import ChangeSignal
-from supervisor.config.build import build_config, build_service
+from supervisor.config.build import build_config
 from supervisor.config.model import AgentConfig, ProxyDefaults, ServiceDef
+from supervisor.config.registrations import build_service
 from supervisor.supervision.desired import PlannedProxy, plan_proxies
 from supervisor.supervision.machine import State
 from supervisor.supervision.view import AgentView, ProxyStatus

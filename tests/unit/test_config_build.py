@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from supervisor.catalog.status import CheckKind, CheckStatus
-from supervisor.config.build import COMMAND_LINE, build_config, build_service, load_config
+from supervisor.config.build import COMMAND_LINE, build_config, load_config
 from supervisor.config.model import AgentConfig, ProxyDefaults, ServiceDef, thaw
+from supervisor.config.registrations import build_service
 from supervisor.config.sources import Source
 from supervisor.errors import ConfigError
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from supervisor.catalog.registry import SOURCE, Registry
-from supervisor.config.build import build_service, registration_builder
 from supervisor.config.model import AgentConfig, ProxyDefaults, ServiceDef
+from supervisor.config.registrations import build_service, registration_builder
 from supervisor.errors import DataDirError
 
 DEFAULTS = ProxyDefaults()

@@ -38,8 +38,9 @@ from supervisor.catalog.intentions import Action, Intention
 from supervisor.catalog.model import CheckResult, Entry, Node
 from supervisor.catalog.queries import PreparedQuery, parse_query
 from supervisor.catalog.status import CheckStatus
-from supervisor.config.build import build_config, build_service
+from supervisor.config.build import build_config
 from supervisor.config.model import AgentConfig
+from supervisor.config.registrations import build_service
 from supervisor.config.sources import Source
 from supervisor.supervision.desired import plan_proxies
 from supervisor.supervision.machine import State

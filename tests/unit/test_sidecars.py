@@ -15,8 +15,9 @@ import pytest
 
 from supervisor.catalog.registry import Registry
 from supervisor.catalog.status import CheckKind
-from supervisor.config.build import build_config, build_registration, registration_builder
+from supervisor.config.build import build_config
 from supervisor.config.model import AgentConfig, ServiceDef, thaw
+from supervisor.config.registrations import build_registration, registration_builder
 from supervisor.config.sidecars import SidecarPorts
 from supervisor.config.sources import Source
 from supervisor.errors import ConfigError
