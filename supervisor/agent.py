@@ -156,18 +156,7 @@ class Agent:
         raise_open_file_limit()
         limit_malloc_arenas()
         config = self.config
-        configure_logging(
-            config.log_level,
-            json_lines=config.log_json,
-            log_file=config.log_file,
-            rotate_bytes=config.log_rotate_bytes,
-            rotate_max_files=config.log_rotate_max_files,
-        )
-        for notice in config.notices:
-            log.info("config: %s", notice)
-        overlap = ephemeral_overlap(config.proxy_min_port, config.proxy_max_port)
-        if overlap:
-            log.warning("config: %s", overlap)
+        _start_logging(config)
         # Every resource is stopped on every path out, in reverse order of starting.
         with contextlib.ExitStack() as resources:
             self.notifier = SdNotifier.from_environment(unset=True)
@@ -207,37 +196,34 @@ class Agent:
             self.api.start()
             resources.callback(self.api.stop)
             log.info("HTTP API listening on %s", join_host_port(str(host), int(port)))
-            watcher = ConfigWatcher(
-                self.options.config_dirs,
-                self.options.config_files,
-                lambda path: supervisor.post(FilesChanged(path)),
-            )
-            watcher.start()
-            resources.callback(watcher.stop)
-            if self.data_dir is not None:
-                self.data_watcher = DataDirWatcher(
-                    self.data_dir, lambda path: supervisor.post(DataDirChanged(path))
-                )
-                self.data_watcher.start()
-                resources.callback(self.data_watcher.stop)
-                self.rotator = ProxyLogRotator(self.data_dir.logs_dir, _rotation_policy(config))
-                self.rotator.start()
-                resources.callback(self.rotator.stop)
+            self._start_watchers(resources, supervisor, config)
             self._install_signal_handlers(supervisor, stop_proxies=config.data_dir is None)
             supervisor.start(config)
             self._announce_ready(board.current)
-            statuses = board.current.statuses.values()
-            log.info(
-                "agent started: node %s, %d managed prox%s (%d adopted), data_dir %s",
-                config.node_name,
-                len(statuses),
-                "y" if len(statuses) == 1 else "ies",
-                sum(1 for status in statuses if status.adopted),
-                config.data_dir or "none (-dev: proxies stop with the agent)",
-            )
+            _log_started(board.current, config)
             supervisor.run()
         log.info("agent stopped")
         return 0
+
+    def _start_watchers(
+        self, resources: contextlib.ExitStack, supervisor: Supervisor, config: AgentConfig
+    ) -> None:
+        """Config and data_dir watchers, and proxy log rotation; all only post events."""
+        watcher = ConfigWatcher(
+            self.options.config_dirs,
+            self.options.config_files,
+            lambda path: supervisor.post(FilesChanged(path)),
+        )
+        watcher.start()
+        resources.callback(watcher.stop)
+        if self.data_dir is None:
+            return
+        self.data_watcher = DataDirWatcher(self.data_dir, lambda path: supervisor.post(DataDirChanged(path)))
+        self.data_watcher.start()
+        resources.callback(self.data_watcher.stop)
+        self.rotator = ProxyLogRotator(self.data_dir.logs_dir, _rotation_policy(config))
+        self.rotator.start()
+        resources.callback(self.rotator.stop)
 
     def _prepare_data_dir(self, config: AgentConfig) -> str:
         if config.data_dir is None:
@@ -300,3 +286,30 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         libc.mallopt(ctypes.c_int(-8), ctypes.c_int(arenas))  # M_ARENA_MAX
     except (OSError, AttributeError):
         pass  # not glibc: nothing to limit
+
+
+def _start_logging(config: AgentConfig) -> None:
+    configure_logging(
+        config.log_level,
+        json_lines=config.log_json,
+        log_file=config.log_file,
+        rotate_bytes=config.log_rotate_bytes,
+        rotate_max_files=config.log_rotate_max_files,
+    )
+    for notice in config.notices:
+        log.info("config: %s", notice)
+    overlap = ephemeral_overlap(config.proxy_min_port, config.proxy_max_port)
+    if overlap:
+        log.warning("config: %s", overlap)
+
+
+def _log_started(view: AgentView, config: AgentConfig) -> None:
+    statuses = view.statuses.values()
+    log.info(
+        "agent started: node %s, %d managed prox%s (%d adopted), data_dir %s",
+        config.node_name,
+        len(statuses),
+        "y" if len(statuses) == 1 else "ies",
+        sum(1 for status in statuses if status.adopted),
+        config.data_dir or "none (-dev: proxies stop with the agent)",
+    )

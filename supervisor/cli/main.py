@@ -27,7 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="proxy-supervisor", description="Per-host sidecar-proxy supervisor and Connect agent."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for add in (_add_agent, _add_validate, _add_proxy_commands, _add_agent_calls):
+        add(sub)
+    connect_commands.add_parsers(sub)
+    convert_command.add_parser(sub)
+    _add_connect(sub)
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(handler=_version)
+    return parser
 
+
+def _add_agent(sub: Any) -> None:
+    """``agent``: run the agent."""
     agent = sub.add_parser("agent", help="run the agent")
     flag(agent, "config-file", dest="config_files", action="append", default=[], metavar="FILE")
     flag(agent, "config-dir", dest="config_dirs", action="append", default=[], metavar="DIR")
@@ -50,11 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     flag(agent, "pid-file", dest="pid_file", metavar="FILE", help="write (and lock) the agent's PID here")
     agent.set_defaults(handler=_run_agent)
 
+
+def _add_validate(sub: Any) -> None:
+    """``validate``: check config files as the agent would."""
     validate = sub.add_parser("validate", help="check config files or directories")
     validate.add_argument("paths", nargs="*", metavar="PATH")
     flag(validate, "quiet", action="store_true")
     validate.set_defaults(handler=lambda args, out: commands.validate(args.paths, args.quiet, out))
 
+
+def _add_proxy_commands(sub: Any) -> None:
+    """``proxies``, ``logs``, ``restart``: the managed proxies."""
     proxies = sub.add_parser("proxies", help="show the managed proxies and their state")
     flag(proxies, "json", dest="as_json", action="store_true")
     client_flags(proxies)
@@ -84,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     client_flags(restart)
     restart.set_defaults(handler=with_client(_restart))
 
+
+def _add_agent_calls(sub: Any) -> None:
+    """``reload``, ``leave``."""
     reload = sub.add_parser("reload", help="re-read the configuration")
     reload.set_defaults(handler=with_client(lambda _args, client, out: commands.reload(client, out)))
     leave = sub.add_parser("leave", help="stop all proxies, then the agent")
@@ -91,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     for agent_call in (reload, leave):
         client_flags(agent_call)
 
-    connect_commands.add_parsers(sub)
-    convert_command.add_parser(sub)
+
+def _add_connect(sub: Any) -> None:
+    """``connect proxy``: the built-in proxy for a registered proxy or sidecar."""
     connect = sub.add_parser("connect", help="Connect tools")
     connect.set_defaults(handler=needs_subcommand("connect needs a subcommand: proxy"))
     connect_sub = connect.add_subparsers(dest="connect_command", metavar="SUBCOMMAND", parser_class=Parser)
@@ -111,9 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     client_flags(proxy)
     flag(proxy, "log-level", dest="log_level", default=None, metavar="LEVEL")
     proxy.set_defaults(handler=_run_connect_proxy)
-    version = sub.add_parser("version", help="print the version")
-    version.set_defaults(handler=_version)
-    return parser
 
 
 def _agent_flags(args: argparse.Namespace) -> dict[str, Any]:

@@ -107,23 +107,9 @@ def _convert_service(
     sidecar: dict[str, Any] = {}
     proxy_block: dict[str, Any] = {}
 
-    bind_port = _pop(config, "bind_port")
-    if bind_port:
-        sidecar["port"] = int(bind_port)
-    elif f"{service_id}-proxy" in allocated:
-        sidecar["port"] = allocated[f"{service_id}-proxy"]
-        notes.append(
-            Note(path, f"kept port {sidecar['port']}, which the agent had assigned (from its data_dir)")
-        )
-    else:
-        notes.append(
-            Note(
-                path,
-                "the managed proxy's port was assigned by the agent (proxy_min_port..proxy_max_port); "
-                "the sidecar gets one of sidecar_min_port..sidecar_max_port (21000-21255) unless you set "
-                "port (convert -data-dir DIR keeps the assigned one)",
-            )
-        )
+    port = _port(config, f"{service_id}-proxy", allocated, path, notes)
+    if port:
+        sidecar["port"] = port
     bind_address = _pop(config, "bind_address")
     if bind_address and bind_address not in ("0.0.0.0", "::"):
         sidecar["address"] = bind_address
@@ -143,6 +129,37 @@ def _convert_service(
     if proxy_block:
         sidecar["proxy"] = proxy_block
 
+    notes += _not_carried(proxy, service_id, path)
+    connect["sidecar_service"] = sidecar
+    return True
+
+
+def _port(
+    config: dict[str, Any], proxy_id: str, allocated: Mapping[str, int], path: str, notes: list[Note]
+) -> int:
+    """The sidecar's port: the proxy's ``bind_port``, else the one the agent assigned."""
+    bind_port = _pop(config, "bind_port")
+    if bind_port:
+        return int(bind_port)
+    if proxy_id in allocated:
+        notes.append(
+            Note(path, f"kept port {allocated[proxy_id]}, which the agent had assigned (from its data_dir)")
+        )
+        return allocated[proxy_id]
+    notes.append(
+        Note(
+            path,
+            "the managed proxy's port was assigned by the agent (proxy_min_port..proxy_max_port); "
+            "the sidecar gets one of sidecar_min_port..sidecar_max_port (21000-21255) unless you set "
+            "port (convert -data-dir DIR keeps the assigned one)",
+        )
+    )
+    return 0
+
+
+def _not_carried(proxy: Mapping[str, Any], service_id: str, path: str) -> list[Note]:
+    """What of a managed proxy a sidecar registration has no place for."""
+    notes: list[Note] = []
     command = _get(proxy, "command")
     if command:
         shown = " ".join(command) if isinstance(command, list) else str(command)
@@ -166,5 +183,4 @@ def _convert_service(
         for ours in ("user", "group")
         if _get(proxy, ours)
     )
-    connect["sidecar_service"] = sidecar
-    return True
+    return notes
