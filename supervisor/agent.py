@@ -169,12 +169,16 @@ class Agent:
             resources.callback(sock.close)
             host, port = sock.getsockname()[:2]
             api_address = address_for_proxies(config.http_host, int(port))
+            registry = Registry(os.path.join(self.data_dir.root, "services") if self.data_dir else None)
+            registry.load(registration_builder(config))
+            if registry.services and any(service.sidecar_for for service in config.services):
+                # The first read could not know the ports the kept registrations hold.
+                self._current_services = lambda: registry.services
+                config = self.config = self.load()
             board = ViewBoard(AgentView(config=config, node_id=node_id, api_address=api_address))
             guard = None
             if self.data_dir is not None and self.lock is not None:
                 guard = DataDirGuard(self.data_dir, self.lock, node_id)
-            registry = Registry(os.path.join(self.data_dir.root, "services") if self.data_dir else None)
-            registry.load(registration_builder(config))
             self._current_services = lambda: (*board.current.config.services, *registry.services)
             supervisor = Supervisor(
                 SupervisorOptions(

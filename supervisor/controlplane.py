@@ -114,6 +114,7 @@ class ControlPlane:
         log.info("Connect CA ready: trust domain %s, active root %s", self.ca.trust_domain, self.ca.active.id)
         self.leaves = LeafManager(self.ca, self.changed)
         self.view = view
+        self._drop_shadowed(config)
         self.refresh_catalog()
         self._schedule_prune()
 
@@ -126,6 +127,7 @@ class ControlPlane:
         self.view = view
         if previous is not None and previous.config is not view.config:
             self._apply_config(previous.config, view.config)
+            self._drop_shadowed(view.config)
             if self.hidden:
                 log.info(
                     "reloaded: services deregistered through the API are back: %s", ", ".join(self.hidden)
@@ -228,6 +230,26 @@ class ControlPlane:
         if registration_rules(config) != registration_rules(previous) and self.registry.services:
             self.registry.rebuild(registration_builder(config))
             self.services_changed()
+
+    def _drop_shadowed(self, config: AgentConfig) -> None:
+        """A config file now defines an ID the API registered: the file's definition wins
+        and the registration is removed, as Consul does (it would otherwise hide the
+        file's service without a word)."""
+        for service in self.registry.services:
+            configured = config.service(service.id)
+            if configured is None or service.sidecar_for:
+                continue
+            try:
+                self.registry.deregister(service.id)
+            except DataDirError as exc:
+                log.error("cannot remove the registration of %s: %s", service.id, exc)
+                continue
+            self.checks.drop_service(service.id)
+            log.warning(
+                "service %s is defined in %s now: its API registration is replaced by that definition",
+                service.id,
+                configured.source,
+            )
 
     def _schedule_prune(self) -> None:
         """Drop the old root once the last leaf it signed has expired."""

@@ -277,9 +277,16 @@ class AgentEndpoints:
             if configured.managed_proxy is not None:
                 owned[configured.proxy_id] = f"as the managed proxy of {configured.id} ({configured.source})"
         for registered in self.plane.registry.services:
-            if registering in (registered.id, registered.sidecar_for):
+            if registered.sidecar_for == registering or (
+                registered.id == registering and not registered.sidecar_for
+            ):
                 continue  # re-registering a service replaces it (and its sidecar)
-            owned[registered.id] = "by an API registration"
+            owner = (
+                f"as the sidecar of {registered.sidecar_for}"
+                if registered.sidecar_for
+                else "by an API registration"
+            )
+            owned[registered.id] = owner
             if registered.managed_proxy is not None:
                 owned[registered.proxy_id] = f"as the managed proxy of registered service {registered.id}"
         proxy = service.managed_proxy is not None and not service.supervises_sidecar

@@ -13,6 +13,7 @@ from lark import Lark, Token, Transformer, Tree, UnexpectedInput, v_args
 from lark.exceptions import VisitError
 
 from supervisor.api.filter_eval import FilterError, Predicate, empty, equals, holds, resolve, unquote
+from supervisor.regexps import SlowPattern, compile_client_regexp
 
 GRAMMAR = r"""
 ?start: or_expr
@@ -143,9 +144,11 @@ class _Compile(Transformer[Token, Predicate]):
 
     def matches(self, path: tuple[str, ...], value: str) -> Predicate:
         try:
-            pattern = re.compile(value)
+            pattern = compile_client_regexp(value)
         except re.error as exc:
             raise FilterError(f"invalid regular expression {value!r}: {exc}") from None
+        except SlowPattern as exc:
+            raise FilterError(f"regular expression {value!r}: {exc}") from None
 
         def match(item: Any) -> bool:
             return any(isinstance(found, str) and pattern.search(found) for found in resolve(item, path))

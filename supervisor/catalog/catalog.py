@@ -404,14 +404,21 @@ class Catalog:
         tags: Sequence[str] = (),
         passing: bool = False,
         exclude_critical: bool = False,
+        any_case: bool = False,
     ) -> list[Entry]:
-        """Entries of ``name`` (its Connect-capable ones with ``connect``), filtered."""
+        """Entries of ``name`` (its Connect-capable ones with ``connect``), filtered.
+        ``any_case``: names and tags match whatever their letter case (DNS lookups, as
+        Consul's catalog index is case-insensitive)."""
         chosen = []
+        if any_case:
+            name, tags = name.lower(), [tag.lower() for tag in tags]
         for entry in self.storage.entries():
             instance = entry.instance
-            if (instance.connect_target if connect else instance.name) != name:
+            own = instance.connect_target if connect else instance.name
+            if (own.lower() if any_case and own else own) != name:
                 continue
-            if not tags_match(instance.connect_tags if connect else instance.tags, tags):
+            have = instance.connect_tags if connect else instance.tags
+            if not tags_match([tag.lower() for tag in have] if any_case else have, tags):
                 continue
             status = entry.status
             if passing and status is not PASSING:

@@ -24,6 +24,7 @@ from supervisor.catalog.errors import Conflict, InvalidDefinition, NotFound
 from supervisor.config.keys import check_safe_id
 from supervisor.config.schema import Bool, Context, Custom, Int, Invalid, List, Map, Obj, Opaque, Str
 from supervisor.errors import ConfigError, ConfigProblem
+from supervisor.regexps import SlowPattern, compile_client_regexp
 from supervisor.state.documents import Damaged, damaged, load_document, save_document
 
 VERSION = 1
@@ -55,9 +56,11 @@ def _check_regexp(value: Any, path: str, ctx: Context) -> str:
     if not isinstance(value, str):
         raise Invalid("expected a regular expression string")
     try:
-        re.compile(value)
+        compile_client_regexp(value)
     except re.error as exc:
         raise Invalid(f"invalid regular expression: {exc}") from None
+    except SlowPattern as exc:
+        raise Invalid(str(exc)) from None
     return value
 
 

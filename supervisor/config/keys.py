@@ -252,9 +252,9 @@ CONNECT_PROXY_BLOCK = Obj(
 )
 
 
-def _refuse(message: str) -> Custom:
+def _refuse(message: str, *, unset: tuple[Any, ...] = ("", False)) -> Custom:
     def refuse(value: Any, path: str, ctx: Context) -> Any:
-        if value in ("", False, {}, None) and ctx.from_client:
+        if ctx.from_client and any(value == blank and type(value) is type(blank) for blank in unset):
             return None  # what a client sends for "unset"
         raise Invalid(message)
 
@@ -272,7 +272,7 @@ _SERVICE_FIELDS: dict[str, Node] = {
     "checks": List(CHECK),
     "token": Str(),
     "enable_tag_override": Bool(),
-    "weights": Obj({"passing": Int(0), "warning": Int(0)}),
+    "weights": Obj({"passing": Int(1), "warning": Int(0)}),  # Consul: Passing must be > 0
     "proxy": CONNECT_PROXY_BLOCK,
 }
 
@@ -288,7 +288,8 @@ SIDECAR_SERVICE = Obj(
             {
                 "native": _refuse("a sidecar cannot also be Connect-native, only typical services"),
                 "proxy": _refuse("a sidecar_service cannot have a managed proxy"),
-                "sidecar_service": _refuse("a sidecar_service cannot have a nested sidecar_service"),
+                # Any nested block at all, even {}: Consul refuses every non-null one.
+                "sidecar_service": _refuse("a sidecar_service cannot have a nested one", unset=()),
             }
         ),
     },

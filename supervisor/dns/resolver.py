@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -109,6 +110,8 @@ class Resolver:
             query = dns.message.from_wire(wire)
         except Exception:  # noqa: BLE001 - any malformed message is a FORMERR, never a crash
             return _format_error(wire)
+        if query.flags & dns.flags.QR:
+            return None  # a response sent to us: dropped, as Consul's server does
         response = dns.message.make_response(query)
         response.use_edns(0 if query.edns >= 0 else False, payload=max(query.payload, 512))
         response.flags |= dns.flags.AA
@@ -126,15 +129,22 @@ class Resolver:
         dns_config = config.dns
         keep, max_size = limits(records, query, transport, dns_config)
 
-        def render(count: int) -> bytes:
+        def render(count: int) -> bytes | None:
             response.answer, response.additional = records.first(count)
-            return response.to_wire(max_size=65535)
+            try:
+                return response.to_wire(max_size=65535)
+            except dns.exception.TooBig:
+                return None  # more than any DNS message can carry
 
-        kept, wire = fit(render, keep, max_size)
-        if kept < len(records.answer) and dns_config.enable_truncate:
+        kept, reply = fit(render, keep, max_size)
+        truncated = kept < len(records.answer)
+        if reply is None:  # not even one answer fits: an empty answer that says so
+            kept, truncated = 0, True
+        if truncated and (dns_config.enable_truncate or reply is None):
             response.flags |= dns.flags.TC
-            wire = render(kept)
-        return wire
+            reply = render(kept)
+        assert reply is not None
+        return reply
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -176,6 +186,7 @@ class Resolver:
             tags=(lookup.tag,) if lookup.tag else (),
             passing=dns_config.only_passing,
             exclude_critical=True,
+            any_case=True,
         )
         if not entries:
             return context.nxdomain()
@@ -259,10 +270,13 @@ class _Context:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
-            if self.qtype in (A, AAAA, ANY) and address:
+            if self.qtype not in (A, AAAA, ANY) or not address:
+                return []
+            try:
                 target = dns.name.from_text(_fqdn(address))
-                return [dns.rrset.from_rdata(owner, int(ttl), CNAME(IN, dns.rdatatype.CNAME, target))]
-            return []
+            except (dns.exception.DNSException, ValueError):
+                return []  # an address DNS cannot carry ("a..b"): that instance has no record
+            return [dns.rrset.from_rdata(owner, int(ttl), CNAME(IN, dns.rdatatype.CNAME, target))]
         kind = A if ip.version == 4 else AAAA
         if not glue and self.qtype not in (kind, ANY, SRV):
             return []
@@ -271,13 +285,15 @@ class _Context:
 
     def meta_txt(self, owner: dns.name.Name, meta: Mapping[str, str], ttl: float) -> list[dns.rrset.RRset]:
         texts = [value if key.startswith("rfc1035-") else f"{key}={value}" for key, value in meta.items()]
-        return [dns.rrset.from_rdata(owner, int(ttl), Text(IN, TXT, [text.encode()])) for text in texts]
+        # A TXT string holds 255 bytes; longer values (Consul allows 512) span several.
+        return [
+            dns.rrset.from_rdata(owner, int(ttl), Text(IN, TXT, _chunks(text.encode()))) for text in texts
+        ]
 
     def addr(self, text: str) -> Records:
-        try:
-            raw = bytes.fromhex(text)
-        except ValueError:
+        if not _HEX.fullmatch(text):
             return self.nxdomain()
+        raw = bytes.fromhex(text)
         if len(raw) not in (4, 16):
             return Records()
         address = str(ipaddress.ip_address(raw))
@@ -346,6 +362,13 @@ def _is_ip(text: str) -> bool:
 
 def _fqdn(host: str) -> str:
     return host if host.endswith(".") else host + "."
+
+
+_HEX = re.compile(r"(?:[0-9a-f]{2})+")
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    return [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
 
 
 def _question_name_end(wire: bytes) -> int | None:

@@ -16,13 +16,23 @@ import logging
 from typing import cast
 
 from supervisor.config.model import AgentConfig
-from supervisor.dns.resolver import Resolver
+from supervisor.dns.resolver import Resolver, Transport
 from supervisor.net import join_host_port
 
 log = logging.getLogger("supervisor.dns")
 
 MAX_TCP_CONNECTIONS = 128
 TCP_IDLE_TIMEOUT = 10.0
+
+
+def answer_safely(resolver: Resolver, wire: bytes, transport: Transport) -> bytes | None:
+    """The resolver's answer; a query it fails on (a bug) is dropped with one line in the
+    log, never a traceback that a client could produce at will."""
+    try:
+        return resolver.answer(wire, transport)
+    except Exception as exc:  # noqa: BLE001 - one query, never the listener
+        log.error("dns: cannot answer a query (%s: %s); dropped it", type(exc).__name__, exc)
+        return None
 
 
 class _Datagrams(asyncio.DatagramProtocol):
@@ -34,7 +44,7 @@ class _Datagrams(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        reply = self.resolver.answer(data, "udp")
+        reply = answer_safely(self.resolver, data, "udp")
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
 
@@ -100,7 +110,7 @@ class DnsServer:
             while True:
                 size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT), "big")
                 message = await asyncio.wait_for(reader.readexactly(size), TCP_IDLE_TIMEOUT)
-                reply = self.resolver.answer(message, "tcp")
+                reply = answer_safely(self.resolver, message, "tcp")
                 if reply is None:
                     break
                 writer.write(len(reply).to_bytes(2, "big") + reply)

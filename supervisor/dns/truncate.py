@@ -64,17 +64,19 @@ def limits(
     return min(total, TCP_MAX_SRV_ANSWERS if records.srv else TCP_MAX_ANSWERS), TCP_MAX_SIZE
 
 
-def fit(render: Callable[[int], bytes], keep: int, max_size: int) -> tuple[int, bytes]:
+def fit(render: Callable[[int], bytes | None], keep: int, max_size: int) -> tuple[int, bytes | None]:
     """The response with the most answers, up to ``keep``, that fits ``max_size`` bytes
-    (at least one answer): ``render(count)`` makes the response with the first ``count``.
-    One rendering when it fits, as it nearly always does; a binary search when not."""
+    (at least one answer, sent even when it alone is larger): ``render(count)`` makes the
+    response with the first ``count``, None when no DNS message can hold it. One rendering
+    when it fits, as it nearly always does; a binary search when not."""
     wire = render(keep)
-    if keep <= 1 or len(wire) <= max_size:
+    if wire is not None and (keep <= 1 or len(wire) <= max_size):
         return keep, wire
-    low, high = 1, keep - 1  # low always fits (or is the single answer sent anyway)
+    low, high = 1, keep - 1
     while low < high:
         middle = (low + high + 1) // 2
-        if len(render(middle)) <= max_size:
+        candidate = render(middle)
+        if candidate is not None and len(candidate) <= max_size:
             low = middle
         else:
             high = middle - 1

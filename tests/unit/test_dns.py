@@ -267,3 +267,37 @@ def test_letter_case_is_echoed_also_from_reused_answers(agent: Agent) -> None:
         assert reply.question[0].name.to_text() == spelling  # byte for byte, as 0x20 checks
         assert {rrset.name.to_text() for rrset in reply.answer} == {spelling}
         assert len(answers(reply)) == 6
+
+
+def test_hostile_catalog_contents_cost_an_instance_never_the_answer(agents: Callable[..., Agent]) -> None:
+    services = [
+        {"id": "h-good", "name": "h", "port": 1, "address": "10.9.0.1"},
+        {"id": "h-bad", "name": "h", "port": 2, "address": "a..b"},  # no DNS name can carry it
+        {"id": "h-long", "name": "h", "port": 3, "address": "x" * 64},
+    ]
+    agent = agents(services=services, node_name="node-1", node_meta={"long": "v" * 400})
+    assert answers(ask(agent, "h.service.consul.", "ANY", edns=4096)) == ["10.9.0.1"]
+    txt = ask(agent, "node-1.node.consul.", "TXT")
+    assert [len(s) for rrset in txt.answer for rdata in rrset for s in rdata.strings] == [255, 150]
+
+
+def test_names_and_tags_match_whatever_their_case(agents: Callable[..., Agent]) -> None:
+    agent = agents(services=[{"name": "UPPER", "port": 1, "address": "10.9.0.2", "tags": ["Primary"]}])
+    assert answers(ask(agent, "upper.service.consul.")) == ["10.9.0.2"]
+    assert answers(ask(agent, "primary.UPPER.service.consul.")) == ["10.9.0.2"]
+    assert len(answers(ask(agent, "_upper._primary.service.consul.", "SRV"))) == 1
+
+
+def test_responses_and_odd_addr_names_get_nothing(agent: Agent) -> None:
+    answer = resolver(agent).answer
+    response = dns.message.make_response(dns.message.make_query("api.service.consul.", "A"))
+    assert answer(response.to_wire(), "udp") is None  # a response sent to us: dropped
+    assert ask(agent, "7f 000001.addr.consul.").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_an_answer_larger_than_any_message_is_cut_to_fit(agents: Callable[..., Agent]) -> None:
+    many = [{"id": f"v6-{i}", "name": "v6", "port": 1, "address": f"fd00::{i:x}"} for i in range(2500)]
+    agent = agents(services=many)
+    for transport in ("tcp", "udp"):
+        reply = ask(agent, "v6.service.consul.", "AAAA", transport=transport, edns=65535)
+        assert 1000 < len(answers(reply)) < 2500 and len(reply.to_wire()) <= 65535

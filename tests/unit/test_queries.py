@@ -249,3 +249,19 @@ def test_a_deleted_query_stays_deleted_after_a_restart(tmp_path: Path) -> None:
     restarted = Store(path)
     restarted.queries.load()
     assert restarted.queries.list() == [kept]
+
+
+def test_template_regexps_that_would_backtrack_exponentially_are_refused() -> None:
+    from supervisor.catalog.queries import parse_query
+    from supervisor.errors import ConfigError
+
+    body = {
+        "Name": "re",
+        "Template": {"Type": "name_prefix_match", "Regexp": "^re(a+)+$"},
+        "Service": {"Service": "x"},
+    }
+    with pytest.raises(ConfigError) as raised:
+        parse_query(body)
+    assert "repetition inside a repetition" in str(raised.value.problems[0])
+    fine = {**body, "Template": {"Type": "name_prefix_match", "Regexp": "^geo-db-(.*?)-([^-]+?)$"}}
+    assert parse_query(fine).template is not None

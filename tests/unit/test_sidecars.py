@@ -120,7 +120,7 @@ def test_ports_are_the_lowest_free_and_a_reload_keeps_each_sidecars_port() -> No
     ("block", "expected"),
     [
         ({"id": "mine"}, "cannot specify an ID"),
-        ({"connect": {"sidecar_service": {}}}, "cannot have a nested sidecar_service"),
+        ({"connect": {"sidecar_service": {}}}, "cannot have a nested one"),
         ({"connect": {"proxy": {}}}, "cannot have a managed proxy"),
         ({"connect": {"native": True}}, "cannot also be Connect-native"),
     ],
@@ -242,3 +242,24 @@ def test_a_kept_registration_holds_the_assigned_port_and_loses_a_deregistered_si
     reloaded = Registry(str(tmp_path / "services"))
     reloaded.load(build)
     assert [s.id for s in reloaded.services] == ["api"]
+
+
+def test_another_registrations_sidecar_id_is_taken(agents: Callable[..., Agent]) -> None:
+    agent = agents()
+    assert agent.call("PUT", "/v1/agent/service/register", API_WEB).status == 200
+    stolen = agent.call("PUT", "/v1/agent/service/register", {"Name": "imp", "ID": "api-sidecar-proxy"})
+    assert stolen.status == 409 and "sidecar of api" in text(stolen)
+    nested = {**API_WEB, "Connect": {"SidecarService": {"Connect": {"SidecarService": {}}}}}
+    assert agent.call("PUT", "/v1/agent/service/register", nested).status == 400
+    weightless = {"Name": "w", "Port": 1, "Weights": {"Passing": 0, "Warning": 1}}
+    assert agent.call("PUT", "/v1/agent/service/register", weightless).status == 400
+
+
+def test_a_config_file_definition_replaces_an_api_registration_of_its_id(
+    agents: Callable[..., Agent],
+) -> None:
+    agent = agents()
+    assert agent.call("PUT", "/v1/agent/service/register", {"Name": "late", "Port": 4444}).status == 200
+    agent.reload_config(services=[*agent.document["services"], {"name": "late", "port": 5555}])
+    assert agent.get("/v1/agent/services")["late"]["Port"] == 5555
+    assert agent.plane.registry.get("late") is None
