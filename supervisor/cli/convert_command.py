@@ -4,7 +4,6 @@ definitions, in each input's own format (the rewriting is ``supervisor.config.co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -14,8 +13,9 @@ from supervisor.cli.dispatch import flag
 from supervisor.config.build import build_config
 from supervisor.config.convert import convert_document
 from supervisor.config.formats import format_for, parse_text
+from supervisor.config.limits import MAX_FILE_BYTES, LimitExceeded, loads_json
 from supervisor.config.sources import Source
-from supervisor.config.writers import dump
+from supervisor.config.writers import WriteError, dump
 from supervisor.errors import ConfigError, UsageError
 
 
@@ -28,6 +28,8 @@ def _files(paths: Sequence[str]) -> Iterator[str]:
                     yield full
         elif not os.path.exists(path):
             raise UsageError(f"{path}: no such file or directory")
+        elif not os.path.isfile(path):
+            raise UsageError(f"{path}: not a regular file")
         elif format_for(path) is None:
             raise UsageError(f"{path}: not a config file (.json, .hcl or .toml)")
         else:
@@ -40,11 +42,17 @@ def _allocated_ports(data_dir: str | None) -> dict[str, int]:
         return {}
     path = os.path.join(data_dir, "proxy", "allocations.json")
     try:
-        with open(path, encoding="utf-8") as handle:
-            proxies = json.load(handle).get("Proxies", {})
-        return {str(pid): int(entry["Port"]) for pid, entry in proxies.items() if entry.get("PortAuto")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if not os.path.isfile(path):
+            raise ValueError("not a regular file")
+        with open(path, "rb") as handle:
+            proxies = loads_json(handle.read(MAX_FILE_BYTES + 1)).get("Proxies", {})
+        ports = {str(pid): entry["Port"] for pid, entry in proxies.items() if entry.get("PortAuto") is True}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, LimitExceeded) as exc:
         raise UsageError(f"{path}: cannot read the assigned ports ({exc}); run as the agent's user") from None
+    bad = [pid for pid, port in ports.items() if type(port) is not int or not 0 < port < 65536]
+    if bad:
+        raise UsageError(f"{path}: the port of {bad[0]} is not a port number; the file is damaged")
+    return ports
 
 
 def beside(path: str, fmt: str) -> str:
@@ -66,13 +74,14 @@ def convert(args: argparse.Namespace, out: TextIO) -> int:
                 text = handle.read()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError.single(path, "", f"cannot be read: {exc}") from None
-        result = convert_document(parse_text(text, fmt, path), allocated)
+        document = parse_text(text, fmt, path)
+        build_config([Source(path, fmt, text)], {"data_dir": "/convert"})  # as valid as the agent needs
+        result = convert_document(document, allocated)
         if not result.converted:
             sys.stderr.write(f"{path}: no managed proxies to convert\n")
             continue
         total += len(result.converted)
-        written = dump(result.document, fmt)
-        _still_valid(written, fmt, path)
+        written = _written(result.document, fmt, path)
         for note in result.notes:
             sys.stderr.write(f"{path}: {note}\n")
         if args.write:
@@ -97,14 +106,37 @@ def convert(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _still_valid(text: str, fmt: str, path: str) -> None:
-    """The converted document must load as the original did (with a stand-in data_dir,
-    since a drop-in often leaves it to another file)."""
+def _written(document: Any, fmt: str, path: str) -> str:
+    """The converted document as text, checked: read back it must be the same document,
+    and it must load as the original did (a stand-in data_dir: a drop-in often leaves it to
+    another file)."""
+    try:
+        text = dump(document, fmt)
+        same = parse_text(text, fmt, path) == _plain(document)
+    except (WriteError, ConfigError, ValueError, TypeError) as exc:
+        same, text = False, str(exc)
+    if not same:
+        raise ConfigError.single(
+            path,
+            "",
+            f"the converted document cannot be written back as {fmt.upper()} unchanged; "
+            "convert a JSON copy of this file instead",
+        )
     try:
         build_config([Source(path, fmt, text)], {"data_dir": "/convert"})
     except ConfigError as exc:
         problems = "; ".join(str(p) for p in exc.problems)
         sys.stderr.write(f"{path}: warning: the converted file does not validate: {problems}\n")
+    return text
+
+
+def _plain(value: Any) -> Any:
+    """What a parser gives back for ``value`` (repeated HCL blocks are lists)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
 
 
 def add_parser(sub: Any) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor.config.formats import RepeatedBlocks
-from supervisor.config.schema import normalise_key
+from supervisor.config.schema import merge_repeated, normalise_key
 from supervisor.net import split_host_port
 
 
@@ -46,6 +46,18 @@ def _key(mapping: Mapping[str, Any], name: str) -> str | None:
 def _get(mapping: Mapping[str, Any], name: str, default: Any = None) -> Any:
     key = _key(mapping, name)
     return mapping[key] if key is not None else default
+
+
+def _object(mapping: dict[str, Any], name: str) -> Any:
+    """The object under ``name``, repeated HCL blocks (``connect { } connect { }``) merged
+    into one in place, as the agent reads them."""
+    key = _key(mapping, name)
+    if key is None:
+        return None
+    value = mapping[key]
+    if isinstance(value, RepeatedBlocks) and all(isinstance(block, dict) for block in value):
+        value = mapping[key] = merge_repeated(list(value))
+    return value
 
 
 def _pop(mapping: dict[str, Any], name: str, default: Any = None) -> Any:
@@ -94,15 +106,15 @@ def _services(document: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def _convert_service(
     service: dict[str, Any], path: str, allocated: Mapping[str, int], notes: list[Note]
 ) -> bool:
-    connect = _get(service, "connect")
-    if not isinstance(connect, dict) or not isinstance(_get(connect, "proxy"), dict):
+    connect = _object(service, "connect")
+    if not isinstance(connect, dict) or not isinstance(_object(connect, "proxy"), dict):
         return False
     if _key(connect, "sidecar_service") is not None:
         notes.append(Note(path, "has both connect.proxy and connect.sidecar_service: left as it is"))
         return False
     proxy: dict[str, Any] = dict(_pop(connect, "proxy"))
     service_id = str(_get(service, "id") or _get(service, "name") or "")
-    config = dict(_get(proxy, "config") or {})
+    config = dict(_object(proxy, "config") or {})
     upstreams = _get(proxy, "upstreams") or _pop(config, "upstreams") or []
     sidecar: dict[str, Any] = {}
     proxy_block: dict[str, Any] = {}
@@ -139,8 +151,13 @@ def _port(
 ) -> int:
     """The sidecar's port: the proxy's ``bind_port``, else the one the agent assigned."""
     bind_port = _pop(config, "bind_port")
-    if bind_port:
-        return int(bind_port)
+    if isinstance(bind_port, str) and bind_port.isascii() and bind_port.isdigit():
+        bind_port = int(bind_port)
+    if isinstance(bind_port, int) and not isinstance(bind_port, bool) and 0 < bind_port < 65536:
+        return bind_port
+    if bind_port not in (None, 0, ""):
+        config["bind_port"] = bind_port
+        notes.append(Note(path, f"bind_port {bind_port!r} is not a port number: left in the proxy's config"))
     if proxy_id in allocated:
         notes.append(
             Note(path, f"kept port {allocated[proxy_id]}, which the agent had assigned (from its data_dir)")
@@ -162,7 +179,7 @@ def _not_carried(proxy: Mapping[str, Any], service_id: str, path: str) -> list[N
     notes: list[Note] = []
     command = _get(proxy, "command")
     if command:
-        shown = " ".join(command) if isinstance(command, list) else str(command)
+        shown = " ".join(str(part) for part in command) if isinstance(command, list) else str(command)
         notes.append(
             Note(
                 path,

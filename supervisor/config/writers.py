@@ -18,7 +18,12 @@ import tomli_w
 from supervisor.config.formats import RepeatedBlocks
 
 _BARE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+_KEYWORDS = {"true", "false"}  # bare, pyhcl reads them as booleans
 INDENT = "  "
+
+
+class WriteError(ValueError):
+    """A value HCL cannot hold (null); the message names it."""
 
 
 def dump(document: Any, fmt: str) -> str:
@@ -42,7 +47,15 @@ def to_hcl(document: dict[str, Any]) -> str:
 
 
 def _key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+    return key if _BARE_KEY.fullmatch(key) and key not in _KEYWORDS else _string(key)
+
+
+def _string(text: str) -> str:
+    """A quoted HCL string: only ``\\`` and ``"`` are escaped (pyhcl reads no other
+    escape), everything else is written as it is, non-ASCII letters included."""
+    if "\n" in text:
+        raise WriteError("a string with a line break")  # a heredoc would not read back exactly
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _body(mapping: dict[str, Any], depth: int) -> list[str]:
@@ -66,7 +79,7 @@ def _literal(value: Any, depth: int) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        return _string(value)
     if isinstance(value, dict):
         pad = INDENT * (depth + 1)
         inner = "".join(f"{pad}{_key(str(k))} = {_literal(v, depth + 1)}\n" for k, v in value.items())
@@ -76,4 +89,4 @@ def _literal(value: Any, depth: int) -> str:
             return "[]"
         pad = INDENT * (depth + 1)
         return "[\n" + "".join(f"{pad}{_literal(v, depth + 1)},\n" for v in value) + INDENT * depth + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as HCL")
+    raise WriteError(f"HCL has no {'null' if value is None else type(value).__name__} value")

@@ -6,6 +6,7 @@ what cannot be carried over said on stderr (``supervisor/config/convert.py``,
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,56 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     plain.write_text(json.dumps({"service": {"name": "x", "port": 1}}))
     assert run(["convert", str(plain)]) == 0
     assert "no managed proxies" in capsys.readouterr().err
+
+
+def test_hostile_files_are_clear_errors_never_tracebacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = {
+        "port.json": {"service": {"name": "a", "connect": {"proxy": {"config": {"bind_port": "abc"}}}}},
+        "config.json": {"service": {"name": "a", "connect": {"proxy": {"config": "str"}}}},
+        "command.json": {"service": {"name": "a", "connect": {"proxy": {"command": [1, 2]}}}},
+    }
+    for name, document in cases.items():
+        (tmp_path / name).write_text(json.dumps(document))
+        assert run(["convert", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert name in err and "Traceback" not in err
+    # JSON with a null in a .hcl file: HCL cannot hold it, so nothing is written.
+    nulled = {"service": {"name": "a", "connect": {"proxy": {"config": {"x": None}}}}}
+    (tmp_path / "null.hcl").write_text(json.dumps(nulled))
+    assert run(["convert", str(tmp_path / "null.hcl")]) == 2
+    assert "cannot be written back as HCL unchanged" in capsys.readouterr().err
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    assert run(["convert", str(fifo)]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+
+
+def test_repeated_hcl_blocks_and_any_text_round_trip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "web.hcl"
+    source.write_text(
+        'service {\n  name = "web"\n  meta { owner = "José\tR" }\n'
+        "  connect { proxy { config { bind_port = 21500 } } }\n"
+        '  connect { proxy { upstreams = [{ destination_name = "db", local_bind_port = 9191 }] } }\n}\n'
+    )
+    assert run(["convert", str(source)]) == 0
+    document = parse_text(capsys.readouterr().out, "hcl", "out.hcl")
+    sidecar = document["service"]["connect"]["sidecar_service"]
+    assert sidecar["port"] == 21500 and sidecar["proxy"]["upstreams"][0]["local_bind_port"] == 9191
+    assert document["service"]["meta"]["owner"] == "José\tR"
+
+
+def test_a_damaged_allocations_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "db.json").write_text(json.dumps({"service": DB}))
+    (tmp_path / "data" / "proxy").mkdir(parents=True)
+    for content in (
+        '{"Version": 1, "Proxies": {"db-proxy": {"Port": Infinity, "PortAuto": true}}}',
+        "[" * 100000,
+    ):
+        (tmp_path / "data" / "proxy" / "allocations.json").write_text(content)
+        assert run(["convert", "-data-dir", str(tmp_path / "data"), str(tmp_path / "db.json")]) == 2
+        err = capsys.readouterr().err
+        assert "allocations.json" in err and "Traceback" not in err
