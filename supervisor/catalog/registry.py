@@ -51,8 +51,16 @@ class Registry:
                 document = load_document(path, VERSION, "it is moved aside")
                 if document is None:  # removed since the directory was listed
                     continue
+                if not isinstance(document, dict) or "Service" not in document:
+                    raise DataDirError("it holds no Service")
                 raw = document["Service"]
                 built = build(raw, SOURCE)
+                taken = {s.id for s in services} & {s.id for s in built}
+                if name != f"{built[0].id}.json" or taken:
+                    # Not a file this agent wrote: one registration per ID, named after it.
+                    raise DataDirError(
+                        f"it registers {', '.join(sorted(taken)) or built[0].id} under another name"
+                    )
             except (DataDirError, KeyError, TypeError, ConfigError) as exc:
                 aside = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
                 os.replace(path, aside)

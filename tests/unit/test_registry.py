@@ -107,3 +107,16 @@ def test_without_a_data_dir_registrations_live_in_memory_only() -> None:
     assert registry.get("web") is not None
     assert registry.deregister("web") is True
     assert registry.services == ()
+
+
+def test_a_hand_dropped_file_registering_a_taken_id_is_set_aside(tmp_path: Path) -> None:
+    registry = Registry(str(tmp_path))
+    registry.register(*registration({"Name": "web", "Port": 80}))
+    copy = json.loads((tmp_path / "web.json").read_text())
+    (tmp_path / "zz-copy.json").write_text(json.dumps(copy))
+    (tmp_path / "no-service.json").write_text(json.dumps({"Version": 1}))
+    again = Registry(str(tmp_path))
+    again.load(BUILD)
+    assert [s.id for s in again.services] == ["web"]
+    aside = sorted(p.name.split(".corrupt-")[0] for p in tmp_path.iterdir() if ".corrupt-" in p.name)
+    assert aside == ["no-service.json", "zz-copy.json"]
