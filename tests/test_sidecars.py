@@ -73,6 +73,15 @@ def test_supervised_sidecars_carry_traffic_and_are_adopted(tmp_path: Path, app: 
         again = agent.wait_state("db-sidecar-proxy", "running")
         assert again["Pid"] == db["Pid"], "the sidecar was not adopted"
         assert talk(upstream_port) == b"ping|db"
+
+        # Operator commands take the service's name, as for managed proxies.
+        restarted = agent.cli("restart", "db")
+        assert restarted.returncode == 0, restarted.stderr
+        after = agent.wait_state("db-sidecar-proxy", "running")
+        assert after["Pid"] != db["Pid"]
+        logs = agent.cli("logs", "db", "-stderr", "-data-dir", str(agent.data_dir))
+        assert logs.returncode == 0 and "db-sidecar-proxy" in logs.stdout
+        wait_until(lambda: talk(upstream_port) == b"ping|db", timeout=20, message="traffic after the restart")
     finally:
         agent.kill_everything()
 

@@ -121,7 +121,8 @@ def proxies(client: AgentClient, as_json: bool, out: TextIO) -> int:
 
 
 def _candidates(name: str) -> list[str]:
-    return [name, f"{name}-proxy"] if not name.endswith("-proxy") else [name]
+    """A proxy ID, or a service's: its managed proxy's, its supervised sidecar's."""
+    return [name, f"{name}-proxy", f"{name}-sidecar-proxy"] if not name.endswith("-proxy") else [name]
 
 
 def find_proxy(data: dict[str, Any], name: str) -> dict[str, Any]:
