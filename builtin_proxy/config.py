@@ -69,6 +69,7 @@ class ProxyConfig:
     local_connect_timeout_ms: int
     handshake_timeout_ms: int
     upstreams: tuple[UpstreamConfig, ...]
+    telemetry: tuple[str, int] | None = None  # where Prometheus scrapes this proxy (None: nowhere)
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -111,6 +112,18 @@ def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
     )
 
 
+def _telemetry(config: dict[str, Any]) -> tuple[str, int] | None:
+    """``telemetry``: ``"host:port"`` or ``{"prometheus_bind_addr": "host:port"}``."""
+    value = config.get("telemetry")
+    if isinstance(value, dict):
+        value = value.get("prometheus_bind_addr")
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"telemetry: expected host:port, got {value!r}")
+    return split_address(value, "telemetry")
+
+
 def from_managed(data: dict[str, Any]) -> ProxyConfig:
     """``GET /v1/agent/connect/proxy/<id>`` of a managed proxy."""
     config = data.get("Config") or {}
@@ -130,6 +143,7 @@ def from_managed(data: dict[str, Any]) -> ProxyConfig:
             config.get("handshake_timeout_ms"), "handshake_timeout_ms", DEFAULT_HANDSHAKE_TIMEOUT_MS
         ),
         upstreams=_upstreams(data.get("Upstreams") or config.get("upstreams")),
+        telemetry=_telemetry(config),
     )
 
 
@@ -159,4 +173,5 @@ def from_service(data: dict[str, Any]) -> ProxyConfig:
             config.get("handshake_timeout_ms"), "handshake_timeout_ms", DEFAULT_HANDSHAKE_TIMEOUT_MS
         ),
         upstreams=_upstreams(proxy.get("Upstreams")),
+        telemetry=_telemetry(config),
     )

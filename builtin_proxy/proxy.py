@@ -15,7 +15,7 @@ import logging
 import signal
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builtin_proxy.agent import AgentConnection, AgentError, Requests, Watch
 from builtin_proxy.authz import Authorizer
@@ -27,6 +27,9 @@ from builtin_proxy.sockets import BindError
 from builtin_proxy.tls import parse_service_uri
 from builtin_proxy.upstream import UpstreamListener
 from supervisor.resources import raise_open_file_limit
+
+if TYPE_CHECKING:
+    from builtin_proxy.telemetry import Telemetry
 
 log = logging.getLogger("builtin_proxy.proxy")
 
@@ -48,6 +51,7 @@ class Proxy:
         self.exit_code = EXIT_OK
         self._requests: Requests | None = None
         self._pending_roots: Any = None  # roots that arrived before the first config
+        self.telemetry: Telemetry | None = None  # the metrics endpoint, once one is configured
 
     # -- running ----------------------------------------------------------------------------
 
@@ -90,6 +94,8 @@ class Proxy:
                 connection.close()
         if self._requests is not None:
             self._requests.stop()
+        if self.telemetry is not None:
+            self.telemetry.stop()
         self.loop.close()
 
     def _watch(self, name: str, path: str, deliver: Callable[[Any], None], **options: Any) -> Watch:
@@ -189,6 +195,16 @@ class Proxy:
         for key, upstream in wanted.items():
             if key not in self.upstreams:
                 self.upstreams[key] = UpstreamListener(runtime, upstream)
+        self._apply_telemetry(runtime, config)
+
+    def _apply_telemetry(self, runtime: Runtime, config: ProxyConfig) -> None:
+        if config.telemetry is None and self.telemetry is None:
+            return  # prometheus_client is imported only by proxies that serve metrics
+        if self.telemetry is None:
+            from builtin_proxy.telemetry import Telemetry
+
+            self.telemetry = Telemetry(runtime.stats, config.service, config.proxy_id)
+        self.telemetry.move(config.telemetry)
 
     def _ensure_public(self) -> None:
         runtime = self.runtime

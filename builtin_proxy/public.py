@@ -13,11 +13,13 @@ import errno
 import logging
 import socket
 import ssl
+import time
 
 from builtin_proxy.loop import READ, WRITE, Timer
 from builtin_proxy.pump import Connection
 from builtin_proxy.runtime import Runtime
 from builtin_proxy.sockets import listen, stream_socket, tune
+from builtin_proxy.stats import Phase, Rejection
 from builtin_proxy.tls import parse_service_uri, peer_uri
 
 log = logging.getLogger("builtin_proxy.public")
@@ -41,6 +43,7 @@ class PublicListener:
                 log.warning("accept failed on the public listener: %s", exc)
                 return
             tune(client)
+            self.runtime.stats.public.accepted += 1
             _Inbound(self.runtime, client)
 
     def close(self) -> None:
@@ -51,14 +54,17 @@ class PublicListener:
 class _Inbound:
     """One accepted connection, from handshake to a running Connection."""
 
-    __slots__ = ("runtime", "tls", "app", "timer", "fd", "uri")
+    __slots__ = ("runtime", "tls", "app", "timer", "fd", "uri", "since", "stats")
 
     def __init__(self, runtime: Runtime, client: socket.socket) -> None:
         self.runtime = runtime
+        self.stats = runtime.stats.public
+        self.since = time.monotonic()  # the start of the phase under way
         self.app: socket.socket | None = None
         self.uri = ""
         context = runtime.identity.server
         if context is None:  # no certificates yet: nobody can be verified
+            self.stats.reject(Rejection.HANDSHAKE)
             client.close()
             return
         try:
@@ -86,14 +92,15 @@ class _Inbound:
             return
         except (ssl.SSLError, OSError) as exc:
             log.debug("inbound TLS handshake failed: %s", exc)
-            self._fail()
+            self._fail(Rejection.HANDSHAKE)
             return
         loop.unwatch(fd)
         self._cancel_timer()
+        self._phase_done(Phase.HANDSHAKE)
         uri = peer_uri(self.tls)
         if uri is None or parse_service_uri(uri) is None:
             log.info("refused a client without a Connect service identity (URI %r)", uri)
-            self._fail()
+            self._fail(Rejection.IDENTITY)
             return
         self.uri = uri
         serial = str((self.tls.getpeercert() or {}).get("serialNumber", ""))
@@ -102,14 +109,15 @@ class _Inbound:
     def _decided(self, allowed: bool, reason: str) -> None:
         if self.tls.fileno() < 0:
             return  # closed while waiting
+        self._phase_done(Phase.AUTHORIZATION)
         if not allowed:
             log.info("denied %s -> %s: %s", self.uri, self.runtime.config.service, reason)
-            self._fail()
+            self._fail(Rejection.AUTHORIZATION)
             return
         target = self.runtime.config.local_service
         if target is None:
             log.warning("no local_service_address: cannot forward the connection from %s", self.uri)
-            self._fail()
+            self._fail(Rejection.DIAL)
             return
         app = stream_socket(target[0])
         self.app = app
@@ -134,26 +142,34 @@ class _Inbound:
             self._app_failed(OSError(error, errno.errorcode.get(error, str(error))))
             return
         self.runtime.pending.discard(self)
-        connection = Connection(self.runtime.loop, self.app, self.tls, self.runtime.forget)
+        self._phase_done(Phase.DIAL)
+        connection = Connection(self.runtime.loop, self.app, self.tls, self.runtime.forget, self.stats)
         self.runtime.connections.add(connection)
         connection.start()
 
     def _app_failed(self, exc: OSError) -> None:
         target = self.runtime.config.local_service
         log.warning("cannot reach the local service at %s: %s", target, exc.strerror or exc)
-        self._fail()
+        self._fail(Rejection.DIAL)
 
     def _timeout(self, what: str) -> None:
         self.timer = None
         log.info("dropped a connection: %s took longer than allowed", what)
-        self._fail()
+        self._fail(Rejection.DIAL if self.app is not None else Rejection.HANDSHAKE)
+
+    def _phase_done(self, phase: Phase) -> None:
+        now = time.monotonic()
+        self.stats.latency[phase].observe(now - self.since)
+        self.since = now
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
-    def _fail(self) -> None:
+    def _fail(self, reason: Rejection | None = None) -> None:
+        if reason is not None:
+            self.stats.reject(reason)
         self._cancel_timer()
         loop = self.runtime.loop
         self.runtime.pending.discard(self)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from builtin_proxy.loop import ERROR, READ, WRITE, EventLoop
+from builtin_proxy.stats import ListenerStats
 
 BUFFER_SIZE = 256 * 1024
 TLS_RECORD = 16384  # the largest plaintext one TLS record carries
@@ -50,6 +51,8 @@ def _tls_object(sock: socket.socket) -> ssl.SSLObject | None:
 
 class _Direction:
     __slots__ = (
+        "stats",
+        "inbound",
         "conn",
         "src",
         "dst",
@@ -63,7 +66,16 @@ class _Direction:
         "_buffered",
     )
 
-    def __init__(self, conn: Connection, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        src: socket.socket,
+        dst: socket.socket,
+        stats: ListenerStats | None,
+        inbound: bool,
+    ) -> None:
+        self.stats = stats  # where this direction's bytes are counted (None: nowhere)
+        self.inbound = inbound  # from the listener's client into the proxy
         self.conn = conn
         self.src = src
         self.dst = dst
@@ -129,6 +141,12 @@ class _Direction:
                 shutdown_write(self.dst)
                 self.conn.direction_ended()
                 return True
+            stats = self.stats
+            if stats is not None:
+                if self.inbound:
+                    stats.bytes_in += count
+                else:
+                    stats.bytes_out += count
             try:
                 sent = write(_VIEW[:count])
             except _WOULD_BLOCK:
@@ -167,7 +185,18 @@ class _Direction:
 class Connection:
     """A live, copying connection. ``on_close`` runs once, before the sockets close."""
 
-    __slots__ = ("loop", "plain", "tls", "_up", "_down", "closed", "on_close", "_plain_fd", "_tls_fd")
+    __slots__ = (
+        "loop",
+        "plain",
+        "tls",
+        "_up",
+        "_down",
+        "closed",
+        "on_close",
+        "_plain_fd",
+        "_tls_fd",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -175,18 +204,26 @@ class Connection:
         plain: socket.socket,
         tls: ssl.SSLSocket,
         on_close: Callable[[Connection], None] | None = None,
+        stats: ListenerStats | None = None,
+        *,
+        client_is_plain: bool = False,
     ) -> None:
+        """``stats``: the listener whose bytes and active connections this one counts in;
+        ``client_is_plain``: that listener's client is the plain side (an upstream's)."""
         self.loop = loop
         self.plain = plain
         self.tls = tls
-        self._up = _Direction(self, plain, tls)  # plain -> TLS (encrypt)
-        self._down = _Direction(self, tls, plain)  # TLS -> plain (decrypt)
+        self.stats = stats
+        self._up = _Direction(self, plain, tls, stats, inbound=client_is_plain)  # plain -> TLS (encrypt)
+        self._down = _Direction(self, tls, plain, stats, inbound=not client_is_plain)  # TLS -> plain
         self._plain_fd = plain.fileno()
         self._tls_fd = tls.fileno()
         self.closed = False
         self.on_close = on_close
 
     def start(self) -> None:
+        if self.stats is not None:
+            self.stats.active += 1
         # TLS may already hold decrypted records that epoll cannot report.
         if self.tls.pending():
             self._down.pump()
@@ -231,6 +268,8 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        if self.stats is not None:
+            self.stats.active -= 1
         self.loop.unwatch(self._plain_fd)
         self.loop.unwatch(self._tls_fd)
         if self.on_close is not None:

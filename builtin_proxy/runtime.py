@@ -11,6 +11,7 @@ from builtin_proxy.authz import Authorizer
 from builtin_proxy.config import ProxyConfig
 from builtin_proxy.loop import EventLoop
 from builtin_proxy.pump import Connection
+from builtin_proxy.stats import ProxyStats
 from builtin_proxy.tls import Identity
 
 
@@ -34,6 +35,7 @@ class Runtime:
     # resumable TLS sessions by (host, port, identity generation) of the instance dialled
     sessions: dict[tuple[str, int, int], ssl.SSLSession] = field(default_factory=dict)
     identity_waiters: list[Callable[[], None]] = field(default_factory=list)
+    stats: ProxyStats = field(default_factory=ProxyStats)
 
     def forget(self, connection: Connection) -> None:
         self.connections.discard(connection)

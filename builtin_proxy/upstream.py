@@ -27,6 +27,7 @@ from builtin_proxy.loop import READ, WRITE, Timer
 from builtin_proxy.pump import Connection
 from builtin_proxy.runtime import Runtime
 from builtin_proxy.sockets import listen, stream_socket, tune
+from builtin_proxy.stats import Phase, Rejection
 from builtin_proxy.tls import peer_uri
 
 log = logging.getLogger("builtin_proxy.upstream")
@@ -109,6 +110,7 @@ class UpstreamListener:
         self.runtime = runtime
         self.upstream = upstream
         self.sock = listen(upstream.listen, f"upstream {upstream.destination_name}")
+        self.stats = runtime.stats.upstream(upstream.destination_name)
         self.discovery = Discovery(runtime, upstream)
         runtime.loop.watch(self.sock.fileno(), READ, self._accept)
         log.info("upstream %s listening", upstream)
@@ -123,6 +125,7 @@ class UpstreamListener:
                 log.warning("accept failed on upstream %s: %s", self.upstream, exc)
                 return
             tune(client)
+            self.stats.accepted += 1
             _Outbound(self.runtime, self, client)
 
     def close(self) -> None:
@@ -134,7 +137,18 @@ class UpstreamListener:
 class _Outbound:
     """One local connection, from picking an instance to a running Connection."""
 
-    __slots__ = ("runtime", "listener", "client", "tls", "timer", "instance", "deadline", "generation")
+    __slots__ = (
+        "runtime",
+        "listener",
+        "client",
+        "tls",
+        "timer",
+        "instance",
+        "deadline",
+        "generation",
+        "since",
+        "connected",
+    )
 
     def __init__(self, runtime: Runtime, listener: UpstreamListener, client: socket.socket) -> None:
         self.runtime = runtime
@@ -146,6 +160,8 @@ class _Outbound:
         self.deadline = time.monotonic() + budget
         self.timer: Timer | None = runtime.loop.call_later(budget, self._timeout)
         self.generation = 0
+        self.since = time.monotonic()  # the start of the phase under way
+        self.connected = False  # TCP is up: what remains is the handshake
         runtime.pending.add(self)
         self._try()
 
@@ -162,11 +178,12 @@ class _Outbound:
         if instance is None:
             if discovery.loaded:  # the agent answered: there is none (Consul's behaviour too)
                 log.warning("%s: no healthy instances found", self.listener.upstream)
-                self._fail()
+                self._fail(Rejection.DIAL)
                 return
             discovery.waiters.append(self._try)  # first answer still on its way
             return
         self.instance = instance
+        self.since = time.monotonic()
         host, port, _, _ = instance
         raw = stream_socket(host)
         try:
@@ -194,6 +211,9 @@ class _Outbound:
     def _handshake(self, fd: int, _events: int) -> None:
         loop = self.runtime.loop
         assert self.tls is not None
+        if not self.connected:  # first call: the socket became writable, TCP is up
+            self.connected = True
+            self._phase_done(Phase.DIAL)
         try:
             self.tls.do_handshake()
         except ssl.SSLWantReadError:
@@ -206,6 +226,7 @@ class _Outbound:
             self._dial_failed(exc)
             return
         loop.unwatch(fd)
+        self._phase_done(Phase.HANDSHAKE)
         assert self.instance is not None
         host, port, destination, datacenter = self.instance
         if log.isEnabledFor(logging.DEBUG):
@@ -221,11 +242,13 @@ class _Outbound:
                 got,
                 expected,
             )
-            self._fail()
+            self._fail(Rejection.IDENTITY)
             return
         self._cancel_timer()
         self.runtime.pending.discard(self)
-        connection = Connection(loop, self.client, self.tls, self._closed)
+        connection = Connection(
+            loop, self.client, self.tls, self._closed, self.listener.stats, client_is_plain=True
+        )
         self.runtime.connections.add(connection)
         connection.start()
 
@@ -245,19 +268,26 @@ class _Outbound:
         if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
             reason = "connection refused"
         log.warning("%s: failed to dial %s: %s", self.listener.upstream, where, reason)
-        self._fail()
+        self._fail(Rejection.HANDSHAKE if self.connected else Rejection.DIAL)
 
     def _timeout(self) -> None:
         self.timer = None
         log.warning("%s: no connection within connect_timeout_ms", self.listener.upstream)
-        self._fail()
+        self._fail(Rejection.HANDSHAKE if self.connected else Rejection.DIAL)
+
+    def _phase_done(self, phase: Phase) -> None:
+        now = time.monotonic()
+        self.listener.stats.latency[phase].observe(now - self.since)
+        self.since = now
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
-    def _fail(self) -> None:
+    def _fail(self, reason: Rejection | None = None) -> None:
+        if reason is not None:
+            self.listener.stats.reject(reason)
         self._cancel_timer()
         self.runtime.pending.discard(self)
         loop = self.runtime.loop
