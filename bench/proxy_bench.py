@@ -234,9 +234,13 @@ def _wait_for_proxies(agent: Agent) -> dict[str, Any]:
     return agent.wait(ready, 30, "both proxies to serve", interval=0.1)
 
 
-def ours(work: Path, app_port: int) -> tuple[Candidate, dict[str, str]]:
-    """Two built-in proxies behind a real agent (which also issues every pair's certificates)."""
+def ours(work: Path, app_port: int, *, tunnels: bool = True) -> tuple[Candidate, dict[str, str]]:
+    """Two built-in proxies behind a real agent (which also issues every pair's certificates);
+    ``tunnels``: whether web's proxy offers reusable tunnels (else one TLS per connection)."""
     entry = free_port()
+    web_proxy: dict[str, Any] = {"upstreams": [{"destination_name": "db", "local_bind_port": entry}]}
+    if not tunnels:
+        web_proxy["config"] = {"tunnels": False}
     low, high = PORTS.block(100)
     config: dict[str, Any] = {
         "data_dir": str(work / "data"),
@@ -247,7 +251,7 @@ def ours(work: Path, app_port: int) -> tuple[Candidate, dict[str, str]]:
             {
                 "name": "web",
                 "port": 8080,
-                "connect": {"proxy": {"upstreams": [{"destination_name": "db", "local_bind_port": entry}]}},
+                "connect": {"proxy": web_proxy},
             },
             {"name": "db", "port": app_port, "connect": {"proxy": {}}},
         ],
@@ -256,7 +260,8 @@ def ours(work: Path, app_port: int) -> tuple[Candidate, dict[str, str]]:
     agent.start()
     assert agent.process is not None
     base = f"http://127.0.0.1:{agent.port}"
-    candidate = Candidate("proxy-supervisor", entry, [agent.process], agent_url=base)
+    name = "proxy-supervisor" if tunnels else "proxy-supervisor, no tunnels"
+    candidate = Candidate(name, entry, [agent.process], agent_url=base)
     try:
         proxies = _wait_for_proxies(agent)
     except BaseException:
@@ -370,17 +375,19 @@ def run(seconds: int = 5, samples: int = 5000, workers: int = 4, hold: int = 100
         try:
             # Two paths per candidate: the echo app (latency, connections, memory) and the
             # iperf3 server (throughput); each candidate is built twice, once per app.
-            for name in ("ours-echo", "ours-iperf"):
+            for name in ("ours-echo", "ours-iperf", "plain-echo", "plain-iperf"):
                 (work / name).mkdir()
             ours_echo, files = ours(work / "ours-echo", echo_port)
             candidates.append(ours_echo)
+            plain_echo, _ = ours(work / "plain-echo", echo_port, tunnels=False)
+            candidates.append(plain_echo)
             direct = Candidate("direct", echo_port)
             stunnel = stunnel_pair(work, echo_port, files)
             haproxy = haproxy_pair(work, echo_port, files)
             candidates += [stunnel, haproxy]
             idle = [rss_mib(pid) for pid in ours_echo.proxy_pids]
             measured: dict[str, Any] = {}
-            for candidate in (direct, stunnel, haproxy, ours_echo):
+            for candidate in (direct, stunnel, haproxy, plain_echo, ours_echo):
                 measured[candidate.name] = measure(
                     candidate, seconds=seconds, samples=samples, workers=workers
                 )
@@ -391,7 +398,8 @@ def run(seconds: int = 5, samples: int = 5000, workers: int = 4, hold: int = 100
                 sock.close()
             print("  throughput ...", flush=True)
             ours_iperf, _ = ours(work / "ours-iperf", iperf_port)
-            candidates.append(ours_iperf)
+            plain_iperf, _ = ours(work / "plain-iperf", iperf_port, tunnels=False)
+            candidates += [ours_iperf, plain_iperf]
             stunnel_iperf = stunnel_pair(work, iperf_port, files)
             haproxy_iperf = haproxy_pair(work, iperf_port, files)
             candidates += [stunnel_iperf, haproxy_iperf]
@@ -399,6 +407,7 @@ def run(seconds: int = 5, samples: int = 5000, workers: int = 4, hold: int = 100
                 ("direct", iperf_port),
                 ("stunnel pair", stunnel_iperf.entry_port),
                 ("HAProxy pair", haproxy_iperf.entry_port),
+                ("proxy-supervisor, no tunnels", plain_iperf.entry_port),
                 ("proxy-supervisor", ours_iperf.entry_port),
             ):
                 measured[name]["throughput_gbit"] = iperf(port, seconds)
@@ -469,12 +478,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ("connections_per_second", "new connections per second (higher is better)"),
     ]
     fig, axes = plt.subplots(1, len(figures), figsize=(18, 4.2))
-    colours = ["#8c8c8c", "#4878a8", "#d08a38", "#3a9a5b"]
+    colours = ["#8c8c8c", "#4878a8", "#d08a38", "#9ac79f", "#3a9a5b"]
     for axis, (key, title) in zip(axes, figures, strict=True):
         values = [results["candidates"][name][key] for name in names]
         bars = axis.bar(range(len(names)), values, color=colours[: len(names)])
         axis.set_title(title, fontsize=10)
-        axis.set_xticks(range(len(names)), [n.replace(" pair", "\npair") for n in names], fontsize=8)
+        axis.set_xticks(
+            range(len(names)),
+            [
+                n.replace(" pair", "\npair").replace("proxy-supervisor", "ours").replace(", ", ",\n")
+                for n in names
+            ],
+            fontsize=8,
+        )
         for bar, value in zip(bars, values, strict=True):
             axis.annotate(
                 f"{value:g}",

@@ -70,6 +70,7 @@ class ProxyConfig:
     handshake_timeout_ms: int
     upstreams: tuple[UpstreamConfig, ...]
     telemetry: tuple[str, int] | None = None  # where Prometheus scrapes this proxy (None: nowhere)
+    tunnels: bool = True  # offer reusable tunnels to other built-in proxies (config "tunnels")
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -144,6 +145,7 @@ def from_managed(data: dict[str, Any]) -> ProxyConfig:
         ),
         upstreams=_upstreams(data.get("Upstreams") or config.get("upstreams")),
         telemetry=_telemetry(config),
+        tunnels=config.get("tunnels") is not False,
     )
 
 
@@ -174,4 +176,5 @@ def from_service(data: dict[str, Any]) -> ProxyConfig:
         ),
         upstreams=_upstreams(proxy.get("Upstreams")),
         telemetry=_telemetry(config),
+        tunnels=config.get("tunnels") is not False,
     )

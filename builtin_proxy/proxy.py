@@ -92,6 +92,9 @@ class Proxy:
                 pending.close()
             for connection in list(self.runtime.connections):
                 connection.close()
+            for tunnel in list(self.runtime.tunnels):
+                tunnel.close()
+            self.runtime.pool.close()
         if self._requests is not None:
             self._requests.stop()
         if self.telemetry is not None:
@@ -153,6 +156,11 @@ class Proxy:
         runtime = self.runtime
         assert runtime is not None
         runtime.sessions.clear()  # sessions belong to the old contexts
+        # Tunnels made with the old certificates carry no new streams: idle ones close
+        # now, busy ones when their stream is over; the public side asks its peers to go.
+        runtime.pool.retire(runtime.identity.generation)
+        for tunnel in list(runtime.tunnels):
+            tunnel.goaway()
         log.info("TLS identity updated (%s): new connections use it", what)
         try:
             self._ensure_public()

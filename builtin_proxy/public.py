@@ -20,7 +20,8 @@ from builtin_proxy.pump import Connection
 from builtin_proxy.runtime import Runtime
 from builtin_proxy.sockets import listen, stream_socket, tune
 from builtin_proxy.stats import Phase, Rejection
-from builtin_proxy.tls import parse_service_uri, peer_uri
+from builtin_proxy.tls import TUNNEL_ALPN, parse_service_uri, peer_uri
+from builtin_proxy.tunnels import PublicTunnel
 
 log = logging.getLogger("builtin_proxy.public")
 
@@ -104,6 +105,12 @@ class _Inbound:
             return
         self.uri = uri
         serial = str((self.tls.getpeercert() or {}).get("serialNumber", ""))
+        if self.tls.selected_alpn_protocol() == TUNNEL_ALPN:
+            # Another built-in proxy: each stream it opens is authorized on its own.
+            self.runtime.pending.discard(self)
+            self.stats.accepted -= 1  # (counted per stream by the tunnel)
+            PublicTunnel(self.runtime, self.tls, uri, serial)
+            return
         self.runtime.authorizer.authorize(uri, serial, self._decided)
 
     def _decided(self, allowed: bool, reason: str) -> None:

@@ -59,9 +59,18 @@ class ListenerStats:
 
 
 @dataclass
+class TunnelStats:
+    idle: int = 0  # pooled at our upstreams now
+    reused: int = 0  # streams carried by a pooled tunnel (no handshake)
+    retired: int = 0  # pooled tunnels closed: expired, GOAWAY, certificates changed
+    public: int = 0  # tunnels other proxies hold open at our public listener
+
+
+@dataclass
 class ProxyStats:
     public: ListenerStats = field(default_factory=lambda: ListenerStats("public"))
     upstreams: dict[str, ListenerStats] = field(default_factory=dict)
+    tunnels: TunnelStats = field(default_factory=TunnelStats)
 
     def upstream(self, destination: str) -> ListenerStats:
         stats = self.upstreams.get(destination)

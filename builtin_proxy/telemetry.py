@@ -12,6 +12,9 @@ the figures are read at scrape time from ``stats.ProxyStats``, which the event l
     proxy_supervisor_proxy_<phase>_seconds{listener, destination}   (histograms)
         phase: handshake | authorization (public only) | dial
 
+    proxy_supervisor_proxy_tunnels_idle, _tunnels_public                  (gauges)
+    proxy_supervisor_proxy_tunnel_reuses_total, _tunnels_retired_total     (counters)
+
 ``listener`` is ``public`` or ``upstream``; ``destination`` names an upstream ("" for public).
 Every series carries ``service`` (the proxied service) and ``proxy_id``.
 """
@@ -64,6 +67,23 @@ class _Collector(Collector):
                     buckets.append((_bound(bound), running))
                 latency[phase].add_metric(values, buckets, histogram.total)
         yield from (accepted, active, rejected, moved, *latency.values())
+        tunnels = self.stats.tunnels
+        base = ["service", "proxy_id"]
+        values = [self.base["service"], self.base["proxy_id"]]
+        for name, kind, text, value in (
+            ("tunnels_idle", GaugeMetricFamily, "Tunnels pooled at the upstreams, idle", tunnels.idle),
+            ("tunnels_public", GaugeMetricFamily, "Tunnels held open at the public listener", tunnels.public),
+            ("tunnel_reuses", CounterMetricFamily, "Streams carried by a pooled tunnel", tunnels.reused),
+            (
+                "tunnels_retired",
+                CounterMetricFamily,
+                "Pooled tunnels closed (age, GOAWAY, new certificates)",
+                tunnels.retired,
+            ),
+        ):
+            family = kind(f"{PREFIX}_{name}", text, labels=base)
+            family.add_metric(values, value)
+            yield family
 
 
 def _bound(value: float) -> str:

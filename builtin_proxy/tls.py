@@ -2,8 +2,10 @@
 
 Both contexts are rebuilt whenever the roots or the leaf change (renewal, rotation);
 new connections take the current ones, established connections keep theirs. TLS 1.2+,
-client certificates required and verified against every current root, no ALPN (never
-``h2``: this is a layer-4 proxy; Consul 1.2-1.5 wrongly offered it, issue 4466).
+client certificates required and verified against every current root. The only ALPN
+protocol is this project's tunnel protocol (``frames.py``), offered by our upstream side
+and selected by our public side; never ``h2``: this is a layer-4 proxy (Consul 1.2-1.5
+wrongly offered it, issue 4466).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from supervisor.connect.spiffe import InvalidSpiffeID, parse_service
 
+TUNNEL_ALPN = "x-proxy-supervisor-tunnel/1"
 TLS12_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305"
 
 
@@ -73,6 +76,7 @@ class Identity:
         self.leaf_key_pem = ""
         self.server: ssl.SSLContext | None = None
         self.client: ssl.SSLContext | None = None
+        self.tunnel_client: ssl.SSLContext | None = None  # offers the tunnel protocol (ALPN)
         self.generation = 0
 
     @property
@@ -103,7 +107,11 @@ class Identity:
         server = self._context(ssl.PROTOCOL_TLS_SERVER)
         client = self._context(ssl.PROTOCOL_TLS_CLIENT)
         client.check_hostname = False  # identity is the SPIFFE URI, checked after the handshake
-        self.server, self.client = server, client
+        tunnel = self._context(ssl.PROTOCOL_TLS_CLIENT)
+        tunnel.check_hostname = False
+        tunnel.set_alpn_protocols([TUNNEL_ALPN])  # only our upstream side offers it
+        server.set_alpn_protocols([TUNNEL_ALPN])  # selected only for a client that offers it
+        self.server, self.client, self.tunnel_client = server, client, tunnel
         self.generation += 1
         return True
 

@@ -23,12 +23,14 @@ from typing import Any, NamedTuple
 
 from builtin_proxy.agent import AgentConnection, Watch
 from builtin_proxy.config import UpstreamConfig
+from builtin_proxy.frames import Frame, FrameReader, Stream, header
 from builtin_proxy.loop import READ, WRITE, Timer
 from builtin_proxy.pump import Connection
 from builtin_proxy.runtime import Runtime
 from builtin_proxy.sockets import listen, stream_socket, tune
 from builtin_proxy.stats import Phase, Rejection
-from builtin_proxy.tls import peer_uri
+from builtin_proxy.tls import TUNNEL_ALPN, peer_uri
+from builtin_proxy.tunnels import keepalive
 
 log = logging.getLogger("builtin_proxy.upstream")
 
@@ -185,6 +187,13 @@ class _Outbound:
         self.instance = instance
         self.since = time.monotonic()
         host, port, _, _ = instance
+        tunnels = runtime.config.tunnels
+        if tunnels:
+            pooled = runtime.pool.take((host, port, runtime.identity.generation))
+            if pooled is not None:  # no dial, no handshake: a tunnel that is already up
+                self.generation = runtime.identity.generation
+                self._stream(*pooled)
+                return
         raw = stream_socket(host)
         try:
             raw.connect((host, port))
@@ -194,10 +203,10 @@ class _Outbound:
             raw.close()
             self._dial_failed(exc)
             return
-        context = runtime.identity.client
+        context = runtime.identity.tunnel_client if tunnels else runtime.identity.client
         assert context is not None
         self.generation = runtime.identity.generation
-        session = runtime.sessions.get((host, port, self.generation))
+        session = runtime.sessions.get((host, port, self.generation, tunnels))
         try:
             self.tls = context.wrap_socket(
                 raw, server_side=False, do_handshake_on_connect=False, session=session
@@ -244,6 +253,11 @@ class _Outbound:
             )
             self._fail(Rejection.IDENTITY)
             return
+        if self.tls.selected_alpn_protocol() == TUNNEL_ALPN:
+            keepalive(self.tls)
+            self._keep_session(self.tls, tunnel=True)
+            self._stream(self.tls, FrameReader())
+            return
         self._cancel_timer()
         self.runtime.pending.discard(self)
         connection = Connection(
@@ -252,14 +266,44 @@ class _Outbound:
         self.runtime.connections.add(connection)
         connection.start()
 
+    def _stream(self, tls: ssl.SSLSocket, reader: FrameReader) -> None:
+        """Carry this client connection over a tunnel (pooled, or just made)."""
+        self._cancel_timer()
+        self.runtime.pending.discard(self)
+        stream = Stream(
+            self.runtime.loop,
+            self.client,
+            tls,
+            reader,
+            self._stream_done,
+            self.listener.stats,
+            inbound_is_plain=True,
+        )
+        stream.start(first=header(Frame.OPEN))
+
+    def _stream_done(self, stream: Stream, reusable: bool) -> None:
+        instance = self.instance
+        if reusable and instance is not None:
+            key = (instance[0], instance[1], self.generation)
+            self.runtime.pool.give(key, stream.tunnel, stream.reader, self.runtime.identity.generation)
+        else:
+            self.runtime.loop.unwatch(stream.tunnel.fileno())
+            try:
+                stream.tunnel.close()
+            except OSError:
+                pass
+
     def _closed(self, connection: Connection) -> None:
         self.runtime.forget(connection)
-        if connection.tls.session_reused:
+        self._keep_session(connection.tls, tunnel=False)
+
+    def _keep_session(self, tls: ssl.SSLSocket, *, tunnel: bool) -> None:
+        if tls.session_reused:
             return  # the cached session still works; reading it back costs a DER round trip
-        session = connection.tls.session
+        session = tls.session
         if session is not None and session.has_ticket and self.instance is not None:
             host, port, _, _ = self.instance
-            self.runtime.sessions[(host, port, self.generation)] = session
+            self.runtime.sessions[(host, port, self.generation, tunnel)] = session
 
     def _dial_failed(self, exc: BaseException) -> None:
         instance = self.instance

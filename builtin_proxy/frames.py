@@ -1,0 +1,423 @@
+"""The tunnel wire format between two built-in proxies, and the framed byte pump.
+
+A tunnel is a mutual-TLS connection whose ALPN is ``ALPN`` (offered only by our upstream
+side; any other peer never selects it and gets one TLS connection per client connection,
+as before). It carries one stream at a time; when a stream is over the tunnel goes back
+to its upstream's pool and carries the next client connection without a new handshake.
+
+Frame: a 4-byte header -- the type (1 byte) and the payload length (3 bytes, big-endian) --
+then the payload.
+
+    OPEN    upstream -> public   a new stream: authorize the tunnel's peer and dial the app
+    DATA    both ways            payload bytes of the stream (at most 256 KiB per frame)
+    FIN     both ways            this side's half of the stream has ended (a TCP half-close)
+    RESET   both ways            the stream is aborted (denied, app unreachable, client gone);
+                                 the other side answers RESET unless it already sent one
+    GOAWAY  public -> upstream   open no more streams here (idle too long, leaf renewed)
+
+A stream is over for a side once it has sent and received FIN, or sent and received
+RESET. Frames of an aborted stream that were already on their way are skipped until the
+peer's RESET arrives.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from builtin_proxy.loop import ERROR, READ, WRITE, EventLoop
+from builtin_proxy.pump import shutdown_write
+from builtin_proxy.stats import ListenerStats
+from builtin_proxy.tls import TUNNEL_ALPN
+
+ALPN = TUNNEL_ALPN
+HEADER = 4
+RECORD = 16384  # the largest plaintext one TLS record carries
+MAX_PAYLOAD = 256 * 1024 - HEADER
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_BROKEN = (OSError, ssl.SSLError)
+_READABLE = READ | ERROR
+_OUT = bytearray(MAX_PAYLOAD + HEADER)  # plain -> tunnel: payload read behind its header
+_OUT_VIEW = memoryview(_OUT)
+_IN = bytearray(256 * 1024)  # tunnel -> plain
+_IN_VIEW = memoryview(_IN)
+
+
+class Frame(enum.IntEnum):
+    OPEN = 1
+    DATA = 2
+    FIN = 3
+    RESET = 4
+    GOAWAY = 5
+
+
+def header(kind: Frame, length: int = 0) -> bytes:
+    return bytes((kind, (length >> 16) & 0xFF, (length >> 8) & 0xFF, length & 0xFF))
+
+
+class FrameReader:
+    """Splits what the tunnel delivers into frames, across reads of any size."""
+
+    __slots__ = ("rest", "payload_left", "kind")
+
+    def __init__(self) -> None:
+        self.rest = b""  # an incomplete header
+        self.payload_left = 0  # of the DATA frame under way
+        self.kind = Frame.DATA
+
+    def feed(
+        self, data: memoryview, on_data: Callable[[memoryview], None], on_frame: Callable[[Frame], None]
+    ) -> None:
+        position, size = 0, len(data)
+        if self.rest:
+            data = memoryview(self.rest + bytes(data))
+            self.rest, size = b"", len(data)
+        while position < size:
+            if self.payload_left:
+                take = min(self.payload_left, size - position)
+                self.payload_left -= take
+                on_data(data[position : position + take])
+                position += take
+                continue
+            if size - position < HEADER:
+                self.rest = bytes(data[position:])
+                return
+            kind = data[position]
+            length = (data[position + 1] << 16) | (data[position + 2] << 8) | data[position + 3]
+            position += HEADER
+            try:
+                frame = Frame(kind)
+            except ValueError:
+                raise ProtocolError(f"unknown frame type {kind}") from None
+            if frame is Frame.DATA:
+                self.payload_left = length
+            elif length:
+                raise ProtocolError(f"{frame.name} frame with a payload")
+            else:
+                on_frame(frame)
+
+
+class ProtocolError(Exception):
+    """The peer broke the tunnel protocol: the tunnel is closed."""
+
+
+class Stream:
+    """One client connection carried over a tunnel: ``plain`` is the client (upstream side)
+    or the app (public side); ``tunnel`` the TLS socket. Back-pressure per direction: a
+    side that cannot take more stops the reading of the other. ``done(reusable)`` runs
+    once, when the stream is over (``reusable``: the tunnel may carry another)."""
+
+    __slots__ = (
+        "loop",
+        "plain",
+        "tunnel",
+        "reader",
+        "done",
+        "stats",
+        "inbound_is_plain",
+        "sent_fin",
+        "got_fin",
+        "sent_reset",
+        "got_reset",
+        "to_plain",
+        "to_tunnel",
+        "plain_ended",
+        "finished",
+        "keep",
+        "_plain_fd",
+        "_tunnel_fd",
+        "_tls_write",
+        "_tls_read",
+    )
+
+    def __init__(
+        self,
+        loop: EventLoop,
+        plain: socket.socket | None,
+        tunnel: ssl.SSLSocket,
+        reader: FrameReader,
+        done: Callable[[Stream, bool], None],
+        stats: ListenerStats | None = None,
+        *,
+        inbound_is_plain: bool,
+    ) -> None:
+        self.loop = loop
+        self.plain = plain
+        self.tunnel = tunnel
+        self.reader = reader
+        self.done = done
+        self.stats = stats
+        self.inbound_is_plain = inbound_is_plain
+        self.sent_fin = self.got_fin = self.sent_reset = self.got_reset = False
+        self.to_plain: bytes | None = None  # congested: bytes the plain side has not taken
+        self.to_tunnel: bytes | None = None
+        self.plain_ended = plain is None
+        self.finished = False
+        self.keep = True  # False once the peer said GOAWAY: the tunnel ends with this stream
+        self._plain_fd = plain.fileno() if plain is not None else -1
+        self._tunnel_fd = tunnel.fileno()
+        tls: Any = getattr(tunnel, "_sslobj", None) or tunnel
+        self._tls_write: Callable[[Any], int] = tls.write
+        self._tls_read: Callable[..., Any] = tls.read
+
+    # -- starting and ending --------------------------------------------------------------
+
+    def start(self, first: bytes = b"", early: bytes = b"") -> None:
+        """Begin relaying; ``first``: frames to send before anything else (OPEN);
+        ``early``: stream bytes that arrived with the OPEN, for the plain side."""
+        if self.stats is not None:
+            self.stats.active += 1
+        if first:
+            self._send(first)
+        if early and not self.finished:
+            self._data(memoryview(early))
+        if self.got_fin and self.plain is not None and self.to_plain is None:
+            shutdown_write(self.plain)
+        if not self.finished:
+            self._pump_tunnel()
+        if not self.finished:
+            self._update()
+
+    def reset(self) -> None:
+        """Abort the stream (our side): RESET to the peer, then wait for its RESET."""
+        if self.sent_reset or self.finished:
+            return
+        self.sent_reset = True
+        self._close_plain()
+        self.to_tunnel = None
+        self._send(header(Frame.RESET))
+        self._check_over()
+        if not self.finished:
+            self._update()
+
+    def _check_over(self) -> None:
+        if self.finished:
+            return
+        clean = self.sent_fin and self.got_fin and self.to_plain is None and self.to_tunnel is None
+        aborted = self.sent_reset and self.got_reset and self.to_tunnel is None
+        if clean or aborted:
+            self._finish(reusable=True)
+
+    def _finish(self, *, reusable: bool) -> None:
+        self.finished = True
+        if self.stats is not None:
+            self.stats.active -= 1
+        self._close_plain()
+        if self._tunnel_fd >= 0:
+            self.loop.unwatch(self._tunnel_fd)
+        done, self.done = self.done, _nothing
+        done(self, reusable and self.keep)
+
+    def broken(self) -> None:
+        """The tunnel failed: the stream ends with it, the tunnel is not reused."""
+        if not self.finished:
+            self._finish(reusable=False)
+
+    def _close_plain(self) -> None:
+        if self.plain is not None:
+            self.loop.unwatch(self._plain_fd)
+            try:
+                self.plain.close()
+            except OSError:
+                pass
+            self.plain = None
+            self.plain_ended = True
+
+    # -- plain -> tunnel ---------------------------------------------------------------------
+
+    def _pump_plain(self) -> None:
+        plain = self.plain
+        if plain is None or self.plain_ended or self.to_tunnel is not None:
+            return
+        for _ in range(32):
+            try:
+                count = plain.recv_into(_OUT_VIEW[HEADER:], MAX_PAYLOAD)
+            except _WOULD_BLOCK:
+                return
+            except OSError:
+                self.reset()  # the client (or app) broke off
+                return
+            if count == 0:
+                self.plain_ended = True
+                self.sent_fin = True
+                self._send(header(Frame.FIN))
+                self._check_over()
+                return
+            if self.stats is not None:
+                if self.inbound_is_plain:
+                    self.stats.bytes_in += count
+                else:
+                    self.stats.bytes_out += count
+            _OUT[0] = Frame.DATA
+            _OUT[1], _OUT[2], _OUT[3] = (count >> 16) & 0xFF, (count >> 8) & 0xFF, count & 0xFF
+            if not self._send(_OUT_VIEW[: HEADER + count]) or self.finished:
+                return
+            if count < MAX_PAYLOAD:
+                return
+
+    def _send(self, data: Any) -> bool:
+        """Write frames to the tunnel; False when they had to be kept (congested) or failed."""
+        if self.to_tunnel is not None:
+            self.to_tunnel += bytes(data)
+            return False
+        try:
+            sent = self._tls_write(data)
+        except _WOULD_BLOCK:
+            sent = 0
+        except _BROKEN:
+            self.broken()
+            return False
+        if sent < len(data):
+            self.to_tunnel = bytes(data)  # TLS: retried with the same bytes
+            return False
+        return True
+
+    def _flush_tunnel(self) -> None:
+        pending = self.to_tunnel
+        if pending is None:
+            return
+        try:
+            sent = self._tls_write(pending)
+        except _WOULD_BLOCK:
+            return
+        except _BROKEN:
+            self.broken()
+            return
+        self.to_tunnel = pending[sent:] if sent < len(pending) else None
+        self._check_over()
+
+    # -- tunnel -> plain ---------------------------------------------------------------------
+
+    def _pump_tunnel(self) -> None:
+        for _ in range(32):
+            if self.to_plain is not None or self.finished:
+                return
+            try:
+                count = self._tls_read(len(_IN), _IN)
+            except _WOULD_BLOCK:
+                return
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                count = 0
+            except _BROKEN:
+                self.broken()
+                return
+            if count == 0:
+                self.broken()  # the peer closed the tunnel mid-stream
+                return
+            # A full record hints at a stream: decrypt what is queued behind it into the
+            # same buffer, so the app gets one large send instead of one per record.
+            last = count
+            while last == RECORD and count <= len(_IN) - RECORD:
+                try:
+                    last = self._tls_read(len(_IN) - count, _IN_VIEW[count:])
+                except (*_WOULD_BLOCK, *_BROKEN):
+                    break
+                count += last
+            try:
+                self.reader.feed(_IN_VIEW[:count], self._data, self._frame)
+            except ProtocolError:
+                self.broken()
+                return
+            if last < RECORD and not self.tunnel.pending():
+                return
+
+    def _data(self, payload: memoryview) -> None:
+        if self.sent_reset or self.plain is None:
+            return  # an aborted stream's bytes, already on their way: skipped
+        if self.stats is not None:
+            if self.inbound_is_plain:
+                self.stats.bytes_out += len(payload)
+            else:
+                self.stats.bytes_in += len(payload)
+        if self.to_plain is not None:
+            self.to_plain += bytes(payload)
+            return
+        try:
+            sent = self.plain.send(payload)
+        except _WOULD_BLOCK:
+            sent = 0
+        except OSError:
+            self.reset()
+            return
+        if sent < len(payload):
+            self.to_plain = bytes(payload[sent:])
+
+    def _frame(self, frame: Frame) -> None:
+        if frame is Frame.FIN:
+            self.got_fin = True
+            if self.plain is not None and self.to_plain is None:
+                shutdown_write(self.plain)
+        elif frame is Frame.RESET:
+            self.got_reset = True
+            if not self.sent_reset:
+                self.reset()  # answered: both sides agree the stream is gone
+        elif frame is Frame.GOAWAY:
+            self.goaway()
+        else:
+            raise ProtocolError(f"{frame.name} in the middle of a stream")
+        self._check_over()
+
+    def goaway(self) -> None:
+        """The peer takes no more streams on this tunnel; this one runs to its end."""
+        self.keep = False
+
+    def _flush_plain(self) -> None:
+        pending = self.to_plain
+        if pending is None or self.plain is None:
+            self.to_plain = None
+            return
+        try:
+            sent = self.plain.send(pending)
+        except _WOULD_BLOCK:
+            return
+        except OSError:
+            self.to_plain = None
+            self.reset()
+            return
+        if sent < len(pending):
+            self.to_plain = pending[sent:]
+            return
+        self.to_plain = None
+        if self.got_fin:
+            shutdown_write(self.plain)
+        self._check_over()
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _on_plain(self, _fd: int, events: int) -> None:
+        if events & WRITE:
+            self._flush_plain()
+        if events & _READABLE and not self.finished:
+            self._pump_plain()
+        if not self.finished:
+            if self.to_plain is None:
+                self._pump_tunnel()  # bytes that waited for the plain side to drain
+            if not self.finished:
+                self._update()
+
+    def _on_tunnel(self, _fd: int, events: int) -> None:
+        if events & WRITE:
+            self._flush_tunnel()
+        if events & _READABLE and not self.finished:
+            self._pump_tunnel()
+        if not self.finished:
+            if self.to_tunnel is None:
+                self._pump_plain()
+            if not self.finished:
+                self._update()
+
+    def _update(self) -> None:
+        if self.plain is not None:
+            plain_mask = (READ if not self.plain_ended and self.to_tunnel is None else 0) | (
+                WRITE if self.to_plain is not None else 0
+            )
+            self.loop.watch(self._plain_fd, plain_mask, self._on_plain)
+        tunnel_mask = (READ if self.to_plain is None else 0) | (WRITE if self.to_tunnel is not None else 0)
+        self.loop.watch(self._tunnel_fd, tunnel_mask, self._on_tunnel)
+
+
+def _nothing(_stream: Stream, _reusable: bool) -> None:
+    pass

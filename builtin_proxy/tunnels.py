@@ -1,0 +1,381 @@
+"""Reusable tunnels (wire format in ``frames.py``): the upstream side's pool, and the
+public side's handling of a tunnel between streams.
+
+Upstream side: after a stream, a tunnel goes back to the pool of its instance (host, port,
+and the generation of our certificates it was made with), bounded per instance and in
+total; an idle tunnel is closed after ``IDLE_TIMEOUT``, when the peer closes it or says
+GOAWAY, and when our certificates change (new streams then use new tunnels; a busy tunnel
+finishes its stream first). Public side: each stream is authorized (intentions may have
+changed since the last) and the app is dialled only for an authorized one; an idle tunnel
+is told GOAWAY after ``PUBLIC_IDLE_TIMEOUT`` or when our certificates change. TCP
+keepalive finds peers that vanished without a word.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import ssl
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from builtin_proxy.frames import Frame, FrameReader, ProtocolError, Stream, header
+from builtin_proxy.loop import READ, WRITE, EventLoop, Timer
+from builtin_proxy.sockets import stream_socket
+from builtin_proxy.stats import Phase, Rejection, TunnelStats
+
+if TYPE_CHECKING:
+    from builtin_proxy.runtime import Runtime
+
+log = logging.getLogger("builtin_proxy.tunnels")
+
+IDLE_TIMEOUT = 30.0
+PUBLIC_IDLE_TIMEOUT = 90.0  # longer than the upstream side's: it closes first, cleanly
+MAX_IDLE_PER_INSTANCE = 16
+MAX_IDLE = 256
+PoolKey = tuple[str, int, int]  # host, port, certificate generation
+
+
+def keepalive(sock: socket.socket) -> None:
+    """Find a peer that vanished (host down, cable cut) within about a minute."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    except OSError:
+        pass
+
+
+class _Idle:
+    __slots__ = ("tls", "reader", "timer", "key")
+
+    def __init__(self, tls: ssl.SSLSocket, reader: FrameReader, key: PoolKey, timer: Timer) -> None:
+        self.tls, self.reader, self.key, self.timer = tls, reader, key, timer
+
+
+class TunnelPool:
+    """Idle tunnels of the upstream side, most recently used first."""
+
+    def __init__(self, loop: EventLoop, stats: TunnelStats) -> None:
+        self.loop = loop
+        self.idle: dict[PoolKey, OrderedDict[int, _Idle]] = {}
+        self.stats = stats
+
+    def take(self, key: PoolKey) -> tuple[ssl.SSLSocket, FrameReader] | None:
+        while (tunnels := self.idle.get(key)):
+            entry = tunnels[next(reversed(tunnels))]  # the most recently used
+            self._forget(entry, close=False)
+            if entry.tls.fileno() >= 0:
+                self.stats.reused += 1
+                return entry.tls, entry.reader
+        return None
+
+    def give(self, key: PoolKey, tls: ssl.SSLSocket, reader: FrameReader, generation: int) -> None:
+        """A tunnel whose stream is over; kept if it is current and there is room."""
+        tunnels = self.idle.setdefault(key, OrderedDict())
+        if key[2] != generation or len(tunnels) >= MAX_IDLE_PER_INSTANCE or self.stats.idle >= MAX_IDLE:
+            if key[2] != generation:
+                self.stats.retired += 1
+            _close(self.loop, tls)
+            return
+        fd = tls.fileno()
+        entry = _Idle(tls, reader, key, self.loop.call_later(IDLE_TIMEOUT, self._expire, fd, key))
+        tunnels[fd] = entry
+        self.stats.idle += 1
+        self.loop.watch(fd, READ, lambda _fd, _events: self._readable(entry))
+        if tls.pending() or reader.rest:
+            self._readable(entry)
+
+    def retire(self, generation: int) -> None:
+        """Our certificates changed: idle tunnels made with the old ones are closed."""
+        for key in [key for key in self.idle if key[2] != generation]:
+            for entry in list(self.idle[key].values()):
+                self.stats.retired += 1
+                self._forget(entry)
+
+    def close(self) -> None:
+        for tunnels in list(self.idle.values()):
+            for entry in list(tunnels.values()):
+                self._forget(entry)
+
+    def _readable(self, entry: _Idle) -> None:
+        """An idle tunnel has something to say: GOAWAY, or its end. Either way it goes."""
+        try:
+            data = entry.tls.recv(4096)
+            if data:
+                entry.reader.feed(memoryview(data), _no_data, _expect_goaway)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except (OSError, ssl.SSLError, ProtocolError):
+            pass
+        except _GoAway:
+            self.stats.retired += 1
+        self._forget(entry)
+
+    def _expire(self, fd: int, key: PoolKey) -> None:
+        tunnels = self.idle.get(key)
+        entry = tunnels.get(fd) if tunnels is not None else None
+        if entry is not None:
+            self.stats.retired += 1
+            self._forget(entry)
+
+    def _forget(self, entry: _Idle, *, close: bool = True) -> None:
+        tunnels = self.idle.get(entry.key)
+        fd = entry.tls.fileno()
+        if tunnels is not None and tunnels.pop(fd, None) is not None:
+            self.stats.idle -= 1
+        if tunnels is not None and not tunnels:
+            del self.idle[entry.key]
+        entry.timer.cancel()
+        if fd >= 0:
+            self.loop.unwatch(fd)
+        if close:
+            _close(self.loop, entry.tls)
+
+
+class _GoAway(Exception):
+    pass
+
+
+def _no_data(_payload: memoryview) -> None:
+    raise ProtocolError("data on an idle tunnel")
+
+
+def _expect_goaway(frame: Frame) -> None:
+    if frame is Frame.GOAWAY:
+        raise _GoAway
+    raise ProtocolError(f"{frame.name} on an idle tunnel")
+
+
+def _close(loop: EventLoop, tls: ssl.SSLSocket) -> None:
+    fd = tls.fileno()
+    if fd >= 0:
+        loop.unwatch(fd)
+        try:
+            tls.close()
+        except OSError:
+            pass
+
+
+class PublicTunnel:
+    """A tunnel at the public listener: waits for OPEN, authorizes, dials, relays, and
+    waits again."""
+
+    __slots__ = (
+        "runtime",
+        "tls",
+        "uri",
+        "serial",
+        "reader",
+        "timer",
+        "early",
+        "early_fin",
+        "early_reset",
+        "stream",
+        "since",
+        "closing",
+    )
+
+    def __init__(self, runtime: Runtime, tls: ssl.SSLSocket, uri: str, serial: str) -> None:
+        self.runtime = runtime
+        self.tls = tls
+        self.uri = uri
+        self.serial = serial
+        self.reader = FrameReader()
+        self.timer: Timer | None = None
+        self.early = bytearray()  # stream bytes that came with the OPEN
+        self.early_fin = False
+        self.early_reset = False
+        self.stream: Stream | None = None
+        self.since = 0.0
+        self.closing = False  # GOAWAY sent: no new streams wanted
+        keepalive(tls)
+        runtime.tunnels.add(self)
+        runtime.stats.tunnels.public += 1
+        self._idle()
+
+    # -- between streams ---------------------------------------------------------------------
+
+    def _idle(self) -> None:
+        self.stream = None
+        self.early, self.early_fin, self.early_reset = bytearray(), False, False
+        loop = self.runtime.loop
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = loop.call_later(PUBLIC_IDLE_TIMEOUT, self.goaway)
+        loop.watch(self.tls.fileno(), READ, self._readable)
+        if self.tls.pending() or self.reader.rest:
+            self._readable(self.tls.fileno(), READ)
+
+    def goaway(self) -> None:
+        """Ask the upstream side to open nothing more here (it closes the tunnel)."""
+        if self.closing or self.tls.fileno() < 0:
+            return
+        self.closing = True
+        if self.stream is None:
+            try:
+                self.tls.write(header(Frame.GOAWAY))
+            except (OSError, ssl.SSLError):
+                self.close()
+        # (a busy tunnel says it when its stream is over)
+
+    def _readable(self, fd: int, _events: int) -> None:
+        opened = False
+
+        def on_data(payload: memoryview) -> None:
+            if not opened:
+                raise ProtocolError("data before OPEN")
+            self.early += payload
+
+        def on_frame(frame: Frame) -> None:
+            nonlocal opened
+            if frame is Frame.OPEN and not opened:
+                opened = True
+            elif frame is Frame.FIN and opened:
+                self.early_fin = True
+            elif frame is Frame.RESET and opened:
+                self.early_reset = True  # the client went before its stream started
+            else:
+                raise ProtocolError(f"{frame.name} on an idle tunnel")
+
+        try:
+            while True:
+                data = self.tls.recv(65536)
+                if not data:
+                    self.close()
+                    return
+                self.reader.feed(memoryview(data), on_data, on_frame)
+                if opened or not self.tls.pending():
+                    break
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            if not opened:
+                return
+        except (OSError, ssl.SSLError, ProtocolError) as exc:
+            log.debug("tunnel from %s closed: %s", self.uri, exc)
+            self.close()
+            return
+        if opened:
+            self._open(fd)
+
+    # -- one stream ------------------------------------------------------------------------
+
+    def _open(self, fd: int) -> None:
+        runtime = self.runtime
+        runtime.loop.unwatch(fd)  # the stream's bytes wait in TLS until the app is connected
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        stats = runtime.stats.public
+        stats.accepted += 1
+        self.since = time.monotonic()
+        runtime.authorizer.authorize(self.uri, self.serial, self._decided)
+
+    def _decided(self, allowed: bool, reason: str) -> None:
+        if self.tls.fileno() < 0:
+            return
+        runtime = self.runtime
+        stats = runtime.stats.public
+        now = time.monotonic()
+        stats.latency[Phase.AUTHORIZATION].observe(now - self.since)
+        self.since = now
+        if self.early_reset:
+            self._abort(count=None)
+            return
+        if not allowed:
+            log.info("denied %s -> %s: %s", self.uri, runtime.config.service, reason)
+            self._refuse(Rejection.AUTHORIZATION)
+            return
+        target = runtime.config.local_service
+        if target is None:
+            log.warning("no local_service_address: cannot forward the connection from %s", self.uri)
+            self._refuse(Rejection.DIAL)
+            return
+        app = stream_socket(target[0])
+        try:
+            app.connect(target)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            app.close()
+            self._dial_failed(exc)
+            return
+        self.timer = runtime.loop.call_later(
+            runtime.config.local_connect_timeout_ms / 1000, self._dial_timeout, app
+        )
+        runtime.loop.watch(app.fileno(), WRITE, lambda fd, _events: self._connected(app, fd))
+
+    def _connected(self, app: socket.socket, fd: int) -> None:
+        runtime = self.runtime
+        runtime.loop.unwatch(fd)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        error = app.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            app.close()
+            self._dial_failed(OSError(error, errno.errorcode.get(error, str(error))))
+            return
+        stats = runtime.stats.public
+        stats.latency[Phase.DIAL].observe(time.monotonic() - self.since)
+        if self.early_reset:
+            app.close()
+            self._abort(count=None)
+            return
+        stream = Stream(
+            runtime.loop, app, self.tls, self.reader, self._stream_done, stats, inbound_is_plain=False
+        )
+        self.stream = stream
+        stream.got_fin = self.early_fin
+        stream.start(early=bytes(self.early))
+
+    def _dial_timeout(self, app: socket.socket) -> None:
+        self.timer = None
+        self.runtime.loop.unwatch(app.fileno())
+        app.close()
+        self._dial_failed(OSError(errno.ETIMEDOUT, "took longer than local_connect_timeout_ms"))
+
+    def _dial_failed(self, exc: OSError) -> None:
+        target = self.runtime.config.local_service
+        log.warning("cannot reach the local service at %s: %s", target, exc.strerror or exc)
+        self._refuse(Rejection.DIAL)
+
+    def _refuse(self, reason: Rejection) -> None:
+        self._abort(count=reason)
+
+    def _abort(self, count: Rejection | None) -> None:
+        """End this stream with RESET (then skip its frames until the upstream's RESET)."""
+        if count is not None:
+            self.runtime.stats.public.reject(count)
+        runtime = self.runtime
+        stream = Stream(
+            runtime.loop, None, self.tls, self.reader, self._stream_done, None, inbound_is_plain=False
+        )
+        self.stream = stream
+        stream.got_fin, stream.got_reset = self.early_fin, self.early_reset
+        stream.start()
+        if not stream.finished:
+            stream.reset()
+
+    def _stream_done(self, _stream: Stream, reusable: bool) -> None:
+        if not reusable or self.tls.fileno() < 0:
+            self.close()
+            return
+        self._idle()
+        if self.closing:
+            self.closing = False
+            self.goaway()
+
+    def close(self) -> None:
+        runtime = self.runtime
+        if self in runtime.tunnels:
+            runtime.tunnels.discard(self)
+            runtime.stats.tunnels.public -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.stream is not None and not self.stream.finished:
+            self.stream.broken()
+        _close(runtime.loop, self.tls)
