@@ -65,7 +65,7 @@ class TunnelPool:
         self.stats = stats
 
     def take(self, key: PoolKey) -> tuple[ssl.SSLSocket, FrameReader] | None:
-        while (tunnels := self.idle.get(key)):
+        while tunnels := self.idle.get(key):
             entry = tunnels[next(reversed(tunnels))]  # the most recently used
             self._forget(entry, close=False)
             if entry.tls.fileno() >= 0:
