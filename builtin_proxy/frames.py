@@ -23,6 +23,7 @@ peer's RESET arrives.
 from __future__ import annotations
 
 import enum
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from builtin_proxy.pump import shutdown_write
 from builtin_proxy.stats import ListenerStats
 from builtin_proxy.tls import TUNNEL_ALPN
 
+log = logging.getLogger("builtin_proxy.frames")
 ALPN = TUNNEL_ALPN
 HEADER = 4
 RECORD = 16384  # the largest plaintext one TLS record carries
@@ -69,8 +71,14 @@ class FrameReader:
         self.kind = Frame.DATA
 
     def feed(
-        self, data: memoryview, on_data: Callable[[memoryview], None], on_frame: Callable[[Frame], None]
+        self,
+        data: memoryview,
+        on_data: Callable[[memoryview], None],
+        on_frame: Callable[[Frame], bool | None],
     ) -> None:
+        """Deliver ``data``'s frames. ``on_frame`` returning True stops the delivery: the
+        rest is kept for whoever reads next (a stream that just ended must not be handed
+        the next stream's OPEN). A DATA frame with no payload is delivered as empty data."""
         position, size = 0, len(data)
         if self.rest:
             data = memoryview(self.rest + bytes(data))
@@ -93,11 +101,16 @@ class FrameReader:
             except ValueError:
                 raise ProtocolError(f"unknown frame type {kind}") from None
             if frame is Frame.DATA:
+                if length > MAX_PAYLOAD:
+                    raise ProtocolError(f"a DATA frame of {length} bytes (at most {MAX_PAYLOAD})")
                 self.payload_left = length
+                if not length:
+                    on_data(data[position:position])  # (the public side's "stream is up")
             elif length:
                 raise ProtocolError(f"{frame.name} frame with a payload")
-            else:
-                on_frame(frame)
+            elif on_frame(frame):
+                self.rest = bytes(data[position:])
+                return
 
 
 class ProtocolError(Exception):
@@ -127,6 +140,8 @@ class Stream:
         "plain_ended",
         "finished",
         "keep",
+        "upstream_side",
+        "ack_timer",
         "_plain_fd",
         "_tunnel_fd",
         "_tls_write",
@@ -157,6 +172,8 @@ class Stream:
         self.plain_ended = plain is None
         self.finished = False
         self.keep = True  # False once the peer said GOAWAY: the tunnel ends with this stream
+        self.upstream_side = inbound_is_plain  # (the side that opens streams and hears GOAWAY)
+        self.ack_timer: Any = None  # upstream side: the public side has not said the stream is up
         self._plain_fd = plain.fileno() if plain is not None else -1
         self._tunnel_fd = tunnel.fileno()
         tls: Any = getattr(tunnel, "_sslobj", None) or tunnel
@@ -165,11 +182,15 @@ class Stream:
 
     # -- starting and ending --------------------------------------------------------------
 
-    def start(self, first: bytes = b"", early: bytes = b"") -> None:
-        """Begin relaying; ``first``: frames to send before anything else (OPEN);
-        ``early``: stream bytes that arrived with the OPEN, for the plain side."""
+    def start(self, first: bytes = b"", early: bytes = b"", ack_timeout: float = 0.0) -> None:
+        """Begin relaying; ``first``: frames to send before anything else (OPEN, or the
+        public side's empty DATA that says the stream is up); ``early``: stream bytes that
+        arrived with the OPEN; ``ack_timeout``: how long the public side may take to say
+        the stream is up (a pooled tunnel to a hung peer must not hold the client)."""
         if self.stats is not None:
             self.stats.active += 1
+        if ack_timeout:
+            self.ack_timer = self.loop.call_later(ack_timeout, self._no_ack)
         if first:
             self._send(first)
         if early and not self.finished:
@@ -181,13 +202,18 @@ class Stream:
         if not self.finished:
             self._update()
 
+    def _no_ack(self) -> None:
+        self.ack_timer = None
+        log.warning("a pooled tunnel did not answer within connect_timeout_ms: closed it")
+        self.broken()
+
     def reset(self) -> None:
-        """Abort the stream (our side): RESET to the peer, then wait for its RESET."""
+        """Abort the stream (our side): RESET to the peer, then wait for its RESET. Bytes
+        already on their way to the tunnel go first (TLS must retry them as they were)."""
         if self.sent_reset or self.finished:
             return
         self.sent_reset = True
         self._close_plain()
-        self.to_tunnel = None
         self._send(header(Frame.RESET))
         self._check_over()
         if not self.finished:
@@ -203,13 +229,17 @@ class Stream:
 
     def _finish(self, *, reusable: bool) -> None:
         self.finished = True
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
         if self.stats is not None:
             self.stats.active -= 1
         self._close_plain()
         if self._tunnel_fd >= 0:
             self.loop.unwatch(self._tunnel_fd)
         done, self.done = self.done, _nothing
-        done(self, reusable and self.keep)
+        # After the frames being delivered now: the next stream's may be among them.
+        self.loop.call_later(0, done, self, reusable and self.keep)
 
     def broken(self) -> None:
         """The tunnel failed: the stream ends with it, the tunnel is not reused."""
@@ -325,7 +355,12 @@ class Stream:
                 return
 
     def _data(self, payload: memoryview) -> None:
-        if self.sent_reset or self.plain is None:
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
+        if self.got_fin and not self.sent_reset:
+            raise ProtocolError("DATA after FIN")
+        if self.sent_reset or self.plain is None or not payload:
             return  # an aborted stream's bytes, already on their way: skipped
         if self.stats is not None:
             if self.inbound_is_plain:
@@ -345,20 +380,29 @@ class Stream:
         if sent < len(payload):
             self.to_plain = bytes(payload[sent:])
 
-    def _frame(self, frame: Frame) -> None:
+    def _frame(self, frame: Frame) -> bool:
+        """One control frame; True when the stream is over (what follows is not ours)."""
+        if self.ack_timer is not None:
+            self.ack_timer.cancel()
+            self.ack_timer = None
         if frame is Frame.FIN:
+            if self.got_fin:
+                raise ProtocolError("FIN twice")
             self.got_fin = True
             if self.plain is not None and self.to_plain is None:
                 shutdown_write(self.plain)
         elif frame is Frame.RESET:
+            if self.got_reset:
+                raise ProtocolError("RESET twice")
             self.got_reset = True
             if not self.sent_reset:
                 self.reset()  # answered: both sides agree the stream is gone
-        elif frame is Frame.GOAWAY:
+        elif frame is Frame.GOAWAY and self.upstream_side:
             self.goaway()
         else:
             raise ProtocolError(f"{frame.name} in the middle of a stream")
         self._check_over()
+        return self.finished
 
     def goaway(self) -> None:
         """The peer takes no more streams on this tunnel; this one runs to its end."""

@@ -10,6 +10,7 @@ denied client still reached the app; here it never does.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 import ssl
@@ -18,7 +19,7 @@ import time
 from builtin_proxy.loop import READ, WRITE, Timer
 from builtin_proxy.pump import Connection
 from builtin_proxy.runtime import Runtime
-from builtin_proxy.sockets import listen, stream_socket, tune
+from builtin_proxy.sockets import AcceptPauser, listen, stream_socket, tune
 from builtin_proxy.stats import Phase, Rejection
 from builtin_proxy.tls import TUNNEL_ALPN, parse_service_uri, peer_uri
 from builtin_proxy.tunnels import PublicTunnel
@@ -31,6 +32,7 @@ class PublicListener:
         self.runtime = runtime
         self.address = address
         self.sock = listen(address, "public listener")
+        self.pauser = AcceptPauser(runtime.loop, self.sock, self._accept, "the public listener")
         runtime.loop.watch(self.sock.fileno(), READ, self._accept)
         log.info("public listener on %s:%d", *address)
 
@@ -41,7 +43,7 @@ class PublicListener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed on the public listener: %s", exc)
+                self.pauser.failed(exc)
                 return
             tune(client)
             self.runtime.stats.public.accepted += 1
@@ -106,12 +108,22 @@ class _Inbound:
         self.uri = uri
         serial = str((self.tls.getpeercert() or {}).get("serialNumber", ""))
         if self.tls.selected_alpn_protocol() == TUNNEL_ALPN:
-            # Another built-in proxy: each stream it opens is authorized on its own.
-            self.runtime.pending.discard(self)
-            self.stats.accepted -= 1  # (counted per stream by the tunnel)
-            PublicTunnel(self.runtime, self.tls, uri, serial)
+            # Another built-in proxy: a peer the intentions deny may not even hold a
+            # tunnel open; each stream it opens is authorized again.
+            self.runtime.authorizer.authorize(uri, serial, functools.partial(self._tunnel, serial=serial))
             return
         self.runtime.authorizer.authorize(uri, serial, self._decided)
+
+    def _tunnel(self, allowed: bool, reason: str, *, serial: str) -> None:
+        if self.tls.fileno() < 0:
+            return
+        if not allowed:
+            log.info("denied a tunnel %s -> %s: %s", self.uri, self.runtime.config.service, reason)
+            self._fail(Rejection.AUTHORIZATION)
+            return
+        self.runtime.pending.discard(self)
+        self.stats.accepted -= 1  # (counted per stream by the tunnel)
+        PublicTunnel(self.runtime, self.tls, self.uri, serial)
 
     def _decided(self, allowed: bool, reason: str) -> None:
         if self.tls.fileno() < 0:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
+import time
+from collections.abc import Callable
 
+from builtin_proxy.loop import READ, EventLoop
 from supervisor.net import BindFailed, family_of, listen_socket
 
 
@@ -31,3 +36,37 @@ def stream_socket(host: str) -> socket.socket:
     sock = socket.socket(family_of(host), socket.SOCK_STREAM)
     tune(sock)
     return sock
+
+
+log = logging.getLogger("builtin_proxy.sockets")
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+PAUSE = 0.2
+
+
+class AcceptPauser:
+    """A listener that cannot accept for want of descriptors stops asking for a moment:
+    epoll is level-triggered, so retrying at once would spin a core and flood the log
+    while the connections stay queued."""
+
+    def __init__(
+        self, loop: EventLoop, sock: socket.socket, handler: Callable[[int, int], None], what: str
+    ) -> None:
+        self.loop, self.sock, self.handler, self.what = loop, sock, handler, what
+        self._logged = 0.0
+
+    def failed(self, exc: OSError) -> None:
+        if exc.errno not in _OUT_OF_RESOURCES:
+            log.warning("accept failed on %s: %s", self.what, exc)
+            return
+        now = time.monotonic()
+        if now - self._logged > 10:
+            self._logged = now
+            log.warning(
+                "accept on %s paused: %s (the proxy's open-file limit)", self.what, exc.strerror or exc
+            )
+        self.loop.unwatch(self.sock.fileno())
+        self.loop.call_later(PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.watch(self.sock.fileno(), READ, self.handler)

@@ -33,6 +33,8 @@ log = logging.getLogger("builtin_proxy.tunnels")
 
 IDLE_TIMEOUT = 30.0
 PUBLIC_IDLE_TIMEOUT = 90.0  # longer than the upstream side's: it closes first, cleanly
+GOAWAY_GRACE = 10.0  # then a tunnel told to go is closed by the public side
+MAX_PUBLIC_TUNNELS = 2048  # held open by peers at one public listener
 MAX_IDLE_PER_INSTANCE = 16
 MAX_IDLE = 256
 PoolKey = tuple[str, int, int]  # host, port, certificate generation
@@ -89,6 +91,13 @@ class TunnelPool:
         if tls.pending() or reader.rest:
             self._readable(entry)
 
+    def drop(self, host: str, port: int) -> None:
+        """The instance left discovery (unhealthy, deregistered): close its idle tunnels."""
+        for key in [key for key in self.idle if key[:2] == (host, port)]:
+            for entry in list(self.idle[key].values()):
+                self.stats.retired += 1
+                self._forget(entry)
+
     def retire(self, generation: int) -> None:
         """Our certificates changed: idle tunnels made with the old ones are closed."""
         for key in [key for key in self.idle if key[2] != generation]:
@@ -104,6 +113,8 @@ class TunnelPool:
     def _readable(self, entry: _Idle) -> None:
         """An idle tunnel has something to say: GOAWAY, or its end. Either way it goes."""
         try:
+            if entry.reader.rest:
+                entry.reader.feed(memoryview(b""), _no_data, _expect_goaway)
             data = entry.tls.recv(4096)
             if data:
                 entry.reader.feed(memoryview(data), _no_data, _expect_goaway)
@@ -206,6 +217,8 @@ class PublicTunnel:
         if self.timer is not None:
             self.timer.cancel()
         self.timer = loop.call_later(PUBLIC_IDLE_TIMEOUT, self.goaway)
+        if len(self.runtime.tunnels) > MAX_PUBLIC_TUNNELS:
+            self.goaway()  # too many held open: the newest idle one is asked to go
         loop.watch(self.tls.fileno(), READ, self._readable)
         if self.tls.pending() or self.reader.rest:
             self._readable(self.tls.fileno(), READ)
@@ -220,35 +233,42 @@ class PublicTunnel:
                 self.tls.write(header(Frame.GOAWAY))
             except (OSError, ssl.SSLError):
                 self.close()
+                return
+            # The upstream side closes it; one that does not is closed for it.
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.runtime.loop.call_later(GOAWAY_GRACE, self.close)
         # (a busy tunnel says it when its stream is over)
 
     def _readable(self, fd: int, _events: int) -> None:
         opened = False
 
         def on_data(payload: memoryview) -> None:
-            if not opened:
-                raise ProtocolError("data before OPEN")
+            if not opened or self.early_fin:
+                raise ProtocolError("data before OPEN or after FIN")
             self.early += payload
 
         def on_frame(frame: Frame) -> None:
             nonlocal opened
             if frame is Frame.OPEN and not opened:
                 opened = True
-            elif frame is Frame.FIN and opened:
+            elif frame is Frame.FIN and opened and not self.early_fin:
                 self.early_fin = True
-            elif frame is Frame.RESET and opened:
+            elif frame is Frame.RESET and opened and not self.early_reset:
                 self.early_reset = True  # the client went before its stream started
             else:
-                raise ProtocolError(f"{frame.name} on an idle tunnel")
+                raise ProtocolError(f"{frame.name} out of order on an idle tunnel")
 
         try:
-            while True:
+            if self.reader.rest:  # frames the last stream left unread (this stream's OPEN)
+                self.reader.feed(memoryview(b""), on_data, on_frame)
+            while not opened:
                 data = self.tls.recv(65536)
                 if not data:
                     self.close()
                     return
                 self.reader.feed(memoryview(data), on_data, on_frame)
-                if opened or not self.tls.pending():
+                if not self.tls.pending():
                     break
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             if not opened:
@@ -329,7 +349,7 @@ class PublicTunnel:
         )
         self.stream = stream
         stream.got_fin = self.early_fin
-        stream.start(early=bytes(self.early))
+        stream.start(first=header(Frame.DATA, 0), early=bytes(self.early))  # "the stream is up"
 
     def _dial_timeout(self, app: socket.socket) -> None:
         self.timer = None
@@ -363,9 +383,10 @@ class PublicTunnel:
         if not reusable or self.tls.fileno() < 0:
             self.close()
             return
+        told = self.closing
+        self.closing = False
         self._idle()
-        if self.closing:
-            self.closing = False
+        if told:
             self.goaway()
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from builtin_proxy.frames import Frame, FrameReader, Stream, header
 from builtin_proxy.loop import READ, WRITE, Timer
 from builtin_proxy.pump import Connection
 from builtin_proxy.runtime import Runtime
-from builtin_proxy.sockets import listen, stream_socket, tune
+from builtin_proxy.sockets import AcceptPauser, listen, stream_socket, tune
 from builtin_proxy.stats import Phase, Rejection
 from builtin_proxy.tls import TUNNEL_ALPN, peer_uri
 from builtin_proxy.tunnels import keepalive
@@ -93,6 +93,9 @@ class Discovery:
     def _update(self, instances: list[Endpoint]) -> None:
         if sorted(instances) != sorted(self.instances):
             log.debug("%s: %d healthy instance(s)", self.upstream, len(instances))
+            gone = {(e.host, e.port) for e in self.instances} - {(e.host, e.port) for e in instances}
+            for host, port in gone:  # an instance that left discovery: its pooled tunnels go too
+                self.runtime.pool.drop(host, port)
         self.instances = instances
         self.loaded = True
         waiters, self.waiters = self.waiters, []
@@ -113,6 +116,7 @@ class UpstreamListener:
         self.upstream = upstream
         self.sock = listen(upstream.listen, f"upstream {upstream.destination_name}")
         self.stats = runtime.stats.upstream(upstream.destination_name)
+        self.pauser = AcceptPauser(runtime.loop, self.sock, self._accept, f"upstream {upstream}")
         self.discovery = Discovery(runtime, upstream)
         runtime.loop.watch(self.sock.fileno(), READ, self._accept)
         log.info("upstream %s listening", upstream)
@@ -124,7 +128,7 @@ class UpstreamListener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed on upstream %s: %s", self.upstream, exc)
+                self.pauser.failed(exc)
                 return
             tune(client)
             self.stats.accepted += 1
@@ -279,7 +283,9 @@ class _Outbound:
             self.listener.stats,
             inbound_is_plain=True,
         )
-        stream.start(first=header(Frame.OPEN))
+        # The public side answers every OPEN (the stream is up, or RESET); a pooled tunnel to a
+        # peer that hangs must not hold the client longer than a dial would.
+        stream.start(first=header(Frame.OPEN), ack_timeout=self.listener.upstream.connect_timeout_ms / 1000)
 
     def _stream_done(self, stream: Stream, reusable: bool) -> None:
         instance = self.instance

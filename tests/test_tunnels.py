@@ -6,12 +6,15 @@ falls back to one TLS connection per client connection."""
 
 from __future__ import annotations
 
+import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from builtin_proxy.frames import ALPN, Frame, FrameReader, header
 from tests.conftest import free_port
 from tests.helpers.mesh import Mesh, talk
 from tests.helpers.processes import wait_until
@@ -83,3 +86,99 @@ def test_tunnels_off_means_one_handshake_per_connection(tmp_path: Path) -> None:
         assert web[series("proxy_supervisor_proxy_handshake_seconds_count", **UPSTREAM)] >= 10
     finally:
         m.close()
+
+
+class Banner:
+    """An app that speaks first and closes at once (so its side of a stream ends first)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.served = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.served += 1
+            conn.sendall(b"hi")
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def tunnel_peer(mesh: Mesh, tmp_path: Path) -> ssl.SSLSocket:
+    """A raw tunnel to db's public listener, as web's proxy would open one."""
+    leaf = mesh.agent.get("/v1/agent/connect/ca/leaf/web")
+    roots = mesh.agent.get("/v1/agent/connect/ca/roots")
+    (tmp_path / "web.pem").write_text(leaf["CertPEM"])
+    (tmp_path / "web.key").write_text(leaf["PrivateKeyPEM"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata="".join(r["RootCert"] for r in roots["Roots"]))
+    context.load_cert_chain(tmp_path / "web.pem", tmp_path / "web.key")
+    context.set_alpn_protocols([ALPN])
+    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", mesh.public_port()), timeout=5))
+    assert sock.selected_alpn_protocol() == ALPN
+    return sock
+
+
+def read_stream(sock: ssl.SSLSocket) -> tuple[bytes, str]:
+    """The data of one stream from the public side, until its FIN or RESET."""
+    reader, data, end = FrameReader(), bytearray(), ""
+
+    def frame(kind: Frame) -> bool:
+        nonlocal end
+        end = kind.name
+        return True
+
+    while not end:
+        chunk = sock.recv(65536)
+        assert chunk, "the tunnel closed"
+        reader.feed(memoryview(chunk), lambda payload: data.extend(payload), frame)
+    return bytes(data), end
+
+
+def test_the_next_open_in_the_same_read_as_the_last_fin_is_served(mesh: Mesh, tmp_path: Path) -> None:
+    banner = Banner()
+    try:
+        mesh.write_db({}, app_port=banner.port)
+        wait_until(lambda: talk(mesh.upstream_port) == b"hi", timeout=10, message="db pointed at the banner")
+        peer = tunnel_peer(mesh, tmp_path)
+        peer.sendall(header(Frame.OPEN))
+        assert read_stream(peer) == (b"hi", "FIN")  # the app ended its side first
+        # Our FIN ends the stream; the next OPEN rides in the same write (and read).
+        peer.sendall(header(Frame.FIN) + header(Frame.OPEN) + header(Frame.FIN))
+        assert read_stream(peer) == (b"hi", "FIN")
+        peer.close()
+    finally:
+        banner.close()
+
+
+def test_a_denied_peer_cannot_hold_a_tunnel_open(mesh: Mesh, tmp_path: Path) -> None:
+    deny = {"SourceName": "web", "DestinationName": "db", "Action": "deny"}
+    mesh.agent.http("POST", "/v1/connect/intentions", deny)
+    wait_until(lambda: talk(mesh.upstream_port) == b"", timeout=5, message="the deny to take effect")
+    peer = tunnel_peer(mesh, tmp_path)
+    peer.settimeout(5)
+    assert peer.recv(1) == b""  # closed by the public side without an OPEN even being sent
+    peer.close()
+
+
+def test_an_oversized_frame_closes_the_tunnel(mesh: Mesh, tmp_path: Path) -> None:
+    peer = tunnel_peer(mesh, tmp_path)
+    peer.sendall(header(Frame.OPEN) + header(Frame.DATA, 1 << 23))
+    peer.settimeout(5)
+    received = b""
+    while chunk := peer.recv(65536):
+        received += chunk
+    assert Frame.RESET not in received[:1]  # no stream was served: the tunnel just closed
+    peer.close()
