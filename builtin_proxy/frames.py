@@ -9,7 +9,8 @@ Frame: a 4-byte header -- the type (1 byte) and the payload length (3 bytes, big
 then the payload.
 
     OPEN    upstream -> public   a new stream: authorize the tunnel's peer and dial the app
-    DATA    both ways            payload bytes of the stream (at most 256 KiB per frame)
+    DATA    both ways            payload bytes of the stream (at most 256 KiB per frame); the
+                                 public side's first, empty, says the app is connected
     FIN     both ways            this side's half of the stream has ended (a TCP half-close)
     RESET   both ways            the stream is aborted (denied, app unreachable, client gone);
                                  the other side answers RESET unless it already sent one
