@@ -6,8 +6,11 @@ falls back to one TLS connection per client connection."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,3 +185,27 @@ def test_an_oversized_frame_closes_the_tunnel(mesh: Mesh, tmp_path: Path) -> Non
         received += chunk
     assert Frame.RESET not in received[:1]  # no stream was served: the tunnel just closed
     peer.close()
+
+
+def test_a_pooled_tunnel_to_a_hung_peer_fails_like_a_dial(tmp_path: Path) -> None:
+    m = Mesh(tmp_path)
+    upstream = {
+        "destination_name": "db",
+        "local_bind_port": m.upstream_port,
+        "config": {"connect_timeout_ms": 1000},
+    }
+    m.write_web([upstream])
+    try:
+        m.start()
+        assert talk(m.upstream_port) == b"ping|db"  # a tunnel is pooled now
+        db = m.agent.proxies()["db-proxy"]["Pid"]
+        os.kill(db, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert talk(m.upstream_port, timeout=10) == b""
+            assert time.monotonic() - started < 4  # connect_timeout_ms, not for ever
+        finally:
+            os.kill(db, signal.SIGCONT)
+        wait_until(lambda: talk(m.upstream_port) == b"ping|db", timeout=15, message="traffic again")
+    finally:
+        m.close()

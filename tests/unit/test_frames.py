@@ -95,3 +95,28 @@ def test_the_pool_keeps_its_bounds_and_its_count() -> None:
             if not tunnel.closed:
                 tunnel.close()
         loop.close()
+
+
+def test_accept_pauses_instead_of_spinning_when_descriptors_run_out() -> None:
+    import errno
+    import socket
+
+    from builtin_proxy.loop import EventLoop
+    from builtin_proxy.sockets import PAUSE, AcceptPauser
+
+    loop = EventLoop()
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        calls: list[int] = []
+        loop.watch(listener.fileno(), 1, lambda fd, events: calls.append(fd))
+        pauser = AcceptPauser(loop, listener, lambda fd, events: calls.append(fd), "a test listener")
+        pauser.failed(OSError(errno.EMFILE, "Too many open files"))
+        assert listener.fileno() not in loop._handlers  # not watched while paused
+        loop.call_later(PAUSE * 2, loop.stop)
+        loop.run()
+        assert listener.fileno() in loop._handlers  # watched again after the pause
+    finally:
+        listener.close()
+        loop.close()
