@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from supervisor.config.model import ServiceDef
+from supervisor.config.schema import find_key
 from supervisor.errors import ConfigError, DataDirError
 from supervisor.state.atomic import remove_stale_temp_files
 from supervisor.state.documents import load_document, save_document
@@ -133,7 +134,8 @@ class Registry:
 
 def _without_sidecar(raw: Any) -> Any:
     copy = dict(raw)
-    for key, connect in raw.items():
-        if key.replace("_", "").lower() == "connect" and isinstance(connect, dict):
-            copy[key] = {k: v for k, v in connect.items() if k.replace("_", "").lower() != "sidecarservice"}
+    key = find_key(raw, "connect")
+    if key is not None and isinstance(raw[key], dict):
+        sidecar = find_key(raw[key], "sidecar_service")
+        copy[key] = {k: v for k, v in raw[key].items() if k != sidecar}
     return copy

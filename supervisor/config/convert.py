@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor.config.formats import RepeatedBlocks
-from supervisor.config.schema import merge_repeated, normalise_key
+from supervisor.config.schema import find_key as _key
+from supervisor.config.schema import merge_repeated
 from supervisor.net import split_host_port
 
 
@@ -35,12 +36,6 @@ class Conversion:
     document: Any
     converted: tuple[str, ...]  # key paths of the services rewritten
     notes: tuple[Note, ...]
-
-
-def _key(mapping: Mapping[str, Any], name: str) -> str | None:
-    """The key of ``mapping`` that means ``name`` (Consul matched keys case-insensitively)."""
-    wanted = normalise_key(name)
-    return next((key for key in mapping if normalise_key(str(key)) == wanted), None)
 
 
 def _get(mapping: Mapping[str, Any], name: str, default: Any = None) -> Any:

@@ -15,7 +15,7 @@ from supervisor.config.model import (
     ProxyDefaults,
     ServiceDef,
 )
-from supervisor.config.schema import Context, normalise_key
+from supervisor.config.schema import Context, find_key
 from supervisor.config.sidecars import (
     SidecarPorts,
 )
@@ -119,7 +119,7 @@ def _with_sidecar_port(raw: Any, port: int) -> Any:
     spelling the client used for the keys."""
 
     def child(mapping: dict[str, Any], name: str) -> tuple[str, Any]:
-        key = next((k for k in mapping if normalise_key(k) == normalise_key(name)), name)
+        key = find_key(mapping, name) or name
         return key, mapping.get(key)
 
     copy = dict(raw)

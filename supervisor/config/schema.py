@@ -72,6 +72,12 @@ def normalise_key(key: str) -> str:
     return key.replace("_", "").replace("-", "").lower()
 
 
+def find_key(mapping: Mapping[str, Any], name: str) -> str | None:
+    """The key of a client's or a file's ``mapping`` that means ``name``, in any spelling."""
+    wanted = normalise_key(name)
+    return next((key for key in mapping if normalise_key(str(key)) == wanted), None)
+
+
 class Node:
     """One value's rule. ``check`` raises ``Invalid`` or returns the cleaned value."""
 
