@@ -30,19 +30,15 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from builtin_proxy.loop import ERROR, READ, WRITE, EventLoop
-from builtin_proxy.pump import shutdown_write
+from builtin_proxy.loop import READ, WRITE, EventLoop
+from builtin_proxy.pump import BROKEN, READABLE, TLS_RECORD, WOULD_BLOCK, gather_records, shutdown_write
 from builtin_proxy.stats import ListenerStats
 from builtin_proxy.tls import TUNNEL_ALPN
 
 log = logging.getLogger("builtin_proxy.frames")
 ALPN = TUNNEL_ALPN
 HEADER = 4
-RECORD = 16384  # the largest plaintext one TLS record carries
 MAX_PAYLOAD = 256 * 1024 - HEADER
-_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-_BROKEN = (OSError, ssl.SSLError)
-_READABLE = READ | ERROR
 _OUT = bytearray(MAX_PAYLOAD + HEADER)  # plain -> tunnel: payload read behind its header
 _OUT_VIEW = memoryview(_OUT)
 _IN = bytearray(256 * 1024)  # tunnel -> plain
@@ -266,7 +262,7 @@ class Stream:
         for _ in range(32):
             try:
                 count = plain.recv_into(_OUT_VIEW[HEADER:], MAX_PAYLOAD)
-            except _WOULD_BLOCK:
+            except WOULD_BLOCK:
                 return
             except OSError:
                 self.reset()  # the client (or app) broke off
@@ -296,9 +292,9 @@ class Stream:
             return False
         try:
             sent = self._tls_write(data)
-        except _WOULD_BLOCK:
+        except WOULD_BLOCK:
             sent = 0
-        except _BROKEN:
+        except BROKEN:
             self.broken()
             return False
         if sent < len(data):
@@ -312,9 +308,9 @@ class Stream:
             return
         try:
             sent = self._tls_write(pending)
-        except _WOULD_BLOCK:
+        except WOULD_BLOCK:
             return
-        except _BROKEN:
+        except BROKEN:
             self.broken()
             return
         self.to_tunnel = pending[sent:] if sent < len(pending) else None
@@ -328,31 +324,24 @@ class Stream:
                 return
             try:
                 count = self._tls_read(len(_IN), _IN)
-            except _WOULD_BLOCK:
+            except WOULD_BLOCK:
                 return
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 count = 0
-            except _BROKEN:
+            except BROKEN:
                 self.broken()
                 return
             if count == 0:
                 self.broken()  # the peer closed the tunnel mid-stream
                 return
-            # A full record hints at a stream: decrypt what is queued behind it into the
-            # same buffer, so the app gets one large send instead of one per record.
-            last = count
-            while last == RECORD and count <= len(_IN) - RECORD:
-                try:
-                    last = self._tls_read(len(_IN) - count, _IN_VIEW[count:])
-                except (*_WOULD_BLOCK, *_BROKEN):
-                    break
-                count += last
+            # The records queued behind a full one leave in one send to the app.
+            count, last = gather_records(self._tls_read, _IN, count)
             try:
                 self.reader.feed(_IN_VIEW[:count], self._data, self._frame)
             except ProtocolError:
                 self.broken()
                 return
-            if last < RECORD and not self.tunnel.pending():
+            if last < TLS_RECORD and not self.tunnel.pending():
                 return
 
     def _data(self, payload: memoryview) -> None:
@@ -373,7 +362,7 @@ class Stream:
             return
         try:
             sent = self.plain.send(payload)
-        except _WOULD_BLOCK:
+        except WOULD_BLOCK:
             sent = 0
         except OSError:
             self.reset()
@@ -416,7 +405,7 @@ class Stream:
             return
         try:
             sent = self.plain.send(pending)
-        except _WOULD_BLOCK:
+        except WOULD_BLOCK:
             return
         except OSError:
             self.to_plain = None
@@ -435,7 +424,7 @@ class Stream:
     def _on_plain(self, _fd: int, events: int) -> None:
         if events & WRITE:
             self._flush_plain()
-        if events & _READABLE and not self.finished:
+        if events & READABLE and not self.finished:
             self._pump_plain()
         if not self.finished:
             if self.to_plain is None:
@@ -446,7 +435,7 @@ class Stream:
     def _on_tunnel(self, _fd: int, events: int) -> None:
         if events & WRITE:
             self._flush_tunnel()
-        if events & _READABLE and not self.finished:
+        if events & READABLE and not self.finished:
             self._pump_tunnel()
         if not self.finished:
             if self.to_tunnel is None:

@@ -24,9 +24,29 @@ BUFFER_SIZE = 256 * 1024
 TLS_RECORD = 16384  # the largest plaintext one TLS record carries
 _SHARED = bytearray(BUFFER_SIZE)
 _VIEW = memoryview(_SHARED)
-_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-_BROKEN = (OSError, ssl.SSLError)
-_READABLE = READ | ERROR
+WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+BROKEN = (OSError, ssl.SSLError)
+READABLE = READ | ERROR
+
+
+def gather_records(read: Callable[[int, Any], Any], buffer: bytearray, count: int) -> tuple[int, int]:
+    """After a first TLS read of ``count`` bytes into ``buffer``: if it was a full record
+    (a hint that the sender is streaming), decrypt the records queued behind it into the
+    rest of the buffer. Returns the bytes now in the buffer and the size of the last read
+    (a full record: there may be more). Whatever stops the gathering (no more data, end of
+    stream, an error) is reported again by the next read, after these bytes are on their way.
+    """
+    last = count
+    if last != TLS_RECORD:
+        return count, last  # a small record, the common interactive case: straight out
+    view, size = memoryview(buffer), len(buffer)
+    while last == TLS_RECORD and count <= size - TLS_RECORD:
+        try:
+            last = int(read(size - count, view[count:]))
+        except (*WOULD_BLOCK, *BROKEN):
+            break
+        count += last
+    return count, last
 
 
 def shutdown_write(sock: socket.socket) -> None:
@@ -106,15 +126,8 @@ class _Direction:
         """
         read = self._tls_read
         assert read is not None
-        count = last = read(BUFFER_SIZE, buffer)
-        view = memoryview(buffer) if last == TLS_RECORD else None
-        while view is not None and last == TLS_RECORD and count <= BUFFER_SIZE - TLS_RECORD:
-            try:
-                last = read(BUFFER_SIZE - count, view[count:])
-            except (*_WOULD_BLOCK, *_BROKEN):
-                break
-            count += last
-        return int(count)
+        count, _last = gather_records(read, buffer, int(read(BUFFER_SIZE, buffer)))
+        return count
 
     @property
     def wants_read(self) -> bool:
@@ -129,11 +142,11 @@ class _Direction:
         for _ in range(32):  # bounded: one busy connection must not starve the others
             try:
                 count = read(_SHARED)
-            except _WOULD_BLOCK:
+            except WOULD_BLOCK:
                 return False
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 count = 0  # end of stream (with or without close_notify)
-            except _BROKEN:
+            except BROKEN:
                 self.conn.close()
                 return True
             if count == 0:
@@ -149,9 +162,9 @@ class _Direction:
                     stats.bytes_out += count
             try:
                 sent = write(_VIEW[:count])
-            except _WOULD_BLOCK:
+            except WOULD_BLOCK:
                 sent = 0
-            except _BROKEN:
+            except BROKEN:
                 self.conn.close()
                 return True
             if sent < count:
@@ -169,9 +182,9 @@ class _Direction:
             return False
         try:
             sent = self._write(pending)
-        except _WOULD_BLOCK:
+        except WOULD_BLOCK:
             return False
-        except _BROKEN:
+        except BROKEN:
             self.conn.close()
             return True
         if sent < len(pending):
@@ -238,7 +251,7 @@ class Connection:
         if events & WRITE:
             changed = self._down.flush()
         up = self._up
-        if events & _READABLE and up.pending is None and not up.ended:
+        if events & READABLE and up.pending is None and not up.ended:
             changed = up.pump() or changed
         if changed and not self.closed:
             self._update()
@@ -248,7 +261,7 @@ class Connection:
         if events & WRITE:
             changed = self._up.flush()
         down = self._down
-        if events & _READABLE and down.pending is None and not down.ended:
+        if events & READABLE and down.pending is None and not down.ended:
             changed = down.pump() or changed
         if changed and not self.closed:
             self._update()
