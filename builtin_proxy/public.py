@@ -177,9 +177,7 @@ class _Inbound:
         self._fail(Rejection.DIAL if self.app is not None else Rejection.HANDSHAKE)
 
     def _phase_done(self, phase: Phase) -> None:
-        now = time.monotonic()
-        self.stats.latency[phase].observe(now - self.since)
-        self.since = now
+        self.since = self.stats.phase_done(phase, self.since)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import time
 from dataclasses import dataclass, field
 
 # Seconds; the range of a loopback handshake (~1 ms) to a slow remote dial.
@@ -56,6 +57,13 @@ class ListenerStats:
 
     def reject(self, reason: Rejection) -> None:
         self.rejected[reason] += 1
+
+    def phase_done(self, phase: Phase, since: float) -> float:
+        """Record a phase of a new connection that began at ``since``; returns now (when
+        the next phase begins)."""
+        now = time.monotonic()
+        self.latency[phase].observe(now - since)
+        return now
 
 
 @dataclass

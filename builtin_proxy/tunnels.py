@@ -81,7 +81,7 @@ class TunnelPool:
         if key[2] != generation or len(tunnels) >= MAX_IDLE_PER_INSTANCE or self.stats.idle >= MAX_IDLE:
             if key[2] != generation:
                 self.stats.retired += 1
-            _close(self.loop, tls)
+            close_tunnel(self.loop, tls)
             return
         fd = tls.fileno()
         entry = _Idle(tls, reader, key, self.loop.call_later(IDLE_TIMEOUT, self._expire, fd, key))
@@ -144,7 +144,7 @@ class TunnelPool:
         if fd >= 0:
             self.loop.unwatch(fd)
         if close:
-            _close(self.loop, entry.tls)
+            close_tunnel(self.loop, entry.tls)
 
 
 class _GoAway(Exception):
@@ -161,7 +161,8 @@ def _expect_goaway(frame: Frame) -> None:
     raise ProtocolError(f"{frame.name} on an idle tunnel")
 
 
-def _close(loop: EventLoop, tls: ssl.SSLSocket) -> None:
+def close_tunnel(loop: EventLoop, tls: ssl.SSLSocket) -> None:
+    """Stop watching a tunnel and close it (once; a closed one is left alone)."""
     fd = tls.fileno()
     if fd >= 0:
         loop.unwatch(fd)
@@ -297,10 +298,7 @@ class PublicTunnel:
         if self.tls.fileno() < 0:
             return
         runtime = self.runtime
-        stats = runtime.stats.public
-        now = time.monotonic()
-        stats.latency[Phase.AUTHORIZATION].observe(now - self.since)
-        self.since = now
+        self.since = runtime.stats.public.phase_done(Phase.AUTHORIZATION, self.since)
         if self.early_reset:
             self._abort(count=None)
             return
@@ -339,7 +337,7 @@ class PublicTunnel:
             self._dial_failed(OSError(error, errno.errorcode.get(error, str(error))))
             return
         stats = runtime.stats.public
-        stats.latency[Phase.DIAL].observe(time.monotonic() - self.since)
+        stats.phase_done(Phase.DIAL, self.since)
         if self.early_reset:
             app.close()
             self._abort(count=None)
@@ -399,4 +397,4 @@ class PublicTunnel:
             self.timer = None
         if self.stream is not None and not self.stream.finished:
             self.stream.broken()
-        _close(runtime.loop, self.tls)
+        close_tunnel(runtime.loop, self.tls)

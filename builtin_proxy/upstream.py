@@ -30,7 +30,7 @@ from builtin_proxy.runtime import Runtime
 from builtin_proxy.sockets import AcceptPauser, listen, stream_socket, tune
 from builtin_proxy.stats import Phase, Rejection
 from builtin_proxy.tls import TUNNEL_ALPN, peer_uri
-from builtin_proxy.tunnels import keepalive
+from builtin_proxy.tunnels import close_tunnel, keepalive
 
 log = logging.getLogger("builtin_proxy.upstream")
 
@@ -293,11 +293,7 @@ class _Outbound:
             key = (instance[0], instance[1], self.generation)
             self.runtime.pool.give(key, stream.tunnel, stream.reader, self.runtime.identity.generation)
         else:
-            self.runtime.loop.unwatch(stream.tunnel.fileno())
-            try:
-                stream.tunnel.close()
-            except OSError:
-                pass
+            close_tunnel(self.runtime.loop, stream.tunnel)
 
     def _closed(self, connection: Connection) -> None:
         self.runtime.forget(connection)
@@ -326,9 +322,7 @@ class _Outbound:
         self._fail(Rejection.HANDSHAKE if self.connected else Rejection.DIAL)
 
     def _phase_done(self, phase: Phase) -> None:
-        now = time.monotonic()
-        self.listener.stats.latency[phase].observe(now - self.since)
-        self.since = now
+        self.since = self.listener.stats.phase_done(phase, self.since)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
