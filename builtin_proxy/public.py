@@ -9,7 +9,6 @@ denied client still reached the app; here it never does.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import socket
@@ -19,7 +18,7 @@ import time
 from builtin_proxy.loop import READ, WRITE, Timer
 from builtin_proxy.pump import Connection
 from builtin_proxy.runtime import Runtime
-from builtin_proxy.sockets import AcceptPauser, listen, stream_socket, tune
+from builtin_proxy.sockets import AcceptPauser, Dial, listen, tune
 from builtin_proxy.stats import Phase, Rejection
 from builtin_proxy.tls import TUNNEL_ALPN, parse_service_uri, peer_uri
 from builtin_proxy.tunnels import PublicTunnel
@@ -57,13 +56,13 @@ class PublicListener:
 class _Inbound:
     """One accepted connection, from handshake to a running Connection."""
 
-    __slots__ = ("runtime", "tls", "app", "timer", "fd", "uri", "since", "stats")
+    __slots__ = ("runtime", "tls", "dial", "timer", "fd", "uri", "since", "stats")
 
     def __init__(self, runtime: Runtime, client: socket.socket) -> None:
         self.runtime = runtime
         self.stats = runtime.stats.public
         self.since = time.monotonic()  # the start of the phase under way
-        self.app: socket.socket | None = None
+        self.dial: Dial | None = None
         self.uri = ""
         context = runtime.identity.server
         if context is None:  # no certificates yet: nobody can be verified
@@ -138,43 +137,30 @@ class _Inbound:
             log.warning("no local_service_address: cannot forward the connection from %s", self.uri)
             self._fail(Rejection.DIAL)
             return
-        app = stream_socket(target[0])
-        self.app = app
-        try:
-            app.connect(target)
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as exc:
-            self._app_failed(exc)
-            return
-        self.timer = self.runtime.loop.call_later(
-            self.runtime.config.local_connect_timeout_ms / 1000, self._timeout, "connect to the local service"
-        )
-        self.runtime.loop.watch(app.fileno(), WRITE, self._connected)
+        timeout = self.runtime.config.local_connect_timeout_ms / 1000
+        self.dial = Dial(self.runtime.loop, target, timeout, self._connected, self._app_failed)
 
-    def _connected(self, fd: int, _events: int) -> None:
-        assert self.app is not None
-        self.runtime.loop.unwatch(fd)
-        self._cancel_timer()
-        error = self.app.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
-            self._app_failed(OSError(error, errno.errorcode.get(error, str(error))))
-            return
+    def _connected(self, app: socket.socket) -> None:
+        self.dial = None
         self.runtime.pending.discard(self)
         self._phase_done(Phase.DIAL)
-        connection = Connection(self.runtime.loop, self.app, self.tls, self.runtime.forget, self.stats)
+        connection = Connection(self.runtime.loop, app, self.tls, self.runtime.forget, self.stats)
         self.runtime.connections.add(connection)
         connection.start()
 
-    def _app_failed(self, exc: OSError) -> None:
-        target = self.runtime.config.local_service
-        log.warning("cannot reach the local service at %s: %s", target, exc.strerror or exc)
+    def _app_failed(self, exc: OSError, timed_out: bool) -> None:
+        self.dial = None
+        if timed_out:
+            log.info("dropped a connection: connect to the local service took longer than allowed")
+        else:
+            target = self.runtime.config.local_service
+            log.warning("cannot reach the local service at %s: %s", target, exc.strerror or exc)
         self._fail(Rejection.DIAL)
 
     def _timeout(self, what: str) -> None:
         self.timer = None
         log.info("dropped a connection: %s took longer than allowed", what)
-        self._fail(Rejection.DIAL if self.app is not None else Rejection.HANDSHAKE)
+        self._fail(Rejection.HANDSHAKE)
 
     def _phase_done(self, phase: Phase) -> None:
         self.since = self.stats.phase_done(phase, self.since)
@@ -190,10 +176,12 @@ class _Inbound:
         self._cancel_timer()
         loop = self.runtime.loop
         self.runtime.pending.discard(self)
-        for sock in (self.tls, self.app):
-            if sock is not None and sock.fileno() >= 0:
-                loop.unwatch(sock.fileno())
-                sock.close()
+        if self.dial is not None:
+            self.dial.cancel()
+            self.dial = None
+        if self.tls.fileno() >= 0:
+            loop.unwatch(self.tls.fileno())
+            self.tls.close()
 
     def close(self) -> None:
         self._fail()

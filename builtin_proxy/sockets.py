@@ -7,8 +7,9 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
-from builtin_proxy.loop import READ, EventLoop
+from builtin_proxy.loop import READ, WRITE, EventLoop
 from supervisor.net import BindFailed, family_of, listen_socket
 
 
@@ -29,6 +30,66 @@ def tune(sock: socket.socket) -> None:
     """Non-blocking, and no Nagle delay: the proxy forwards what it gets at once."""
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Dial:
+    """A non-blocking TCP connect to ``target`` within ``timeout`` seconds. Exactly one of
+    ``connected(sock)`` and ``failed(error, timed_out)`` runs, unless ``cancel`` comes
+    first; a refusal the kernel reports at once is reported before the constructor returns.
+    """
+
+    __slots__ = ("loop", "sock", "timer", "connected", "failed")
+
+    def __init__(
+        self,
+        loop: EventLoop,
+        target: tuple[str, int],
+        timeout: float,
+        connected: Callable[[socket.socket], None],
+        failed: Callable[[OSError, bool], None],
+    ) -> None:
+        self.loop, self.connected, self.failed = loop, connected, failed
+        self.sock: socket.socket | None = stream_socket(target[0])
+        self.timer: Any = None
+        try:
+            self.sock.connect(target)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self.cancel()
+            failed(exc, False)
+            return
+        self.timer = loop.call_later(timeout, self._timeout)
+        loop.watch(self.sock.fileno(), WRITE, self._writable)
+
+    def _writable(self, fd: int, _events: int) -> None:
+        sock = self.sock
+        assert sock is not None
+        self.loop.unwatch(fd)
+        self.timer.cancel()
+        self.sock = None
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            sock.close()
+            self.failed(OSError(error, errno.errorcode.get(error, str(error))), False)
+            return
+        self.connected(sock)
+
+    def _timeout(self) -> None:
+        self.timer = None
+        self.cancel()
+        self.failed(OSError(errno.ETIMEDOUT, "took longer than allowed"), True)
+
+    def cancel(self) -> None:
+        """Give up: the socket is closed, no callback runs."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            if sock.fileno() >= 0:
+                self.loop.unwatch(sock.fileno())
+            sock.close()
 
 
 def stream_socket(host: str) -> socket.socket:

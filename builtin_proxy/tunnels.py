@@ -13,7 +13,6 @@ keepalive finds peers that vanished without a word.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import ssl
@@ -22,8 +21,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from builtin_proxy.frames import Frame, FrameReader, ProtocolError, Stream, header
-from builtin_proxy.loop import READ, WRITE, EventLoop, Timer
-from builtin_proxy.sockets import stream_socket
+from builtin_proxy.loop import READ, EventLoop, Timer
+from builtin_proxy.sockets import Dial
 from builtin_proxy.stats import Phase, Rejection, TunnelStats
 
 if TYPE_CHECKING:
@@ -311,30 +310,13 @@ class PublicTunnel:
             log.warning("no local_service_address: cannot forward the connection from %s", self.uri)
             self._refuse(Rejection.DIAL)
             return
-        app = stream_socket(target[0])
-        try:
-            app.connect(target)
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as exc:
-            app.close()
-            self._dial_failed(exc)
-            return
-        self.timer = runtime.loop.call_later(
-            runtime.config.local_connect_timeout_ms / 1000, self._dial_timeout, app
-        )
-        runtime.loop.watch(app.fileno(), WRITE, lambda fd, _events: self._connected(app, fd))
+        timeout = runtime.config.local_connect_timeout_ms / 1000
+        Dial(runtime.loop, target, timeout, self._connected, self._dial_failed)
 
-    def _connected(self, app: socket.socket, fd: int) -> None:
+    def _connected(self, app: socket.socket) -> None:
         runtime = self.runtime
-        runtime.loop.unwatch(fd)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        error = app.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
+        if self.tls.fileno() < 0:  # the tunnel closed during the dial
             app.close()
-            self._dial_failed(OSError(error, errno.errorcode.get(error, str(error))))
             return
         stats = runtime.stats.public
         stats.phase_done(Phase.DIAL, self.since)
@@ -349,15 +331,12 @@ class PublicTunnel:
         stream.got_fin = self.early_fin
         stream.start(first=header(Frame.DATA, 0), early=bytes(self.early))  # "the stream is up"
 
-    def _dial_timeout(self, app: socket.socket) -> None:
-        self.timer = None
-        self.runtime.loop.unwatch(app.fileno())
-        app.close()
-        self._dial_failed(OSError(errno.ETIMEDOUT, "took longer than local_connect_timeout_ms"))
-
-    def _dial_failed(self, exc: OSError) -> None:
+    def _dial_failed(self, exc: OSError, timed_out: bool) -> None:
+        if self.tls.fileno() < 0:
+            return
         target = self.runtime.config.local_service
-        log.warning("cannot reach the local service at %s: %s", target, exc.strerror or exc)
+        reason = "took longer than local_connect_timeout_ms" if timed_out else exc.strerror or exc
+        log.warning("cannot reach the local service at %s: %s", target, reason)
         self._refuse(Rejection.DIAL)
 
     def _refuse(self, reason: Rejection) -> None:

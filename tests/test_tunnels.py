@@ -209,3 +209,17 @@ def test_a_pooled_tunnel_to_a_hung_peer_fails_like_a_dial(tmp_path: Path) -> Non
         wait_until(lambda: talk(m.upstream_port) == b"ping|db", timeout=15, message="traffic again")
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("tunnels", [True, False])
+def test_an_unreachable_app_is_a_dial_rejection(tmp_path: Path, tunnels: bool) -> None:
+    m = mesh_with(tmp_path, tunnels=tunnels)
+    try:
+        m.start()
+        m.write_db(m.db_config, app_port=free_port())  # nothing listens there
+        wait_until(lambda: talk(m.upstream_port) == b"", timeout=10, message="db pointed at nothing")
+        rejected = series("proxy_supervisor_proxy_connections_rejected_total", reason="dial")
+        assert scrape(m.db_config["telemetry"])[rejected] >= 1
+        assert "cannot reach the local service" in m.proxy_log("db-proxy")
+    finally:
+        m.close()

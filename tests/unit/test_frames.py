@@ -120,3 +120,45 @@ def test_accept_pauses_instead_of_spinning_when_descriptors_run_out() -> None:
     finally:
         listener.close()
         loop.close()
+
+
+def test_dial_reports_a_refusal_a_connection_or_nothing_once_cancelled() -> None:
+    import socket
+
+    from builtin_proxy.loop import EventLoop
+    from builtin_proxy.sockets import Dial
+
+    loop = EventLoop()
+    listener = socket.socket()
+    outcomes: list[str] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        refused_port = closed.getsockname()[1]
+        closed.close()  # nothing listens there now
+
+        def connected(sock: socket.socket) -> None:
+            outcomes.append("connected")
+            sock.close()
+            loop.stop()
+
+        def failed(exc: OSError, timed_out: bool) -> None:
+            outcomes.append(f"failed timed_out={timed_out}")
+            loop.stop()
+
+        Dial(loop, ("127.0.0.1", refused_port), 5, connected, failed)
+        if not outcomes:
+            loop.run()
+        Dial(loop, listener.getsockname(), 5, connected, failed)
+        loop.run()
+        assert outcomes == ["failed timed_out=False", "connected"]
+        cancelled = Dial(loop, listener.getsockname(), 5, connected, failed)
+        cancelled.cancel()
+        loop.call_later(0.05, loop.stop)
+        loop.run()
+        assert outcomes == ["failed timed_out=False", "connected"]  # nothing more after cancel
+    finally:
+        listener.close()
+        loop.close()
