@@ -158,7 +158,8 @@ class Resolver:
             raise Unanswerable(dns.rcode.SERVFAIL)  # Consul without recursors
         if qtype in (dns.rdatatype.AXFR, dns.rdatatype.IXFR):
             raise Unanswerable(dns.rcode.NOTIMP)
-        context = _Context(config, domain, qname, qtype, int(self.wall_clock()) & 0xFFFFFFFF)
+        serial = int(self.wall_clock()) & 0xFFFFFFFF
+        context = _Context(config, domain, qname, qtype, serial, self.catalog.node.address)
         if qtype == dns.rdatatype.SOA:
             return Records(answer=[context.soa()], authority=context.nameservers(), additional=context.glue())
         if qtype == dns.rdatatype.NS:
@@ -239,6 +240,7 @@ class _Context:
     qname: dns.name.Name
     qtype: dns.rdatatype.RdataType
     serial: int
+    node_address: str  # this node's, as the catalog has it
 
     def soa(self) -> dns.rrset.RRset:
         soa = self.config.dns.soa
@@ -259,7 +261,7 @@ class _Context:
         return [dns.rrset.from_text(self.domain, ttl, IN, dns.rdatatype.NS, self._node_target().to_text())]
 
     def glue(self) -> list[dns.rrset.RRset]:
-        target, address = self._node_target(), _node_address(self.config)
+        target, address = self._node_target(), self.node_address
         return self.address_records(target, address, self.config.dns.node_ttl, glue=True)
 
     def address_records(
@@ -345,11 +347,6 @@ def _name(relative: str, domain: dns.name.Name) -> dns.name.Name:
         return dns.name.from_text(relative.rstrip("."), origin=domain)
     except (dns.exception.DNSException, ValueError):
         raise Unanswerable(dns.rcode.SERVFAIL) from None  # a node name DNS cannot carry
-
-
-def _node_address(config: AgentConfig) -> str:
-    bind = config.bind_addr
-    return bind if bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
 
 
 def _is_ip(text: str) -> bool:
