@@ -231,6 +231,10 @@ def register_sidecar(agent: AgentProcess, name: str, port: int, destination: str
 
 
 def test_upstream_checks_the_server_identity(tmp_path: Path) -> None:
+    # Bound first: a port picked for the agent afterwards cannot be this one.
+    impostor = socket.socket()
+    impostor.bind(("127.0.0.1", 0))
+    impostor.listen()
     agent = AgentProcess(tmp_path, extra={**ALLOW, "bind_addr": "127.0.0.1"})
     upstream_port = free_port()
     agent.write(
@@ -245,9 +249,6 @@ def test_upstream_checks_the_server_identity(tmp_path: Path) -> None:
             }
         },
     )
-    impostor = socket.socket()
-    impostor.bind(("127.0.0.1", 0))
-    impostor.listen()
     try:
         agent.start()
         agent.wait_state("web-proxy", "running")
