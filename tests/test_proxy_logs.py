@@ -160,7 +160,10 @@ def test_agent_rotates_logs_of_its_own_and_of_adopted_proxies(tmp_path: Path) ->
         agent.start()
         pid = agent.wait_state("web-proxy", "running")["Pid"]
         wait_until(copies[-1].exists, timeout=20, message="the first rotation")
-        assert f"rotated {live}" in agent.current_log()
+        # The copy exists a moment before the agent's line about it is written.
+        wait_until(
+            lambda: f"rotated {live}" in agent.current_log(), timeout=5, message="the rotation's log line"
+        )
 
         agent.kill9()  # the next agent adopts the proxy and must rotate the file it still writes
         agent.start()
