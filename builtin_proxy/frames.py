@@ -53,6 +53,12 @@ class Frame(enum.IntEnum):
     GOAWAY = 5
 
 
+# A plain dict lookup: the enum's own constructor costs more than a small record's
+# decryption, and this runs on every frame.
+_FRAMES: dict[int, Frame] = {frame.value: frame for frame in Frame}
+_DATA = Frame.DATA.value
+
+
 def header(kind: Frame, length: int = 0) -> bytes:
     return bytes((kind, (length >> 16) & 0xFF, (length >> 8) & 0xFF, length & 0xFF))
 
@@ -93,17 +99,21 @@ class FrameReader:
             kind = data[position]
             length = (data[position + 1] << 16) | (data[position + 2] << 8) | data[position + 3]
             position += HEADER
-            try:
-                frame = Frame(kind)
-            except ValueError:
-                raise ProtocolError(f"unknown frame type {kind}") from None
-            if frame is Frame.DATA:
+            if kind == _DATA:
                 if length > MAX_PAYLOAD:
                     raise ProtocolError(f"a DATA frame of {length} bytes (at most {MAX_PAYLOAD})")
+                if length and length <= size - position:  # the whole payload is here
+                    on_data(data[position : position + length])
+                    position += length
+                    continue
                 self.payload_left = length
                 if not length:
                     on_data(data[position:position])  # (the public side's "stream is up")
-            elif length:
+                continue
+            frame = _FRAMES.get(kind)
+            if frame is None:
+                raise ProtocolError(f"unknown frame type {kind}")
+            if length:
                 raise ProtocolError(f"{frame.name} frame with a payload")
             elif on_frame(frame):
                 self.rest = bytes(data[position:])
@@ -143,6 +153,9 @@ class Stream:
         "_tunnel_fd",
         "_tls_write",
         "_tls_read",
+        "_tls_pending",
+        "_plain_mask",
+        "_tunnel_mask",
     )
 
     def __init__(
@@ -176,6 +189,8 @@ class Stream:
         tls: Any = getattr(tunnel, "_sslobj", None) or tunnel
         self._tls_write: Callable[[Any], int] = tls.write
         self._tls_read: Callable[..., Any] = tls.read
+        self._tls_pending: Callable[[], int] = tls.pending
+        self._plain_mask = self._tunnel_mask = -1  # what the loop watches for now (-1: unknown)
 
     # -- starting and ending --------------------------------------------------------------
 
@@ -319,7 +334,7 @@ class Stream:
     # -- tunnel -> plain ---------------------------------------------------------------------
 
     def _pump_tunnel(self) -> None:
-        for _ in range(32):
+        for _ in range(32):  # bounded: one busy stream must not starve the others
             if self.to_plain is not None or self.finished:
                 return
             try:
@@ -334,15 +349,19 @@ class Stream:
             if count == 0:
                 self.broken()  # the peer closed the tunnel mid-stream
                 return
-            # The records queued behind a full one leave in one send to the app.
-            count, last = gather_records(self._tls_read, _IN, count)
+            last = count
+            if count == TLS_RECORD:  # the records queued behind a full one: one send to the app
+                count, last = gather_records(self._tls_read, _IN, count)
             try:
                 self.reader.feed(_IN_VIEW[:count], self._data, self._frame)
             except ProtocolError:
                 self.broken()
                 return
-            if last < TLS_RECORD and not self.tunnel.pending():
+            if last < TLS_RECORD and not self._tls_pending():
                 return
+        if not self.finished and self.to_plain is None and self._tls_pending():
+            # Decrypted bytes epoll cannot report: come back for them after the others.
+            self.loop.call_later(0, self._on_tunnel, self._tunnel_fd, READ)
 
     def _data(self, payload: memoryview) -> None:
         if self.ack_timer is not None:
@@ -421,24 +440,33 @@ class Stream:
 
     # -- events ---------------------------------------------------------------------------------
 
+    # The other side is pumped at once only when this event drained what held it back
+    # (the TLS side may then hold decrypted bytes that epoll cannot report); otherwise
+    # epoll says when it has something, and a speculative read would be a wasted system
+    # call on every message.
+
     def _on_plain(self, _fd: int, events: int) -> None:
-        if events & WRITE:
+        drained = False
+        if events & WRITE and self.to_plain is not None:
             self._flush_plain()
+            drained = self.to_plain is None
         if events & READABLE and not self.finished:
             self._pump_plain()
         if not self.finished:
-            if self.to_plain is None:
+            if drained:
                 self._pump_tunnel()  # bytes that waited for the plain side to drain
             if not self.finished:
                 self._update()
 
     def _on_tunnel(self, _fd: int, events: int) -> None:
-        if events & WRITE:
+        drained = False
+        if events & WRITE and self.to_tunnel is not None:
             self._flush_tunnel()
+            drained = self.to_tunnel is None
         if events & READABLE and not self.finished:
             self._pump_tunnel()
         if not self.finished:
-            if self.to_tunnel is None:
+            if drained:
                 self._pump_plain()
             if not self.finished:
                 self._update()
@@ -448,9 +476,13 @@ class Stream:
             plain_mask = (READ if not self.plain_ended and self.to_tunnel is None else 0) | (
                 WRITE if self.to_plain is not None else 0
             )
-            self.loop.watch(self._plain_fd, plain_mask, self._on_plain)
+            if plain_mask != self._plain_mask:
+                self._plain_mask = plain_mask
+                self.loop.watch(self._plain_fd, plain_mask, self._on_plain)
         tunnel_mask = (READ if self.to_plain is None else 0) | (WRITE if self.to_tunnel is not None else 0)
-        self.loop.watch(self._tunnel_fd, tunnel_mask, self._on_tunnel)
+        if tunnel_mask != self._tunnel_mask:
+            self._tunnel_mask = tunnel_mask
+            self.loop.watch(self._tunnel_fd, tunnel_mask, self._on_tunnel)
 
 
 def _nothing(_stream: Stream, _reusable: bool) -> None:

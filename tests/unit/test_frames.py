@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from builtin_proxy.frames import Frame, FrameReader, ProtocolError, header
+from builtin_proxy.frames import MAX_PAYLOAD, Frame, FrameReader, ProtocolError, header
 
 
 def frames_of(chunks: list[bytes]) -> list[tuple[str, bytes]]:
@@ -36,6 +36,27 @@ def test_frames_split_anywhere_come_out_whole() -> None:
         chunks = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
         assert frames_of(chunks) == expected
     assert frames_of([wire[i : i + 1] for i in range(len(wire))]) == expected  # byte by byte
+
+
+def test_frames_that_arrive_whole_are_delivered_in_one_piece_and_a_stop_keeps_the_rest() -> None:
+    pieces: list[bytes] = []
+    seen: list[Frame] = []
+    wire = header(Frame.DATA, 3) + b"abc" + header(Frame.DATA, 2) + b"de" + header(Frame.FIN)
+    wire += header(Frame.OPEN) + header(Frame.DATA, 1) + b"z"  # the next stream's
+
+    def on_frame(frame: Frame) -> bool:
+        seen.append(frame)
+        return frame is Frame.FIN  # the stream is over: what follows is not its
+
+    reader = FrameReader()
+    reader.feed(memoryview(wire), lambda p: pieces.append(bytes(p)), on_frame)
+    assert pieces == [b"abc", b"de"] and seen == [Frame.FIN]
+    assert reader.rest == header(Frame.OPEN) + header(Frame.DATA, 1) + b"z"
+
+
+def test_a_data_frame_longer_than_the_limit_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="DATA frame of"):
+        FrameReader().feed(memoryview(header(Frame.DATA, MAX_PAYLOAD + 1)), lambda _p: None, lambda _f: None)
 
 
 @pytest.mark.parametrize("bad", [bytes((9, 0, 0, 0)), header(Frame.FIN)[:1] + bytes((0, 0, 1)) + b"x"])
