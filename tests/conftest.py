@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers.etcd import EtcdCluster, etcd_binary, kill_leftover_etcd
 from tests.helpers.processes import TEST_TAG_ENV, kill_tagged
 from tests.helpers.unprivileged import Unprivileged, find_unprivileged
 
@@ -44,6 +45,29 @@ def nobody() -> Iterator[Unprivileged]:
         pytest.skip(runtime)
     yield runtime
     shutil.rmtree(runtime.pythonpath, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """One 3-member etcd cluster on loopback for the tests that do not kill or cut off
+    members (those make their own); each test keeps to its own key prefix."""
+    binary = etcd_binary()
+    if binary is None:
+        if os.environ.get("PROXY_SUPERVISOR_REQUIRE_ETCD") == "1":
+            pytest.fail("etcd is required here (PROXY_SUPERVISOR_REQUIRE_ETCD=1) but was not found")
+        pytest.skip("no etcd binary (apt-get download etcd-server; see .ci/run)")
+    kill_leftover_etcd()
+    cluster = EtcdCluster(binary)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def etcd_prefix() -> str:
+    return f"/t/{uuid.uuid4().hex[:12]}/"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

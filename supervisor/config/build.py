@@ -10,6 +10,7 @@ ConfigError; nothing is returned unless the whole configuration is valid.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ from supervisor.config.model import (
     ACLConfig,
     AgentConfig,
     CAConfig,
+    ClusterConfig,
     DNSConfig,
     ProxyDefaults,
     SOAConfig,
@@ -206,6 +208,7 @@ class _Builder(DefinitionBuilder):
             proxy_defaults=defaults,
             ca=self._ca(connect.get("ca_config", {})),
             acl=self._acl(),
+            cluster=self._cluster(doc.get("cluster", {})),
             enable_script_checks=doc.get("enable_script_checks", AgentConfig.enable_script_checks),
             enable_local_script_checks=doc.get(
                 "enable_local_script_checks", AgentConfig.enable_local_script_checks
@@ -290,6 +293,55 @@ class _Builder(DefinitionBuilder):
             or self.doc.get("acl_default_policy")
             or ACLConfig.default_policy,
             master_token=acl.get("tokens", {}).get("master") or self.doc.get("acl_master_token") or "",
+        )
+
+    def _cluster(self, raw: dict[str, Any]) -> ClusterConfig:
+        where = "cluster"
+        endpoints = tuple(raw.get("etcd_endpoints", ()))
+        if not endpoints:
+            if raw:
+                self.problem("", f"{where}.etcd_endpoints", "give the etcd client URLs to join a cluster")
+            return ClusterConfig()
+        files = {key: raw.get(key, "") for key in ("ca_file", "cert_file", "key_file", "password_file")}
+        if bool(files["cert_file"]) != bool(files["key_file"]):
+            self.problem("", f"{where}.cert_file", "cert_file and key_file must be given together")
+        if any(url.startswith("https://") for url in endpoints) and not files["ca_file"]:
+            self.problem(
+                "", f"{where}.ca_file", "https endpoints need the CA file that signed etcd's certificates"
+            )
+        if bool(raw.get("username")) != bool(files["password_file"]):
+            self.problem("", f"{where}.username", "username and password_file must be given together")
+        for key, path in files.items():
+            if path and not os.path.isfile(path):
+                self.problem("", f"{where}.{key}", f"{path}: no such file")
+        prefix = raw.get("key_prefix", ClusterConfig.key_prefix)
+        if not prefix.startswith("/") or "\x00" in prefix:
+            self.problem("", f"{where}.key_prefix", 'must start with "/", such as "/proxy-supervisor/"')
+        prefix = prefix if prefix.endswith("/") else prefix + "/"
+        ttl = raw.get("lease_ttl", ClusterConfig.lease_ttl)
+        if not 2 <= ttl <= 3600:
+            self.problem("", f"{where}.lease_ttl", "must be between 2s (etcd's shortest lease) and 1h")
+        reconnect = raw.get("reconnect_timeout", ClusterConfig.reconnect_timeout)
+        if reconnect < 60:
+            self.problem("", f"{where}.reconnect_timeout", "must be at least 1m")
+        signer = raw.get("ca_signer", ClusterConfig.ca_signer)
+        key_file = raw.get("ca_key_file", "")
+        if signer and not key_file:
+            self.problem("", f"{where}.ca_key_file", "a CA signer needs the key-encryption key file")
+        if key_file and not os.path.isfile(key_file):
+            self.problem("", f"{where}.ca_key_file", f"{key_file}: no such file")
+        return ClusterConfig(
+            endpoints=endpoints,
+            ca_file=files["ca_file"],
+            cert_file=files["cert_file"],
+            key_file=files["key_file"],
+            username=raw.get("username", ""),
+            password_file=files["password_file"],
+            key_prefix=prefix,
+            lease_ttl=ttl,
+            reconnect_timeout=reconnect,
+            ca_signer=signer,
+            ca_key_file=key_file,
         )
 
     # -- rules across the whole configuration -------------------------------------------

@@ -447,6 +447,41 @@ CONNECT = Obj(
     ignored={"enable_mesh_gateway_wan_federation": _NOT_USED},
 )
 
+
+def check_etcd_endpoint(value: Any, path: str, ctx: Context) -> str:
+    """An etcd client URL: scheme, host and port, nothing else (the gateway's paths are ours)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str) or not value:
+        raise Invalid(f'expected a URL such as "https://10.0.0.1:2379", got {describe(value)}')
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise Invalid(f"{value!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+        raise Invalid(f'{value!r}: give scheme, host and port, such as "https://10.0.0.1:2379"')
+    if parts.path not in ("", "/") or parts.query or parts.username:
+        raise Invalid(f"{value!r}: only scheme, host and port (no path, query or user)")
+    return value.rstrip("/")
+
+
+CLUSTER = Obj(
+    {
+        "etcd_endpoints": List(Custom(check_etcd_endpoint), allow_single=True),
+        "ca_file": Str(),
+        "cert_file": Str(),
+        "key_file": Str(),
+        "username": Str(),
+        "password_file": Str(),
+        "key_prefix": Str(),
+        "lease_ttl": Duration(),
+        "reconnect_timeout": Duration(),
+        "ca_signer": Bool(),
+        "ca_key_file": Str(),
+    }
+)
+
 AGENT = Obj(
     {
         "data_dir": Str(),
@@ -488,6 +523,7 @@ AGENT = Obj(
             ),
         ),
         "acl": ACL,
+        "cluster": CLUSTER,
         "acl_master_token": Str(),
         "acl_default_policy": Str(("allow", "deny")),
         "acl_datacenter": Str(),

@@ -207,6 +207,28 @@ class ACLConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """``cluster``: agents of many hosts form one mesh through etcd. No endpoints: the
+    single-host agent, exactly as without the block."""
+
+    endpoints: tuple[str, ...] = ()  # etcd client URLs (http:// or https://)
+    ca_file: str = ""  # the CA that signed etcd's server certificates
+    cert_file: str = ""  # this agent's client certificate for etcd, and its key
+    key_file: str = ""
+    username: str = ""  # etcd user (its password in password_file, never in the config)
+    password_file: str = ""
+    key_prefix: str = "/proxy-supervisor/"  # the datacenter's keys live under <prefix><datacenter>/
+    lease_ttl: float = 10.0  # a host is seen dead this long after it stops renewing
+    reconnect_timeout: float = 72 * 3600.0  # a dead host's records are reaped after this
+    ca_signer: bool = False  # this host may hold the CA key and sign every host's leaves
+    ca_key_file: str = ""  # signer: the CA key-encryption key (32 random bytes, hex or raw)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoints)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     data_dir: str | None
     dev: bool = False
@@ -242,6 +264,7 @@ class AgentConfig:
     proxy_defaults: ProxyDefaults = field(default_factory=ProxyDefaults)
     ca: CAConfig = field(default_factory=CAConfig)
     acl: ACLConfig = field(default_factory=ACLConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     enable_script_checks: bool = False  # script checks from config files and the API
     enable_local_script_checks: bool = False  # script checks from config files only
     node_meta: JSONMap = field(default_factory=lambda: EMPTY_MAP)
