@@ -438,16 +438,16 @@ class Watch:
         return response
 
     def _read(self, endpoint: str, response: http.client.HTTPResponse) -> Iterator[WatchMessage]:
-        while not self.closed:
+        while not self.is_closed():
             try:
                 line = response.readline()
             except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
                 # (http.client trips over its own state when close() cut the socket)
-                if self.closed:
+                if self.is_closed():
                     return
                 raise EtcdUnavailable(f"watch on {endpoint} broke: {_describe(exc)}") from None
             if not line:
-                if self.closed:
+                if self.is_closed():
                     return
                 raise EtcdUnavailable(f"watch on {endpoint} ended")
             reply = _loads(line)
@@ -473,9 +473,8 @@ class Watch:
                 raise EtcdUnavailable(f"watch on {endpoint} cancelled: {result.get('cancel_reason', '')}")
             yield message
 
-    @property
-    def closed(self) -> bool:
-        return self._closed  # (read again each time: another thread sets it)
+    def is_closed(self) -> bool:
+        return self._closed  # (a call, read again each time: another thread sets it)
 
     def close(self) -> None:
         """End the watch (from any thread): the reading thread's iteration stops."""
