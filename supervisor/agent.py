@@ -20,9 +20,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from supervisor.api.catalog_shapes import instance_json
 from supervisor.api.server import ApiServer, bind_listener
 from supervisor.catalog.index import Index
 from supervisor.catalog.registry import Registry
+from supervisor.cluster import Cluster
 from supervisor.config import load_config
 from supervisor.config.model import AgentConfig, ServiceDef
 from supervisor.config.registrations import registration_builder
@@ -65,6 +67,7 @@ _RESTART_ONLY = (
     "log_json",
     "log_rotate_bytes",
     "log_rotate_max_files",
+    "cluster",
 )
 
 
@@ -193,12 +196,20 @@ class Agent:
                 board,
             )
             resources.callback(supervisor.close)
-            plane = ControlPlane(self.data_dir, registry, Index(), lambda: supervisor.post(ServicesChanged()))
+            index = Index()
+            cluster = self._cluster(config, node_id, index)
+            plane = ControlPlane(
+                self.data_dir, registry, index, lambda: supervisor.post(ServicesChanged()), cluster=cluster
+            )
             plane.load_stores(config)
             board.subscribe(self._on_view_change)
             self.api = ApiServer(sock, board, supervisor, plane)
             self.api.start()
             resources.callback(self.api.stop)
+            if cluster is not None:
+                # Stopped before the API (callbacks run last-in first): its deliveries go to the API loop.
+                cluster.start(self.api.call_soon, plane.changes.fire)
+                resources.callback(cluster.stop)
             log.info("HTTP API listening on %s", join_host_port(str(host), int(port)))
             self._start_watchers(resources, supervisor, config)
             self._install_signal_handlers(supervisor, stop_proxies=config.data_dir is None)
@@ -208,6 +219,12 @@ class Agent:
             supervisor.run()
         log.info("agent stopped")
         return 0
+
+    def _cluster(self, config: AgentConfig, node_id: str, index: Index) -> Cluster | None:
+        if not config.cluster.enabled:
+            return None
+        data_dir = self.data_dir.root if self.data_dir is not None else None
+        return Cluster(config, node_id, index, instance_json, data_dir)
 
     def _start_watchers(
         self, resources: contextlib.ExitStack, supervisor: Supervisor, config: AgentConfig

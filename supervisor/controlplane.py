@@ -22,6 +22,7 @@ from supervisor.catalog.intentions import IntentionFile, Intentions
 from supervisor.catalog.queries import Queries, QueryFile
 from supervisor.catalog.registry import Registry
 from supervisor.changes import ChangeSignal
+from supervisor.cluster import Cluster
 from supervisor.config.model import AgentConfig, CheckDef, ServiceDef
 from supervisor.config.registrations import registration_builder, registration_rules
 from supervisor.connect.ca import CertificateAuthority
@@ -47,8 +48,10 @@ class ControlPlane:
         services_changed: Callable[[], None],
         *,
         deregister_minimum: float = DEREGISTER_MINIMUM,
+        cluster: Cluster | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.cluster = cluster  # cluster mode: the catalog reads every host's entries
         self.registry = registry
         self.index = index
         self.services_changed = services_changed
@@ -57,7 +60,13 @@ class ControlPlane:
         self.changes = ChangeSignal()
         self.ca: CertificateAuthority | None = None
         self.leaves: LeafManager | None = None
-        self.catalog = Catalog(index, self.changes, reap=self._reap, deregister_minimum=deregister_minimum)
+        self.catalog = Catalog(
+            index,
+            self.changes,
+            cluster.storage if cluster is not None else None,
+            reap=self._reap,
+            deregister_minimum=deregister_minimum,
+        )
         self.checks = AgentChecks(os.path.join(data_dir.root, "checks") if data_dir is not None else None)
         # Config-file services deregistered through the API: gone until the next reload.
         self.hidden: frozenset[str] = frozenset()
@@ -121,6 +130,12 @@ class ControlPlane:
     def changed(self) -> None:
         self.index.next()
         self.changes.fire()
+
+    def contact(self) -> tuple[bool, int]:
+        """Whether the cluster's state is current here, and milliseconds since etcd last
+        answered (Consul's X-Consul-KnownLeader and X-Consul-LastContact). A single-host
+        agent is its own authority."""
+        return self.cluster.contact() if self.cluster is not None else (True, 0)
 
     def on_view(self, view: AgentView) -> None:
         previous = self.view

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,9 @@ from supervisor.api.shapes import (
     member_json,
     proxy_config_json,
     proxy_status_json,
+    remote_member_json,
 )
+from supervisor.cluster.etcd import EtcdError
 from supervisor.config.durations import parse_duration
 from supervisor.config.limits import parse_uint
 from supervisor.config.model import ServiceDef
@@ -34,6 +37,8 @@ from supervisor.supervision.events import ReloadRequested, RestartRequested, Shu
 from supervisor.supervision.machine import State
 from supervisor.supervision.manager import Supervisor
 from supervisor.supervision.view import AgentView, ProxyStatus, ViewBoard
+
+log = logging.getLogger("supervisor.api")
 
 MANAGED_API_DISALLOWED = "Managed proxy registration via the API is disallowed."
 
@@ -104,12 +109,21 @@ class AgentEndpoints:
             if request.arg("segment") not in (None, "", "_all"):
                 raise HttpError(400, "Cannot provide a segment with wan=true")
             return Response.json([])
-        return Response.json([member_json(view)])
+        members = [member_json(view)]
+        cluster = self.plane.cluster
+        if cluster is not None:
+            storage = cluster.storage
+            for name, node in sorted(storage.remote_nodes().items()):
+                members.append(remote_member_json(node, alive=storage.alive(name)))
+        return Response.json(members)
 
     async def agent_self(self, request: Request) -> Response:
         view = self.board.current
         require_operator(identify(request, view), view)
-        return Response.json(agent_self_json(view))
+        data = agent_self_json(view)
+        if self.plane.cluster is not None:
+            data["Cluster"] = self.plane.cluster.status()
+        return Response.json(data)
 
     async def services(self, request: Request) -> Response:
         view = self.board.current
@@ -199,11 +213,22 @@ class AgentEndpoints:
         view = self.board.current
         require_operator(identify(request, view), view)
         reply: concurrent.futures.Future[None] = concurrent.futures.Future()
+        await self._leave_cluster()
         self.supervisor.post(
             ShutdownRequested(stop_proxies=True, reason="leave requested through the API", reply=reply)
         )
         await asyncio.wait_for(asyncio.wrap_future(reply), LEAVE_TIMEOUT)
         return Response.json(None)
+
+    async def _leave_cluster(self) -> None:
+        """Consul's "left => deregistered": this host's records go from etcd at once."""
+        cluster = self.plane.cluster
+        if cluster is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, cluster.leave)
+        except EtcdError as exc:
+            log.warning("cluster: could not deregister this host (%s); other hosts reap it later", exc)
 
     async def restart_proxy(self, request: Request) -> Response:
         """Restart one proxy and answer once its new process is ``running`` (up for the

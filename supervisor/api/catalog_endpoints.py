@@ -82,7 +82,7 @@ class CatalogEndpoints:
 
     async def _blocking(self, request: Request, key: Any, compute: Callable[[], Any]) -> Response:
         self._check_access(request)
-        headers = read_headers(request)
+        headers = read_headers(request, self.plane.contact())
         results = self.results
         data, index = await block_until_changed(
             request, self.plane.changes, lambda: results.get(key, compute), lambda r: r[1], param="index"

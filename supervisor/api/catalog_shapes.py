@@ -3,15 +3,17 @@ built from the catalog's typed entries. Pure functions."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from supervisor.api.shapes import managed_proxy_service_json, service_json
-from supervisor.catalog.model import CheckResult, Entry, Instance, Node
+from supervisor.catalog.model import CheckResult, Entry, Instance, Node, RemoteInstance
 from supervisor.config.model import thaw
 
 
-def node_json(node: Node, index: int = 1) -> dict[str, Any]:
+def node_json(node: Node) -> dict[str, Any]:
+    index = node.index
     return {
         "ID": node.node_id,
         "Node": node.name,
@@ -41,8 +43,10 @@ def check_json(check: CheckResult, node: str) -> dict[str, Any]:
     }
 
 
-def instance_json(instance: Instance) -> dict[str, Any]:
+def instance_json(instance: Instance | RemoteInstance) -> dict[str, Any]:
     """The instance as Consul's AgentService (without ``ContentHash``)."""
+    if isinstance(instance, RemoteInstance):
+        return copy.deepcopy(dict(instance.document))
     if instance.is_managed_proxy:
         assert instance.planned is not None
         data = managed_proxy_service_json(instance.planned)

@@ -56,7 +56,7 @@ class QueryEndpoints:
         if request.method in ("POST", "PUT"):
             query = store.create(self._decode(request))
             return Response.json({"ID": query.id})
-        headers = read_headers(request)
+        headers = read_headers(request, self.plane.contact())
         data, index = await block_until_changed(
             request,
             self.plane.changes,
@@ -79,7 +79,10 @@ class QueryEndpoints:
         query = store.get(query_id)
         return Response.json(
             [query_json(query, show)],
-            headers={"X-Consul-Index": str(query.modify_index), **read_headers(request)},
+            headers={
+                "X-Consul-Index": str(query.modify_index),
+                **read_headers(request, self.plane.contact()),
+            },
         )
 
     async def execute(self, request: Request) -> Response:
@@ -106,7 +109,8 @@ class QueryEndpoints:
         if limit:
             nodes = nodes[:limit]
         return Response.json(
-            {**data, "Nodes": nodes}, headers={"X-Consul-Index": str(index), **read_headers(request)}
+            {**data, "Nodes": nodes},
+            headers={"X-Consul-Index": str(index), **read_headers(request, self.plane.contact())},
         )
 
     def _execute(self, name_or_id: str, connect_param: bool) -> dict[str, Any]:

@@ -30,9 +30,14 @@ class Results:
     so a thousand waiters of the same query cost one computation per change.
     """
 
-    def __init__(self, index: Index, capacity: int = 4096) -> None:
+    def __init__(
+        self, index: Index, capacity: int = 4096, content_index: Callable[[Any], int] | None = None
+    ) -> None:
+        """``content_index``: cluster mode's rule, an answer's index taken from its content
+        (the same on every agent), instead of the index at which this agent saw it change."""
         self.index = index
         self.capacity = capacity
+        self.content_index = content_index
         self._cache: OrderedDict[Hashable, _Cached] = OrderedDict()
 
     def get(self, key: Hashable, compute: Callable[[], Any]) -> tuple[Any, int]:
@@ -45,6 +50,10 @@ class Results:
         digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
         if cached is not None and cached.digest == digest:
             result_index = cached.result_index
+        elif self.content_index is not None:
+            result_index = self.content_index(data)
+            if cached is not None and result_index <= cached.result_index:
+                result_index = current  # (cannot happen with a mirror's answers; never backwards)
         else:
             result_index = current
         self._cache[key] = _Cached(data, digest, result_index, current)

@@ -70,7 +70,9 @@ def compose(
     """Every endpoint behind one handler: what the HTTP server serves (and unit tests call)."""
     stats = stats if stats is not None else ApiStats()
     router = Router()
-    results = Results(plane.index)  # blocking queries' answers, and when each last changed
+    # Blocking queries' answers, and when each last changed (in cluster mode: by their content).
+    content_index = plane.cluster.storage.content_index if plane.cluster is not None else None
+    results = Results(plane.index, content_index=content_index)
     AgentEndpoints(board, supervisor, plane).register(router)
     CheckEndpoints(plane).register(router)
     ConnectEndpoints(plane).register(router)

@@ -13,7 +13,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from supervisor.api.blocking import content_hash
-from supervisor.catalog.model import CheckResult
+from supervisor.catalog.model import CheckResult, Node
 from supervisor.config.model import ServiceDef, Upstream, thaw
 from supervisor.net import split_host_port
 from supervisor.supervision.desired import PlannedProxy
@@ -189,21 +189,31 @@ def member_json(view: AgentView) -> dict[str, Any]:
     node, alive (Status 1), with Consul 1.5's protocol numbers."""
     config = view.config
     bind = config.bind_addr
+    address = bind if bind not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return _member(config.node_name, address, config.datacenter, view.node_id, 1)
+
+
+def remote_member_json(node: Node, *, alive: bool) -> dict[str, Any]:
+    """Another host of the cluster: alive (1) while its lease holds, else failed (4)."""
+    return _member(node.name, node.address, node.datacenter, node.node_id, 1 if alive else 4)
+
+
+def _member(name: str, address: str, datacenter: str, node_id: str, status: int) -> dict[str, Any]:
     return {
-        "Name": config.node_name,
-        "Addr": bind if bind not in ("0.0.0.0", "::", "") else "127.0.0.1",
+        "Name": name,
+        "Addr": address,
         "Port": SERF_LAN_PORT,
         "Tags": {
             "role": "node",
-            "dc": config.datacenter,
-            "id": view.node_id,
+            "dc": datacenter,
+            "id": node_id,
             "segment": "",
             "vsn": "2",
             "vsn_min": "2",
             "vsn_max": "3",
             "build": f"{CONSUL_COMPATIBLE_VERSION}:proxy-supervisor-{__version__}",
         },
-        "Status": 1,
+        "Status": status,
         "ProtocolMin": 1,
         "ProtocolMax": 5,
         "ProtocolCur": 2,

@@ -21,3 +21,8 @@ class Index:
     def next(self) -> int:
         self.value += 1
         return self.value
+
+    def advance(self, to: int) -> int:
+        """Move to at least ``to`` (a cluster's index), and always forward."""
+        self.value = max(self.value + 1, to)
+        return self.value

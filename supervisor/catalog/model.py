@@ -30,6 +30,7 @@ class Node:
     address: str
     datacenter: str
     meta: Mapping[str, str]
+    index: int = 1  # when the node's record last changed (cluster mode: from etcd)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,30 @@ class Instance:
         so it is matched by that service's tags (as Consul 1.3+ sidecars, which copy them)."""
         return self.service.tags
 
+    @property
+    def weights(self) -> tuple[int, int]:
+        return (1, 1) if self.is_managed_proxy else self.service.weights
+
+
+@dataclass(frozen=True)
+class RemoteInstance:
+    """An instance another agent of the cluster registered: what it published (``document``,
+    Consul's AgentService shape) and the fields discovery selects by."""
+
+    service_id: str
+    name: str
+    kind: str
+    tags: tuple[str, ...]
+    meta: Mapping[str, Any]
+    port: int
+    address: str
+    connect_target: str | None
+    connect_tags: tuple[str, ...]
+    weights: tuple[int, int]
+    document: Mapping[str, Any]
+
+    is_managed_proxy = False
+
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -119,7 +144,7 @@ class Entry:
     """What discovery returns: an instance on its node, with its checks."""
 
     node: Node
-    instance: Instance
+    instance: Instance | RemoteInstance
     checks: tuple[CheckResult, ...]
     index: int  # the catalog index at which this instance last changed
 

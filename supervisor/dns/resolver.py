@@ -329,7 +329,7 @@ class _Context:
     def _srv(
         self, entry: Entry, address: str, node_address: str, ttl: float
     ) -> tuple[dns.rrset.RRset, list[dns.rrset.RRset]]:
-        passing, warning = entry.instance.service.weights
+        passing, warning = entry.instance.weights
         weight = warning if entry.status is CheckStatus.WARNING else passing
         dc = self.config.datacenter
         if address != node_address and _is_ip(address):

@@ -133,7 +133,11 @@ def test_config_api_and_managed_proxy_instances_all_reach_discovery() -> None:
 
     async def scenario(catalog: Catalog) -> None:
         catalog.update(view_of(config, registered), registered)
-        sources = {entry.instance.service_id: entry.instance.source for entry in catalog.entries()}
+        sources = {
+            entry.instance.service_id: entry.instance.source
+            for entry in catalog.entries()
+            if isinstance(entry.instance, Instance)
+        }
         assert sources == {
             "billing": InstanceSource.API,
             "web": InstanceSource.CONFIG,

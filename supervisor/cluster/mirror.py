@@ -1,0 +1,54 @@
+"""This agent's copy of the cluster's keys, kept current by one etcd watch.
+
+Pure data, on the API's event loop: the watch thread hands over whole listings (``reset``,
+after a start or a compaction) and whole watch messages (``apply``); both report whether
+anything changed, so a re-listing that finds what the mirror already had moves nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from supervisor.cluster.etcd import Event, KeyValue
+from supervisor.cluster.layout import Kind, Layout
+
+
+class Mirror:
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.kvs: dict[str, KeyValue] = {}
+        self.revision = 0
+        self.gone_at: dict[str, int] = {}  # node -> the revision its alive/ key went away
+        self.removed_at = 0  # the latest revision that deleted a key (answers that lost an item move to it)
+
+    def reset(self, kvs: Iterable[KeyValue], revision: int) -> bool:
+        fresh = {kv.key: kv for kv in kvs}
+        changed = fresh != self.kvs
+        for key in set(self.kvs) - set(fresh):
+            self._note_gone(key, revision)
+        self.kvs = fresh
+        self.revision = max(self.revision, revision)
+        return changed
+
+    def apply(self, events: Iterable[Event], revision: int) -> bool:
+        changed = False
+        for event in events:
+            key = event.kv.key
+            if event.kind == "delete":
+                if self.kvs.pop(key, None) is not None:
+                    changed = True
+                    self._note_gone(key, event.kv.mod_revision or revision)
+            elif self.kvs.get(key) != event.kv:
+                self.kvs[key] = event.kv
+                changed = True
+        self.revision = max(self.revision, revision)
+        return changed
+
+    def _note_gone(self, key: str, revision: int) -> None:
+        self.removed_at = max(self.removed_at, revision)
+        parsed = self.layout.parse(key)
+        if parsed is not None and parsed.kind is Kind.ALIVE:
+            self.gone_at[parsed.node] = revision
+
+    def under(self, prefix: str) -> list[KeyValue]:
+        return [kv for key, kv in self.kvs.items() if key.startswith(prefix)]

@@ -1,0 +1,168 @@
+"""What an agent publishes about its host, as etcd values, and how others read them back.
+
+Values are compact JSON. A service record carries the instance as Consul's AgentService
+(what ``/v1/catalog`` and ``/v1/health`` show elsewhere; the renderer is handed in, so
+this layer knows no HTTP shapes) plus the fields discovery selects by. A managed proxy's
+command line and config stay on its host: other hosts see the proxy's registration, not
+how it is run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from supervisor.catalog.model import CheckResult, Entry, Instance, Node, RemoteInstance
+from supervisor.catalog.status import CheckStatus
+from supervisor.cluster.layout import Layout
+
+T = TypeVar("T", dict[str, Any], list[Any])
+Render = Callable[[Instance], dict[str, Any]]  # an instance as Consul's AgentService
+
+
+class BadRecord(ValueError):
+    """A value in etcd that is not what an agent writes: skipped (and logged once)."""
+
+
+def encode(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise BadRecord(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRecord("not a JSON object")
+    return value
+
+
+# -- this host's records ----------------------------------------------------------------------
+
+
+def node_record(node: Node) -> dict[str, Any]:
+    return {
+        "ID": node.node_id,
+        "Node": node.name,
+        "Address": node.address,
+        "Datacenter": node.datacenter,
+        "Meta": dict(node.meta),
+    }
+
+
+def service_record(instance: Instance, render: Render) -> dict[str, Any]:
+    document = render(instance)
+    connect = document.get("Connect")
+    if isinstance(connect, dict) and "Proxy" in connect:
+        document["Connect"] = {key: value for key, value in connect.items() if key != "Proxy"}
+    return {
+        "Service": document,
+        "ConnectTarget": instance.connect_target,
+        "ConnectTags": list(instance.connect_tags),
+    }
+
+
+def check_record(check: CheckResult) -> dict[str, Any]:
+    return {
+        "CheckID": check.check_id,
+        "Name": check.name,
+        "Status": str(check.status),
+        "Notes": check.notes,
+        "Output": check.output,
+        "ServiceID": check.service_id,
+        "ServiceName": check.service_name,
+        "ServiceTags": list(check.service_tags),
+    }
+
+
+def host_records(
+    layout: Layout,
+    node: Node,
+    entries: Mapping[str, Entry],
+    node_checks: tuple[CheckResult, ...],
+    render: Render,
+    *,
+    skip_check: str,
+) -> dict[str, bytes]:
+    """Every key this host owns, with its value (``skip_check``: the synthetic node check,
+    which every agent derives from ``alive/`` instead)."""
+    records = {layout.node(node.name): encode(node_record(node))}
+    checks: dict[str, CheckResult] = {check.check_id: check for check in node_checks}
+    for service_id, entry in entries.items():
+        if isinstance(entry.instance, Instance):
+            records[layout.service(node.name, service_id)] = encode(service_record(entry.instance, render))
+        checks.update((check.check_id, check) for check in entry.checks)
+    for check_id, check in checks.items():
+        if check_id != skip_check:
+            records[layout.check(node.name, check_id)] = encode(check_record(check))
+    return records
+
+
+# -- other hosts' records -------------------------------------------------------------------
+
+
+def read_node(value: Mapping[str, Any], name: str, index: int) -> Node:
+    meta = value.get("Meta")
+    return Node(
+        node_id=str(value.get("ID", "")),
+        name=name,
+        address=str(value.get("Address", "")),
+        datacenter=str(value.get("Datacenter", "")),
+        meta={str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {},
+        index=index,
+    )
+
+
+def read_instance(value: Mapping[str, Any], service_id: str) -> RemoteInstance:
+    document = value.get("Service")
+    if not isinstance(document, dict):
+        raise BadRecord("no Service")
+    weights = _of(document, "Weights", dict)
+    tags = _of(document, "Tags", list)
+    meta = _of(document, "Meta", dict)
+    connect_tags = _of(value, "ConnectTags", list)
+    target = value.get("ConnectTarget")
+    try:
+        return RemoteInstance(
+            service_id=service_id,
+            name=str(document.get("Service", "")),
+            kind=str(document.get("Kind", "")),
+            tags=tuple(str(tag) for tag in tags),
+            meta=meta,
+            port=int(document.get("Port", 0)),
+            address=str(document.get("Address", "")),
+            connect_target=str(target) if target else None,
+            connect_tags=tuple(str(tag) for tag in connect_tags),
+            weights=(int(weights.get("Passing", 1)), int(weights.get("Warning", 1))),
+            document={**document, "ID": service_id},
+        )
+    except (TypeError, ValueError) as exc:
+        raise BadRecord(str(exc)) from None
+
+
+def read_check(value: Mapping[str, Any], check_id: str, create_index: int, modify_index: int) -> CheckResult:
+    try:
+        status = CheckStatus(str(value.get("Status", "")))
+    except ValueError:
+        raise BadRecord(f"status {value.get('Status')!r}") from None
+    tags = _of(value, "ServiceTags", list)
+    return CheckResult(
+        check_id=check_id,
+        name=str(value.get("Name", "")),
+        status=status,
+        output=str(value.get("Output", "")),
+        notes=str(value.get("Notes", "")),
+        service_id=str(value.get("ServiceID", "")),
+        service_name=str(value.get("ServiceName", "")),
+        service_tags=tuple(str(tag) for tag in tags),
+        create_index=create_index,
+        modify_index=modify_index,
+    )
+
+
+def _of(value: Mapping[str, Any], key: str, kind: type[T]) -> T:
+    """``value[key]`` when it is a ``kind``, else an empty one."""
+    found = value.get(key)
+    return found if isinstance(found, kind) else kind()
