@@ -208,7 +208,8 @@ class Agent:
             resources.callback(self.api.stop)
             if cluster is not None:
                 # Stopped before the API (callbacks run last-in first): its deliveries go to the API loop.
-                cluster.start(self.api.call_soon, plane.changes.fire)
+                carried = (list(plane.intentions.intentions.values()), list(plane.queries.queries.values()))
+                cluster.start(self.api.call_soon, plane.cluster_changed, carried)
                 resources.callback(cluster.stop)
             log.info("HTTP API listening on %s", join_host_port(str(host), int(port)))
             self._start_watchers(resources, supervisor, config)

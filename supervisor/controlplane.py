@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 from supervisor.catalog.agent_checks import AgentChecks
 from supervisor.catalog.catalog import DEREGISTER_MINIMUM, Catalog, Sources
-from supervisor.catalog.errors import InvalidDefinition, NotFound
+from supervisor.catalog.errors import Conflict, InvalidDefinition, NotFound
 from supervisor.catalog.index import Index
-from supervisor.catalog.intentions import IntentionFile, Intentions
-from supervisor.catalog.queries import Queries, QueryFile
+from supervisor.catalog.intentions import IntentionFields, IntentionFile, Intentions
+from supervisor.catalog.queries import Queries, QueryDefinition, QueryFile
 from supervisor.catalog.registry import Registry
 from supervisor.changes import ChangeSignal
 from supervisor.cluster import Cluster
@@ -130,6 +130,70 @@ class ControlPlane:
     def changed(self) -> None:
         self.index.next()
         self.changes.fire()
+
+    def cluster_changed(self) -> None:
+        """The mirror of etcd moved (cluster mode, on this loop): take its intentions and
+        queries, and wake blocking queries."""
+        if self.cluster is None:
+            return
+        self.cluster.refresh_documents(self.intentions, self.queries)
+        self.cluster.mirror_moved()
+        self.changes.fire()
+
+    # -- intentions and prepared queries: local, or in etcd in cluster mode -------------------
+
+    async def create_intention(self, fields: IntentionFields) -> str:
+        if self.cluster is None:
+            return self.intentions.create(fields).id
+        self._refuse_duplicate(fields, None)
+        intention_id, _ = await self.cluster.write(lambda writer: writer.create_intention(fields))
+        return intention_id
+
+    async def update_intention(self, intention_id: str, fields: IntentionFields) -> None:
+        if self.cluster is None:
+            self.intentions.update(intention_id, fields)
+            return
+        current = self.intentions.get(intention_id)
+        self._refuse_duplicate(fields, intention_id)
+        seen = self.cluster.seen(current.modify_index)
+        await self.cluster.write(lambda writer: writer.update_intention(current, seen, fields))
+
+    async def delete_intention(self, intention_id: str) -> None:
+        if self.cluster is None:
+            self.intentions.delete(intention_id)
+            return
+        current = self.intentions.get(intention_id)
+        seen = self.cluster.seen(current.modify_index)
+        await self.cluster.write(lambda writer: writer.delete_intention(current, seen))
+
+    def _refuse_duplicate(self, fields: IntentionFields, own_id: str | None) -> None:
+        existing = self.intentions.exact(fields.source_name, fields.destination_name)
+        if existing is not None and existing.id != own_id:
+            raise Conflict(f"duplicate intention found: {existing} (ID {existing.id})")
+
+    async def create_query(self, definition: QueryDefinition) -> str:
+        if self.cluster is None:
+            return self.queries.create(definition).id
+        self.queries.check_definition(definition, None)
+        query_id, _ = await self.cluster.write(lambda writer: writer.create_query(definition))
+        return query_id
+
+    async def update_query(self, query_id: str, definition: QueryDefinition) -> None:
+        if self.cluster is None:
+            self.queries.update(query_id, definition)
+            return
+        current = self.queries.get(query_id)
+        self.queries.check_definition(definition, query_id)
+        seen = self.cluster.seen(current.modify_index)
+        await self.cluster.write(lambda writer: writer.update_query(current, seen, definition))
+
+    async def delete_query(self, query_id: str) -> None:
+        if self.cluster is None:
+            self.queries.delete(query_id)
+            return
+        current = self.queries.get(query_id)
+        seen = self.cluster.seen(current.modify_index)
+        await self.cluster.write(lambda writer: writer.delete_query(current, seen))
 
     def contact(self) -> tuple[bool, int]:
         """Whether the cluster's state is current here, and milliseconds since etcd last

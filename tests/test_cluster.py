@@ -158,3 +158,104 @@ def test_leave_deregisters_the_host_at_once(hosts: tuple[AgentProcess, AgentProc
     _, _, nodes = b.http("GET", "/v1/catalog/nodes")
     assert [node["Node"] for node in nodes] == ["host-b"]
     assert "cluster: left" in a.log()
+
+
+def test_intentions_and_queries_are_cluster_wide_and_unique(hosts: tuple[AgentProcess, AgentProcess]) -> None:
+    a, b = hosts
+    wait_until(lambda: service_nodes(b, "web") == ["host-a"], timeout=10, message="web on host-b")
+    body = {"SourceName": "web", "DestinationName": "db", "Action": "deny"}
+    answers: list[tuple[int, Any]] = []
+
+    def create(host: AgentProcess) -> None:
+        status, _, reply = host.http("POST", "/v1/connect/intentions", body)
+        answers.append((status, reply))
+
+    threads = [threading.Thread(target=create, args=(host,)) for host in (a, b, a, b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    statuses = sorted(status for status, _ in answers)
+    assert statuses == [200, 409, 409, 409], answers
+    assert all("duplicate intention found" in str(reply) for status, reply in answers if status == 409)
+    intention_id = next(reply["ID"] for status, reply in answers if status == 200)
+
+    # Read back at once on the writer; seen on the other host too, with the same index.
+    for host in (a, b):
+        wait_until(
+            lambda host=host: host.http("GET", f"/v1/connect/intentions/{intention_id}")[0] == 200,
+            timeout=5,
+            message="the intention on both hosts",
+        )
+        _, _, check = host.http("GET", "/v1/connect/intentions/check?source=web&destination=db")
+        assert check == {"Allowed": False}
+    indexes = {host.http("GET", "/v1/connect/intentions")[1]["X-Consul-Index"] for host in (a, b)}
+    assert len(indexes) == 1
+
+    # Changed on b, deleted on a.
+    status, _, _ = b.http("PUT", f"/v1/connect/intentions/{intention_id}", {**body, "Action": "allow"})
+    assert status == 200
+    _, _, check = b.http("GET", "/v1/connect/intentions/check?source=web&destination=db")
+    assert check == {"Allowed": True}
+    wait_until(
+        lambda: (
+            a.http("GET", "/v1/connect/intentions/check?source=web&destination=db")[2] == {"Allowed": True}
+        ),
+        timeout=5,
+        message="the change on host-a",
+    )
+    assert a.http("DELETE", f"/v1/connect/intentions/{intention_id}")[0] == 200
+    wait_until(
+        lambda: b.http("GET", "/v1/connect/intentions")[2] == [], timeout=5, message="deleted everywhere"
+    )
+
+    # A prepared query made on a runs on b, and its name is taken cluster-wide.
+    query = {"Name": "primary-db", "Service": {"Service": "db", "Tags": ["primary"]}}
+    status, _, created = a.http("POST", "/v1/query", query)
+    assert status == 200
+    status, _, reply = b.http("POST", "/v1/query", query)
+    assert status == 409 and "aliases an existing query name" in str(reply)
+    _, _, executed = b.http("GET", "/v1/query/primary-db/execute")
+    assert [node["Node"]["Node"] for node in executed["Nodes"]] == ["host-b"]
+    assert b.http("DELETE", f"/v1/query/{created['ID']}")[0] == 200
+    wait_until(lambda: a.http("GET", "/v1/query")[2] == [], timeout=5, message="the query gone on host-a")
+
+
+def test_a_single_host_agent_carries_its_intentions_into_the_cluster(
+    tmp_path: Path, etcd_cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    solo = AgentProcess(
+        tmp_path / "solo", extra={"node_name": "solo", "services": [{"name": "web", "port": 80}]}
+    )
+    other = make_host(tmp_path, "other", etcd_cluster, etcd_prefix, [])
+    try:
+        solo.start()
+        for source, action in (("web", "allow"), ("api", "deny")):
+            body = {"SourceName": source, "DestinationName": "db", "Action": action}
+            assert solo.http("POST", "/v1/connect/intentions", body)[0] == 200
+        solo_index = int(solo.http("GET", "/v1/connect/intentions")[1]["X-Consul-Index"])
+        other.start()
+        # The cluster already has its own api => db: that one wins, and the clash is reported.
+        clash = {"SourceName": "api", "DestinationName": "db", "Action": "allow"}
+        assert other.http("POST", "/v1/connect/intentions", clash)[0] == 200
+        solo.signal(15)
+        solo.wait_exit()
+        solo.write("10-cluster.json", {"cluster": cluster_block(etcd_cluster, etcd_prefix)})
+        solo.start()
+
+        def pairs(host: AgentProcess) -> list[tuple[str, str, str]]:
+            _, _, found = host.http("GET", "/v1/connect/intentions")
+            return sorted((i["SourceName"], i["DestinationName"], i["Action"]) for i in found)
+
+        expected = [("api", "db", "allow"), ("web", "db", "allow")]
+        wait_until(lambda: pairs(other) == expected, timeout=10, message="web => db carried into the cluster")
+        assert pairs(solo) == expected
+        assert "kept the cluster's intention" in solo.log()
+        assert int(solo.http("GET", "/v1/connect/intentions")[1]["X-Consul-Index"]) > solo_index
+        solo.signal(15)
+        solo.wait_exit()
+        solo.start()  # carried once: a restart does not bring back what the cluster deleted
+        assert "carried" not in solo.current_log()
+    finally:
+        solo.kill_everything()
+        other.kill_everything()

@@ -45,8 +45,8 @@ class IntentionEndpoints:
         self._operator(request)
         store = self.plane.intentions
         if request.method in ("POST", "PUT"):
-            intention = store.create(_decode(request.json()))
-            return Response.json({"ID": intention.id})
+            intention_id = await self.plane.create_intention(_decode(request.json()))
+            return Response.json({"ID": intention_id})
         selection = Selection.of(request)
 
         def compute() -> Any:
@@ -66,10 +66,10 @@ class IntentionEndpoints:
         store = self.plane.intentions
         intention_id = request.params["id"]
         if request.method in ("PUT", "POST"):
-            store.update(intention_id, _decode(request.json()))
+            await self.plane.update_intention(intention_id, _decode(request.json()))
             return Response()
         if request.method == "DELETE":
-            store.delete(intention_id)
+            await self.plane.delete_intention(intention_id)
             return Response()
         return Response.json(intention_json(store.get(intention_id)))
 
@@ -92,13 +92,13 @@ class IntentionEndpoints:
                 raise HttpError(400, "Request decode failed: expected a JSON object")
             fields = _decode({**body, "SourceName": source, "DestinationName": destination})
             if intention is None:
-                store.create(fields)
+                await self.plane.create_intention(fields)
             else:
-                store.update(intention.id, fields)
+                await self.plane.update_intention(intention.id, fields)
             return Response.json(True)
         if request.method == "DELETE":
             if intention is not None:
-                store.delete(intention.id)
+                await self.plane.delete_intention(intention.id)
             return Response.json(True)
         if intention is None:
             raise HttpError(404, f"Intention not found: {source} => {destination}")

@@ -54,8 +54,8 @@ class QueryEndpoints:
         show = self._caller(request)
         store = self.plane.queries
         if request.method in ("POST", "PUT"):
-            query = store.create(self._decode(request))
-            return Response.json({"ID": query.id})
+            query_id = await self.plane.create_query(self._decode(request))
+            return Response.json({"ID": query_id})
         headers = read_headers(request, self.plane.contact())
         data, index = await block_until_changed(
             request,
@@ -71,10 +71,10 @@ class QueryEndpoints:
         store = self.plane.queries
         query_id = request.params["id"]
         if request.method in ("PUT", "POST"):
-            store.update(query_id, self._decode(request))
+            await self.plane.update_query(query_id, self._decode(request))
             return Response()
         if request.method == "DELETE":
-            store.delete(query_id)
+            await self.plane.delete_query(query_id)
             return Response()
         query = store.get(query_id)
         return Response.json(

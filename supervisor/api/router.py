@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from supervisor.api.http import Handler, HttpError, Request, Response
-from supervisor.catalog.errors import CatalogError, Conflict, InvalidDefinition, NotFound
+from supervisor.catalog.errors import CatalogError, Conflict, InvalidDefinition, NotFound, Unavailable
 
 # Consul accepted PUT and POST interchangeably on its write endpoints.
 WRITE_METHODS = ("PUT", "POST")
@@ -25,6 +25,7 @@ STATUS_OF: tuple[tuple[type[CatalogError], int], ...] = (
     (NotFound, 404),
     (Conflict, 409),
     (InvalidDefinition, 400),
+    (Unavailable, 503),
 )
 
 

@@ -1,5 +1,5 @@
 """What the catalog, intentions and prepared queries raise for a request they cannot
-carry out. Domain errors: ``supervisor/api`` maps them to HTTP statuses (404, 409, 400)."""
+carry out. Domain errors: ``supervisor/api`` maps them to HTTP statuses (404, 409, 400, 503)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,7 @@ class Conflict(CatalogError):
 
 class InvalidDefinition(CatalogError):
     """A definition that cannot be used (an unknown template expression, say)."""
+
+
+class Unavailable(CatalogError):
+    """The shared store is out of reach (cluster mode, etcd down): nothing changed."""

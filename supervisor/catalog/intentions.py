@@ -167,6 +167,12 @@ class Intentions:
         if self.storage is not None:
             self.intentions = {intention.id: intention for intention in self.storage.load()}
 
+    def replace_all(self, intentions: dict[str, Intention]) -> bool:
+        """Take the intentions another store holds (cluster mode: etcd's); True if any changed."""
+        changed = intentions != self.intentions
+        self.intentions = intentions
+        return changed
+
     def save(self) -> None:
         """Write every intention again (data_dir was deleted under the running agent)."""
         self._commit(self.intentions)
@@ -273,15 +279,15 @@ class IntentionFile:
         if data is None:
             return []
         try:
-            return [_from_stored(entry) for entry in data["Intentions"]]
+            return [intention_from_document(entry) for entry in data["Intentions"]]
         except (KeyError, TypeError, ValueError, Damaged) as exc:
             raise damaged(self.path, exc, REMEDY) from exc
 
     def save(self, intentions: list[Intention]) -> None:
-        save_document(self.path, VERSION, {"Intentions": [_to_stored(ixn) for ixn in intentions]})
+        save_document(self.path, VERSION, {"Intentions": [intention_document(ixn) for ixn in intentions]})
 
 
-def _to_stored(intention: Intention) -> dict[str, Any]:
+def intention_document(intention: Intention) -> dict[str, Any]:
     return {
         "ID": intention.id,
         "SourceName": intention.source_name,
@@ -296,7 +302,7 @@ def _to_stored(intention: Intention) -> dict[str, Any]:
     }
 
 
-def _from_stored(entry: dict[str, Any]) -> Intention:
+def intention_from_document(entry: dict[str, Any]) -> Intention:
     if entry["Action"] not in tuple(Action):
         raise Damaged(f"intention {entry['ID']}: invalid action {entry['Action']!r}")
     return Intention(

@@ -251,6 +251,23 @@ class Queries:
         if self.storage is not None:
             self.queries = {query.id: query for query in self.storage.load()}
 
+    def replace_all(self, queries: dict[str, PreparedQuery]) -> bool:
+        """Take the queries another store holds (cluster mode: etcd's); True if any changed."""
+        changed = queries != self.queries
+        self.queries = queries
+        return changed
+
+    def check_definition(self, definition: QueryDefinition, own_id: str | None) -> None:
+        """Consul's rules for a new or changed query against the ones there are."""
+        if not definition.name and definition.template is None:
+            # Consul's rule: an anonymous query lives as long as its session, and this agent
+            # has no sessions.
+            raise InvalidDefinition(
+                "Invalid prepared query: Must be bound to a session "
+                "(this agent has no sessions: give the query a Name)"
+            )
+        self._check_name(definition, own_id)
+
     def save(self) -> None:
         """Write every query again (data_dir was deleted under the running agent)."""
         self._commit(self.queries)
@@ -271,14 +288,7 @@ class Queries:
         return query
 
     def create(self, definition: QueryDefinition) -> PreparedQuery:
-        if not definition.name and definition.template is None:
-            # Consul's rule: an anonymous query lives as long as its session, and this agent
-            # has no sessions.
-            raise InvalidDefinition(
-                "Invalid prepared query: Must be bound to a session "
-                "(this agent has no sessions: give the query a Name)"
-            )
-        self._check_name(definition, None)
+        self.check_definition(definition, None)
         index = self.next_index()
         return self._store(PreparedQuery(str(uuid.uuid4()), definition, index, index))
 

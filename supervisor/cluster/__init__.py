@@ -8,19 +8,31 @@ host's lease and records in etcd and the mirror current (``member.py``). Without
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+from supervisor.catalog.errors import Conflict, Unavailable
 from supervisor.catalog.index import Index
+from supervisor.catalog.intentions import Intention, IntentionFields, Intentions
+from supervisor.catalog.queries import PreparedQuery, Queries
+from supervisor.cluster.documents import DocumentWriter, read_intentions, read_queries
+from supervisor.cluster.etcd import EtcdClient, EtcdError
 from supervisor.cluster.layout import Layout
-from supervisor.cluster.member import ClusterMember, Deliver, Identity
+from supervisor.cluster.member import ClusterMember, Deliver, Identity, credentials_of
 from supervisor.cluster.records import Render
 from supervisor.cluster.state import ClusterState
 from supervisor.cluster.storage import ClusterStorage
 from supervisor.config.model import AgentConfig
+from supervisor.state.atomic import atomic_write
 
 __all__ = ["Cluster", "ClusterState"]
+
+T = TypeVar("T")
+log = logging.getLogger("supervisor.cluster")
 
 
 class Cluster:
@@ -34,9 +46,19 @@ class Cluster:
         self.config = cluster
         self.lease_file = os.path.join(data_dir, "cluster", "lease.json") if data_dir else None
         self.member: ClusterMember | None = None
+        self.writer: DocumentWriter | None = None
         self._pending: dict[str, bytes] | None = None
+        self._moved: asyncio.Event | None = None  # set by ``mirror_moved``: the mirror went forward
 
-    def start(self, deliver: Deliver, on_change: Callable[[], None]) -> None:
+    def start(
+        self,
+        deliver: Deliver,
+        on_change: Callable[[], None],
+        carried: tuple[list[Intention], list[PreparedQuery]] = ([], []),
+    ) -> None:
+        """``on_change`` runs on the API loop after the mirror changed; ``carried``: this
+        agent's intentions and queries from its single-host days, taken into the cluster
+        once (at the first join), each conflict reported."""
         self.member = ClusterMember(
             self.config,
             self.layout,
@@ -48,7 +70,70 @@ class Cluster:
         )
         if self._pending is not None:
             self.member.want(self._pending)
+        client = EtcdClient(self.config.endpoints, credentials_of(self.config))
+        self.writer = DocumentWriter(client, self.layout)
+        if (carried[0] or carried[1]) and not self._carried_before():
+            writer = self.writer
+            self.member.carry = lambda: self._carry(writer, *carried)
         self.member.start()
+
+    # -- a single-host agent's intentions and queries, into the cluster -------------------------
+
+    def _marker(self) -> str | None:
+        return os.path.join(os.path.dirname(self.lease_file), "carried.json") if self.lease_file else None
+
+    def _carried_before(self) -> bool:
+        marker = self._marker()
+        if marker is None:
+            return False
+        try:
+            with open(marker, encoding="utf-8") as handle:
+                return bool(json.load(handle).get("prefix") == self.layout.root)
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _carry(
+        self, writer: DocumentWriter, intentions: list[Intention], queries: list[PreparedQuery]
+    ) -> None:
+        """On the sync thread, right after joining. Raises EtcdError (then tried again at
+        the next join); what was carried already comes back as a conflict with itself and
+        is recognised as such."""
+        taken, conflicts = 0, 0
+        for intention in intentions:
+            fields = IntentionFields(
+                intention.source_name,
+                intention.destination_name,
+                intention.action,
+                intention.description,
+                intention.meta,
+            )
+            try:
+                writer.create_intention(fields, intention.id, intention.created_at)
+                taken += 1
+            except Conflict as exc:
+                if f"(ID {intention.id})" not in str(exc):
+                    conflicts += 1
+                    log.warning(
+                        "cluster: kept the cluster's intention, not this agent's %s: %s", intention, exc
+                    )
+        for query in queries:
+            try:
+                writer.create_query(query.definition, query.id)
+                taken += 1
+            except Conflict as exc:
+                if f"(ID {query.id})" not in str(exc):
+                    conflicts += 1
+                    log.warning("cluster: kept the cluster's query, not this agent's %r: %s", query.name, exc)
+        log.info(
+            "cluster: carried %d of this agent's intentions and prepared queries into the cluster "
+            "(%d conflicts; data_dir/connect keeps the single-host copies)",
+            taken,
+            conflicts,
+        )
+        marker = self._marker()
+        if marker is not None:
+            os.makedirs(os.path.dirname(marker), mode=0o700, exist_ok=True)
+            atomic_write(marker, json.dumps({"prefix": self.layout.root}).encode(), mode=0o600)
 
     def _publish(self, records: dict[str, bytes]) -> None:
         if self.member is None:
@@ -59,6 +144,56 @@ class Cluster:
     def stop(self) -> None:
         if self.member is not None:
             self.member.stop()
+        if self.writer is not None:
+            self.writer.client.close()
+
+    # -- intentions and prepared queries (on the API loop) ---------------------------------------
+
+    def refresh_documents(self, intentions: Intentions, queries: Queries) -> bool:
+        """Hand the mirror's intentions and queries to the stores the API reads."""
+        storage = self.storage
+        if not storage.documents_changed:
+            return False
+        storage.documents_changed = False
+        kvs, base = storage.mirror.kvs, storage.base
+        changed = intentions.replace_all(read_intentions(kvs, self.layout, base))
+        return queries.replace_all(read_queries(kvs, self.layout, base)) or changed
+
+    def mirror_moved(self) -> None:
+        if self._moved is not None:
+            self._moved.set()
+            self._moved = None
+
+    def seen(self, modify_index: int) -> int:
+        """The etcd revision behind an index this agent handed out."""
+        return modify_index - self.storage.base
+
+    async def write(self, call: Callable[[DocumentWriter], T]) -> T:
+        """Run a write on a worker thread, then wait until this agent's mirror has it (a
+        client that reads back what it just wrote sees it)."""
+        writer = self.writer
+        if writer is None:
+            raise Unavailable("the cluster is not started yet; try again in a moment")
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(None, call, writer)
+        except EtcdError as exc:
+            raise Unavailable(f"the cluster's store (etcd) did not take the change: {exc}") from None
+        revision: Any = result[1] if isinstance(result, tuple) else result
+        await self._until(int(revision))
+        return result
+
+    async def _until(self, revision: int, timeout: float = 5.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.storage.mirror.revision < revision:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return  # written; this agent's watch is behind (it catches up by itself)
+            if self._moved is None:
+                self._moved = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._moved.wait(), remaining)
+            except TimeoutError:
+                return
 
     def leave(self) -> None:
         if self.member is not None:

@@ -5,6 +5,7 @@
     alive/<node>                    leased by that host's agent: gone when it stops renewing
     services/<node>/<service-id>    an instance on that host
     checks/<node>/<check-id>        a check on that host
+    intentions/..., queries/...     shared by every host (``documents.py``)
 
 Every host writes only under its own name (so etcd's role-based access can confine a host
 to its keys); node, service and check keys carry no lease, so an agent's restart or a
@@ -61,6 +62,18 @@ class Layout:
 
     def check(self, node: str, check_id: str) -> str:
         return f"{self.checks(node)}{check_id}"
+
+    def intention(self, intention_id: str) -> str:
+        return f"{self.root}intentions/by-id/{intention_id}"
+
+    def intention_pair(self, source: str, destination: str) -> str:
+        return f"{self.root}intentions/by-pair/{source}/{destination}"
+
+    def query(self, query_id: str) -> str:
+        return f"{self.root}queries/by-id/{query_id}"
+
+    def query_name(self, name: str) -> str:
+        return f"{self.root}queries/by-name/{name}"
 
     def own(self, node: str) -> tuple[str, ...]:
         """The prefixes (and keys) a host owns: what anti-entropy reconciles and ``leave`` deletes."""

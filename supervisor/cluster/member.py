@@ -113,6 +113,7 @@ class ClusterMember:
         self._written: dict[str, bytes] | None = None  # what etcd holds under our name (None: unknown)
         self._watch: Watch | None = None
         self._threads: list[threading.Thread] = []
+        self.carry: Callable[[], None] | None = None  # once, after the first join (see Cluster)
 
     # -- the agent's side ------------------------------------------------------------------
 
@@ -264,6 +265,9 @@ class ClusterMember:
                     )
             self.client.put(alive, value, self.lease)  # ours from before a restart: under this lease now
         self._written = None
+        if self.carry is not None:
+            carry, self.carry = self.carry, None
+            carry()
         self._joined.set()
 
     def _index_base(self) -> int:

@@ -21,26 +21,28 @@ class Mirror:
         self.gone_at: dict[str, int] = {}  # node -> the revision its alive/ key went away
         self.removed_at = 0  # the latest revision that deleted a key (answers that lost an item move to it)
 
-    def reset(self, kvs: Iterable[KeyValue], revision: int) -> bool:
+    def reset(self, kvs: Iterable[KeyValue], revision: int) -> set[str]:
+        """Take a whole listing; returns the keys that differ from what the mirror had."""
         fresh = {kv.key: kv for kv in kvs}
-        changed = fresh != self.kvs
+        changed = {key for key in fresh.keys() | self.kvs.keys() if fresh.get(key) != self.kvs.get(key)}
         for key in set(self.kvs) - set(fresh):
             self._note_gone(key, revision)
         self.kvs = fresh
         self.revision = max(self.revision, revision)
         return changed
 
-    def apply(self, events: Iterable[Event], revision: int) -> bool:
-        changed = False
+    def apply(self, events: Iterable[Event], revision: int) -> set[str]:
+        """Take one watch message; returns the keys it changed."""
+        changed: set[str] = set()
         for event in events:
             key = event.kv.key
             if event.kind == "delete":
                 if self.kvs.pop(key, None) is not None:
-                    changed = True
+                    changed.add(key)
                     self._note_gone(key, event.kv.mod_revision or revision)
             elif self.kvs.get(key) != event.kv:
                 self.kvs[key] = event.kv
-                changed = True
+                changed.add(key)
         self.revision = max(self.revision, revision)
         return changed
 

@@ -68,6 +68,7 @@ class ClusterStorage:
         self._remote: _Remote | None = None
         self._bad: set[str] = set()
         self.records: dict[str, bytes] = {}
+        self.documents_changed = True  # intentions or queries moved since last read (first: the listing)
 
     # -- this host ------------------------------------------------------------------------------
 
@@ -94,12 +95,14 @@ class ClusterStorage:
         changed = self.mirror.apply(events, revision)
         return self._after_mirror(changed)
 
-    def _after_mirror(self, changed: bool) -> bool:
+    def _after_mirror(self, changed: set[str]) -> bool:
         if self.base:
             self.index.advance(self.base + self.mirror.revision)
         if changed:
             self._remote = None
-        return changed
+            shared = (f"{self.layout.root}intentions/", f"{self.layout.root}queries/")
+            self.documents_changed |= any(key.startswith(shared) for key in changed)
+        return bool(changed)
 
     # -- reads (the CatalogStorage protocol) ------------------------------------------------
 
