@@ -181,18 +181,17 @@ def test_intentions_and_queries_are_cluster_wide_and_unique(hosts: tuple[AgentPr
     intention_id = next(reply["ID"] for status, reply in answers if status == 200)
 
     # Read back at once on the writer; seen on the other host too, with the same index.
+    def has_it(host: AgentProcess) -> bool:
+        return host.http("GET", f"/v1/connect/intentions/{intention_id}")[0] == 200
+
     for host in (a, b):
-        wait_until(
-            lambda host=host: host.http("GET", f"/v1/connect/intentions/{intention_id}")[0] == 200,
-            timeout=5,
-            message="the intention on both hosts",
-        )
+        wait_until(lambda: has_it(host), timeout=5, message="the intention on both hosts")  # noqa: B023
         _, _, check = host.http("GET", "/v1/connect/intentions/check?source=web&destination=db")
         assert check == {"Allowed": False}
     indexes = {host.http("GET", "/v1/connect/intentions")[1]["X-Consul-Index"] for host in (a, b)}
     assert len(indexes) == 1
 
-    # Changed on b, deleted on a.
+    # Changed on b (and read back there at once: the write waits for b's mirror), deleted on a.
     status, _, _ = b.http("PUT", f"/v1/connect/intentions/{intention_id}", {**body, "Action": "allow"})
     assert status == 200
     _, _, check = b.http("GET", "/v1/connect/intentions/check?source=web&destination=db")
