@@ -71,6 +71,7 @@ class Identity:
 
     def __init__(self) -> None:
         self.trust_domain = ""
+        self.trust_domains: tuple[str, ...] = ()  # every domain a server may be in (a CA switch)
         self.roots_pem: tuple[str, ...] = ()
         self.leaf_cert_pem = ""
         self.leaf_key_pem = ""
@@ -86,9 +87,11 @@ class Identity:
     def update_roots(self, data: dict[str, Any]) -> bool:
         roots = tuple(root["RootCert"] for root in data.get("Roots") or [] if root.get("RootCert"))
         domain = str(data.get("TrustDomain") or "").lower()
-        if roots == self.roots_pem and domain == self.trust_domain:
+        listed = data.get("TrustDomains")  # (ours, in a cluster's CA switch: Consul's agents send one)
+        domains = tuple(str(d).lower() for d in listed) if isinstance(listed, list) and listed else (domain,)
+        if roots == self.roots_pem and domain == self.trust_domain and domains == self.trust_domains:
             return False
-        self.roots_pem, self.trust_domain = roots, domain
+        self.roots_pem, self.trust_domain, self.trust_domains = roots, domain, domains
         return self._rebuild()
 
     def update_leaf(self, data: dict[str, Any]) -> bool:
@@ -100,6 +103,13 @@ class Identity:
 
     def expected_uri(self, service: str, datacenter: str) -> str:
         return f"spiffe://{self.trust_domain}/ns/default/dc/{datacenter}/svc/{service}"
+
+    def accepts(self, uri: str | None, service: str, datacenter: str) -> bool:
+        """The server's certificate names ``service`` in a trust domain we accept now."""
+        path = f"/ns/default/dc/{datacenter}/svc/{service}"
+        return uri is not None and any(
+            uri == f"spiffe://{domain}{path}" for domain in self.trust_domains or (self.trust_domain,)
+        )
 
     def _rebuild(self) -> bool:
         if not self.roots_pem or not self.leaf_cert_pem:

@@ -244,9 +244,10 @@ class _Outbound:
         host, port, destination, datacenter = self.instance
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connected to %s:%d (TLS session resumed: %s)", host, port, self.tls.session_reused)
-        expected = self.runtime.identity.expected_uri(destination, datacenter or self.runtime.datacenter)
+        identity, where = self.runtime.identity, datacenter or self.runtime.datacenter
+        expected = identity.expected_uri(destination, where)
         got = peer_uri(self.tls)
-        if got != expected:
+        if not identity.accepts(got, destination, where):
             log.warning(
                 "%s: peer certificate mismatch at %s:%d: got %s, want %s",
                 self.listener.upstream,

@@ -23,6 +23,8 @@ from supervisor.catalog.queries import Queries, QueryDefinition, QueryFile
 from supervisor.catalog.registry import Registry
 from supervisor.changes import ChangeSignal
 from supervisor.cluster import Cluster
+from supervisor.cluster.authority import ClusterAuthority
+from supervisor.cluster.signer import ClusterLeaves
 from supervisor.config.model import AgentConfig, CheckDef, ServiceDef
 from supervisor.config.registrations import registration_builder, registration_rules
 from supervisor.connect.ca import CertificateAuthority
@@ -58,8 +60,9 @@ class ControlPlane:
         connect_dir = os.path.join(data_dir.root, "connect") if data_dir is not None else None
         self.connect_dir = connect_dir
         self.changes = ChangeSignal()
-        self.ca: CertificateAuthority | None = None
-        self.leaves: LeafManager | None = None
+        self.ca: CertificateAuthority | None = None  # this host's own CA
+        self.leaves: LeafManager | ClusterLeaves | None = None
+        self.cluster_authority: ClusterAuthority | None = None  # cluster mode: the cluster's CA
         self.catalog = Catalog(
             index,
             self.changes,
@@ -122,6 +125,10 @@ class ControlPlane:
             log.warning("%s", message)
         log.info("Connect CA ready: trust domain %s, active root %s", self.ca.trust_domain, self.ca.active.id)
         self.leaves = LeafManager(self.ca, self.changed)
+        if self.cluster is not None:
+            self.cluster_authority, self.leaves = self.cluster.attach_ca(
+                self.ca, self.leaves, config, self.changed
+            )
         self.view = view
         self._drop_shadowed(config)
         self.refresh_catalog()
@@ -131,12 +138,21 @@ class ControlPlane:
         self.index.next()
         self.changes.fire()
 
+    @property
+    def authority(self) -> CertificateAuthority | ClusterAuthority:
+        """The CA the Connect endpoints serve: the cluster's in cluster mode, else our own."""
+        if self.cluster_authority is not None:
+            return self.cluster_authority
+        assert self.ca is not None
+        return self.ca
+
     def cluster_changed(self) -> None:
         """The mirror of etcd moved (cluster mode, on this loop): take its intentions and
         queries, and wake blocking queries."""
         if self.cluster is None:
             return
         self.cluster.refresh_documents(self.intentions, self.queries)
+        self.cluster.ca_changed()
         self.cluster.mirror_moved()
         self.changes.fire()
 
@@ -294,7 +310,12 @@ class ControlPlane:
             self.refresh_catalog()
 
     def _apply_config(self, previous: AgentConfig, config: AgentConfig) -> None:
-        if self.ca is not None and config.ca != previous.ca:
+        if self.cluster is not None and config.ca != previous.ca:
+            log.warning(
+                "connect.ca_config changed: in a cluster the signer host applies it (restart the "
+                "signer agent with the new ca_config to rotate the cluster's root)"
+            )
+        elif self.ca is not None and config.ca != previous.ca:
             try:
                 message = self.ca.apply(config.ca)
             except SupervisorError as exc:  # the loader validated it; a surprise is logged
@@ -302,7 +323,7 @@ class ControlPlane:
                 return
             if message:
                 log.warning("%s", message)
-                if self.leaves is not None:
+                if isinstance(self.leaves, LeafManager):
                     self.leaves.reissue_all()
                 self._schedule_prune()
             self.changed()
@@ -350,6 +371,8 @@ class ControlPlane:
 
     def close(self) -> None:
         self.catalog.close()
+        if self.cluster is not None:
+            self.cluster.close_ca()
         if self.leaves is not None:
             self.leaves.close()
         if self._prune_task is not None:

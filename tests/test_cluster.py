@@ -4,6 +4,7 @@ a restarted agent takes its lease back without a blink; ``leave`` deregisters at
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from supervisor.cluster.etcd import EtcdClient
 from tests.helpers.agent import AgentProcess
 from tests.helpers.etcd import EtcdCluster
 from tests.helpers.processes import wait_until
@@ -248,7 +250,7 @@ def test_a_single_host_agent_carries_its_intentions_into_the_cluster(
 
         expected = [("api", "db", "allow"), ("web", "db", "allow")]
         wait_until(lambda: pairs(other) == expected, timeout=10, message="web => db carried into the cluster")
-        assert pairs(solo) == expected
+        wait_until(lambda: pairs(solo) == expected, timeout=5, message="the cluster's intentions on solo")
         assert "kept the cluster's intention" in solo.log()
         assert int(solo.http("GET", "/v1/connect/intentions")[1]["X-Consul-Index"]) > solo_index
         solo.signal(15)
@@ -258,3 +260,119 @@ def test_a_single_host_agent_carries_its_intentions_into_the_cluster(
     finally:
         solo.kill_everything()
         other.kill_everything()
+
+
+def verifies(leaf_pem: str, roots: dict[str, Any]) -> bool:
+    """The leaf (with the chain it came with) was signed by the active root."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    leaf = x509.load_pem_x509_certificates(leaf_pem.encode())[0]
+    active = next(root for root in roots["Roots"] if root["ID"] == roots["ActiveRootID"])
+    root = x509.load_pem_x509_certificate(active["RootCert"].encode())
+    public = root.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert leaf.signature_hash_algorithm is not None
+    try:
+        public.verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(leaf.signature_hash_algorithm))
+    except Exception:  # noqa: BLE001 - InvalidSignature: not signed by it
+        return False
+    return leaf.issuer == root.subject
+
+
+@pytest.fixture
+def signed_hosts(
+    tmp_path: Path, etcd_cluster: EtcdCluster, etcd_prefix: str
+) -> Iterator[tuple[AgentProcess, AgentProcess, AgentProcess]]:
+    kek = tmp_path / "ca.kek"
+    kek.write_text(os.urandom(32).hex())
+    kek.chmod(0o600)
+    signer = {"ca_signer": True, "ca_key_file": str(kek)}
+    made = []
+    for name, services, extra in (
+        ("signer-1", [{"name": "web", "port": 8080}], signer),
+        ("plain", [{"name": "db", "port": 5432}], {}),
+        ("signer-2", [{"name": "cache", "port": 6379}], signer),
+    ):
+        cluster = cluster_block(etcd_cluster, etcd_prefix, **extra)
+        made.append(
+            AgentProcess(tmp_path / name, extra={"node_name": name, "cluster": cluster, "services": services})
+        )
+    try:
+        for agent in made:
+            agent.start()
+        yield made[0], made[1], made[2]
+    finally:
+        for agent in made:
+            agent.kill_everything()
+
+
+def test_one_ca_for_the_cluster_with_its_key_only_on_signers(
+    signed_hosts: tuple[AgentProcess, AgentProcess, AgentProcess], etcd_cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    first, plain, second = signed_hosts
+
+    def roots(host: AgentProcess) -> dict[str, Any]:
+        found: dict[str, Any] = host.get("/v1/agent/connect/ca/roots")
+        return found
+
+    wait_until(
+        lambda: (
+            len({roots(host)["ActiveRootID"] for host in signed_hosts}) == 1
+            and len({roots(host)["TrustDomain"] for host in signed_hosts}) == 1
+        ),
+        timeout=15,
+        message="one CA root on every host",
+    )
+    # A leaf issued on the plain host verifies against the roots another host serves.
+    status, _, leaf = plain.http("GET", "/v1/agent/connect/ca/leaf/db")
+    assert status == 200, leaf
+    assert verifies(leaf["CertPEM"], roots(first))
+    assert leaf["ServiceURI"].startswith(f"spiffe://{roots(second)['TrustDomain']}/")
+    # Only for services registered on that host.
+    status, _, refused = plain.http("GET", "/v1/agent/connect/ca/leaf/web")
+    assert status == 503 and "not registered on host plain" in str(refused)
+
+    # The key is sealed in etcd: nothing there holds a private key in the clear.
+    client = EtcdClient(etcd_cluster.endpoints)
+    try:
+        kvs, _ = client.range_all(etcd_prefix)
+    finally:
+        client.close()
+    assert any("/ca/key/" in kv.key for kv in kvs)
+    assert not [kv.key for kv in kvs if b"PRIVATE KEY" in kv.value]
+    assert plain.data_dir is not None
+    assert "PRIVATE KEY" not in (plain.data_dir / "cluster" / "lease.json").read_text()
+
+    # The signer dies: the other signer host takes over, and answers new requests.
+    holder = first if "this host is the CA signer now" in first.log() else second
+    other = second if holder is first else first
+    holder.kill9()
+    plain.http("PUT", "/v1/agent/service/register", {"Name": "api", "Port": 7000})
+    wait_until(lambda: "this host is the CA signer now" in other.log(), timeout=TTL + 10, message="failover")
+    status, _, leaf = plain.http("GET", "/v1/agent/connect/ca/leaf/api")
+    assert status == 200, leaf
+    assert verifies(leaf["CertPEM"], roots(other))
+
+
+def test_a_deposed_signer_cannot_write(etcd_cluster: EtcdCluster, etcd_prefix: str) -> None:
+    from supervisor.cluster.etcd import created_at, op_put
+    from supervisor.cluster.layout import Layout
+
+    client = EtcdClient(etcd_cluster.endpoints)
+    try:
+        layout = Layout(etcd_prefix, "dc1")
+        key = layout.ca_signer()
+        old_lease, _ = client.grant(2)
+        assert client.txn([created_at(key, 0)], [op_put(key, b'{"node":"old"}', old_lease)]).succeeded
+        old_fence = client.range(key)[0][0].create_revision
+        client.revoke(old_lease)  # (its host died; its lease ran out)
+        new_lease, _ = client.grant(2)
+        assert client.txn([created_at(key, 0)], [op_put(key, b'{"node":"new"}', new_lease)]).succeeded
+        write = [op_put(layout.ca_roots(), b"{}")]
+        assert not client.txn([created_at(key, old_fence)], write).succeeded
+        assert client.range(layout.ca_roots())[0] == []
+        new_fence = client.range(key)[0][0].create_revision
+        assert client.txn([created_at(key, new_fence)], write).succeeded
+    finally:
+        client.close()

@@ -52,8 +52,7 @@ class ConnectEndpoints:
                 "edit it there and reload",
                 {"Allow": "OPTIONS,GET,HEAD"},
             )
-        ca = self.plane.ca
-        assert ca is not None
+        ca = self.plane.authority
         ca_config = view.config.ca
         config: dict[str, Any] = {
             "LeafCertTTL": format_duration(ca_config.leaf_cert_ttl),
@@ -66,8 +65,7 @@ class ConnectEndpoints:
         return Response.json(body, headers={"X-Consul-Index": str(index)})
 
     async def roots(self, request: Request) -> Response:
-        ca = self.plane.ca
-        assert ca is not None
+        ca = self.plane.authority
         data = await block_until_changed(
             request,
             self.plane.changes,
@@ -92,6 +90,7 @@ class ConnectEndpoints:
         self._authorize_leaf(request, service)
         leaves = self.plane.leaves
         assert leaves is not None
+        await leaves.ensure(service)
 
         def compute() -> tuple[dict[str, Any], int]:
             leaf = leaves.get(service)
@@ -117,9 +116,8 @@ class ConnectEndpoints:
             raise HttpError(400, "ClientCertURI not a valid Connect identifier") from None
         caller = identify(request, view)
         self._require_authorize(caller, view, target)
-        ca = self.plane.ca
-        assert ca is not None
-        if client.trust_domain != ca.trust_domain:
+        ca = self.plane.authority
+        if client.trust_domain not in ca.trust_domains:
             return Response.json(
                 {
                     "Authorized": False,

@@ -19,14 +19,18 @@ from supervisor.catalog.errors import Conflict, Unavailable
 from supervisor.catalog.index import Index
 from supervisor.catalog.intentions import Intention, IntentionFields, Intentions
 from supervisor.catalog.queries import PreparedQuery, Queries
+from supervisor.cluster.authority import ClusterAuthority, SealError, load_kek
 from supervisor.cluster.documents import DocumentWriter, read_intentions, read_queries
 from supervisor.cluster.etcd import EtcdClient, EtcdError
 from supervisor.cluster.layout import Layout
 from supervisor.cluster.member import ClusterMember, Deliver, Identity, credentials_of
 from supervisor.cluster.records import Render
+from supervisor.cluster.signer import ClusterLeaves, Signer, _Context
 from supervisor.cluster.state import ClusterState
 from supervisor.cluster.storage import ClusterStorage
 from supervisor.config.model import AgentConfig
+from supervisor.connect.ca import CertificateAuthority
+from supervisor.connect.leaves import LeafManager
 from supervisor.state.atomic import atomic_write
 
 __all__ = ["Cluster", "ClusterState"]
@@ -46,7 +50,14 @@ class Cluster:
         self.config = cluster
         self.lease_file = os.path.join(data_dir, "cluster", "lease.json") if data_dir else None
         self.member: ClusterMember | None = None
-        self.writer: DocumentWriter | None = None
+        # Writes of intentions, queries and the CA (its own connection: the sync and watch
+        # threads have theirs). Made now, connected on first use.
+        self.writer = DocumentWriter(EtcdClient(cluster.endpoints, credentials_of(cluster)), self.layout)
+        self.authority: ClusterAuthority | None = None
+        self.leaves: ClusterLeaves | None = None
+        self.signer: Signer | None = None
+        self._signer_task: asyncio.Task[None] | None = None
+        self._signer_wake: asyncio.Event | None = None
         self._pending: dict[str, bytes] | None = None
         self._moved: asyncio.Event | None = None  # set by ``mirror_moved``: the mirror went forward
 
@@ -70,8 +81,6 @@ class Cluster:
         )
         if self._pending is not None:
             self.member.want(self._pending)
-        client = EtcdClient(self.config.endpoints, credentials_of(self.config))
-        self.writer = DocumentWriter(client, self.layout)
         if (carried[0] or carried[1]) and not self._carried_before():
             writer = self.writer
             self.member.carry = lambda: self._carry(writer, *carried)
@@ -141,11 +150,74 @@ class Cluster:
         else:
             self.member.want(records)
 
+    # -- the cluster's CA (on the API loop) -------------------------------------------------------
+
+    def attach_ca(
+        self,
+        local: CertificateAuthority,
+        local_leaves: LeafManager,
+        config: AgentConfig,
+        on_change: Callable[[], None],
+    ) -> tuple[ClusterAuthority, ClusterLeaves]:
+        """Called by the control plane once its own CA is up: the cluster's CA wraps it."""
+        storage = self.storage
+        context = _Context(
+            self.writer.client,
+            self.layout,
+            self.identity.node_name,
+            lambda: self.member.lease if self.member is not None else 0,
+            lambda: storage.mirror.kvs,
+            lambda: storage.base,
+        )
+        self.authority = ClusterAuthority(local)
+        self.leaves = ClusterLeaves(context, self.authority, local_leaves, config.datacenter, on_change)
+        if self.config.ca_signer:
+            try:
+                kek = load_kek(self.config.ca_key_file)
+            except SealError as exc:
+                log.error("cluster: this host cannot be a CA signer: %s", exc)
+            else:
+                self.signer = Signer(context, local, kek, config.ca)
+                self._signer_task = asyncio.get_running_loop().create_task(
+                    self._sign(), name="cluster CA signer"
+                )
+        self.ca_changed()
+        return self.authority, self.leaves
+
+    def ca_changed(self) -> None:
+        if self.authority is None or self.leaves is None:
+            return
+        if self.authority.refresh(self.storage.mirror.kvs, self.layout, self.storage.base):
+            log.info("cluster: the cluster's CA root is %s", self.authority.active_id)
+            self.leaves.roots_changed()
+        self.leaves.refresh()
+        if self._signer_wake is not None:
+            self._signer_wake.set()
+
+    async def _sign(self) -> None:
+        assert self.signer is not None
+        self._signer_wake = asyncio.Event()
+        while True:
+            try:
+                await asyncio.wait_for(self._signer_wake.wait(), 1.0)
+            except TimeoutError:
+                pass
+            self._signer_wake.clear()
+            try:
+                await self.signer.step()
+            except EtcdError as exc:
+                log.debug("cluster: the CA signer's step failed: %s", exc)
+
+    def close_ca(self) -> None:
+        if self._signer_task is not None:
+            self._signer_task.cancel()
+        if self.leaves is not None:
+            self.leaves.close()
+
     def stop(self) -> None:
         if self.member is not None:
             self.member.stop()
-        if self.writer is not None:
-            self.writer.client.close()
+        self.writer.client.close()
 
     # -- intentions and prepared queries (on the API loop) ---------------------------------------
 
@@ -172,8 +244,6 @@ class Cluster:
         """Run a write on a worker thread, then wait until this agent's mirror has it (a
         client that reads back what it just wrote sees it)."""
         writer = self.writer
-        if writer is None:
-            raise Unavailable("the cluster is not started yet; try again in a moment")
         try:
             result = await asyncio.get_running_loop().run_in_executor(None, call, writer)
         except EtcdError as exc:

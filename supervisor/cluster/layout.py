@@ -6,6 +6,7 @@
     services/<node>/<service-id>    an instance on that host
     checks/<node>/<check-id>        a check on that host
     intentions/..., queries/...     shared by every host (``documents.py``)
+    ca/...                          the cluster's CA (``authority.py``, ``signer.py``)
 
 Every host writes only under its own name (so etcd's role-based access can confine a host
 to its keys); node, service and check keys carry no lease, so an agent's restart or a
@@ -74,6 +75,24 @@ class Layout:
 
     def query_name(self, name: str) -> str:
         return f"{self.root}queries/by-name/{name}"
+
+    def ca_roots(self) -> str:
+        return f"{self.root}ca/roots"
+
+    def ca_key(self, root_id: str) -> str:
+        return f"{self.root}ca/key/{root_id}"
+
+    def ca_signer(self) -> str:
+        return f"{self.root}ca/signer"
+
+    def ca_requests(self) -> str:
+        return f"{self.root}ca/csr/"
+
+    def ca_request(self, node: str, request_id: str) -> str:
+        return f"{self.root}ca/csr/{node}/{request_id}"
+
+    def ca_issued(self, node: str, request_id: str) -> str:
+        return f"{self.root}ca/issued/{node}/{request_id}"
 
     def own(self, node: str) -> tuple[str, ...]:
         """The prefixes (and keys) a host owns: what anti-entropy reconciles and ``leave`` deletes."""

@@ -177,6 +177,14 @@ class CertificateAuthority:
         return f"{self.cluster_id}.consul"
 
     @property
+    def trust_domains(self) -> tuple[str, ...]:
+        return (self.trust_domain,)
+
+    @property
+    def active_id(self) -> str:
+        return self.active.id
+
+    @property
     def active(self) -> Root:
         for root in self.roots:
             if root.active:
@@ -240,8 +248,23 @@ class CertificateAuthority:
     # -- leaves -------------------------------------------------------------------------------
 
     def sign_leaf(self, service: str) -> Leaf:
-        root = self.active
         key = ec.generate_private_key(ec.SECP256R1())
+        cert, chain = self.certify(service, key.public_key())
+        return Leaf(
+            service,
+            service_id(self.trust_domain, self.datacenter, service).uri,
+            cert,
+            key,
+            chain,
+            self.next_index(),
+        )
+
+    def certify(
+        self, service: str, public_key: ec.EllipticCurvePublicKey
+    ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
+        """A leaf certificate for ``service`` on ``public_key`` (a key this CA has not seen:
+        a cluster signer certifies keys other hosts made), with the chain to send along."""
+        root = self.active
         spiffe = service_id(self.trust_domain, self.datacenter, service)
         # Backdated for clock skew between hosts: 1 minute, or a tenth of a (test-short) TTL.
         skew = min(CLOCK_SKEW, datetime.timedelta(seconds=self.leaf_ttl / 10))
@@ -251,7 +274,7 @@ class CertificateAuthority:
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)]))
             .issuer_name(root.cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(secrets.randbits(63) | 1)
             .not_valid_before(not_before)
             .not_valid_after(not_after)
@@ -277,7 +300,7 @@ class CertificateAuthority:
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]),
                 critical=False,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(root.key.public_key()), critical=False
             )
@@ -288,7 +311,7 @@ class CertificateAuthority:
             root.last_leaf_expiry = expiry
             self.save()
         chain = (root.cross_signed,) if root.cross_signed is not None and len(self.roots) > 1 else ()
-        return Leaf(service, spiffe.uri, cert, key, chain, self.next_index())
+        return cert, chain
 
     def roots_json(self) -> dict[str, Any]:
         return {

@@ -59,6 +59,9 @@ class LeafManager:
         entry.last_requested = now
         return entry.leaf
 
+    async def ensure(self, service: str) -> None:
+        """(A local CA signs at once: nothing to wait for.)"""
+
     def reissue_all(self) -> None:
         """After a root rotation: every service gets a leaf from the new root right away."""
         now = time.time()
