@@ -122,11 +122,15 @@ def test_web_on_host_1_reaches_db_on_hosts_2_and_3_over_mutual_tls(mesh: Mesh) -
     wait_until(
         lambda: len(db_instances()) == 2, timeout=30, interval=0.3, message="db's proxies on hosts 2 and 3"
     )
-    addresses = {node: address for node, address in db_instances()}
+    addresses = dict(db_instances())
     assert addresses == {"h2": mesh.hosts.addresses[1], "h3": mesh.hosts.addresses[2]}  # host addresses
 
     def answers(port: int, count: int = 20) -> list[str]:
         return mesh.connect(port, count)
+
+    def all_reached(port: int) -> list[str] | None:
+        got = answers(port)
+        return got if all(answer in ("h2:ping", "h3:ping") for answer in got) else None
 
     found = wait_until(
         lambda: (
@@ -143,7 +147,7 @@ def test_web_on_host_1_reaches_db_on_hosts_2_and_3_over_mutual_tls(mesh: Mesh) -
     status, _, _ = mesh.api(2, "POST", "/v1/query", query)
     assert status == 200
     by_query = wait_until(
-        lambda: (got := answers(mesh.query_port)) and all(a in ("h2:ping", "h3:ping") for a in got) and got,
+        lambda: all_reached(mesh.query_port),
         timeout=30,
         interval=0.5,
         message="the prepared-query upstream",
