@@ -133,14 +133,14 @@ def test_web_on_host_1_reaches_db_on_hosts_2_and_3_over_mutual_tls(mesh: Mesh) -
         return got if all(answer in ("h2:ping", "h3:ping") for answer in got) else None
 
     found = wait_until(
-        lambda: (
-            (got := answers(mesh.upstream_port)) and all(a in ("h2:ping", "h3:ping") for a in got) and got
-        ),
+        lambda: all_reached(mesh.upstream_port),
         timeout=30,
         interval=0.5,
         message="web's upstream to reach db",
     )
-    assert set(found) == {"h2:ping", "h3:ping"}, found  # new connections spread over both
+    assert found is not None and set(found) == {"h2:ping", "h3:ping"}, (
+        found
+    )  # new connections spread over both
 
     # A prepared-query upstream, the query made on another host.
     query = {"Name": "db-query", "Service": {"Service": "db", "OnlyPassing": True}}
@@ -152,7 +152,7 @@ def test_web_on_host_1_reaches_db_on_hosts_2_and_3_over_mutual_tls(mesh: Mesh) -
         interval=0.5,
         message="the prepared-query upstream",
     )
-    assert set(by_query) == {"h2:ping", "h3:ping"}
+    assert by_query is not None and set(by_query) == {"h2:ping", "h3:ping"}
 
     # A deny made on host 3 stops new connections from host 1 into db on both hosts.
     deny = {"SourceName": "web", "DestinationName": "db", "Action": "deny"}
