@@ -15,7 +15,7 @@ import pytest
 
 from supervisor.cluster.etcd import EtcdClient
 from tests.helpers.agent import AgentProcess
-from tests.helpers.etcd import EtcdCluster
+from tests.helpers.etcd import EtcdCluster, etcd_binary
 from tests.helpers.processes import wait_until
 
 TTL = 2
@@ -376,3 +376,78 @@ def test_a_deposed_signer_cannot_write(etcd_cluster: EtcdCluster, etcd_prefix: s
         assert client.txn([created_at(key, new_fence)], write).succeeded
     finally:
         client.close()
+
+
+@pytest.fixture
+def own_etcd() -> Iterator[EtcdCluster]:
+    """A cluster of this test's own (it kills members)."""
+    binary = etcd_binary()
+    if binary is None:
+        pytest.skip("no etcd binary")
+    cluster = EtcdCluster(binary)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+def test_etcd_faults_one_member_lost_then_quorum_lost_and_recovered(
+    tmp_path: Path, own_etcd: EtcdCluster
+) -> None:
+    prefix = "/faults/"
+    a = make_host(tmp_path, "host-a", own_etcd, prefix, [{"name": "web", "port": 8080}])
+    b = make_host(tmp_path, "host-b", own_etcd, prefix, [{"name": "db", "port": 5432}])
+    try:
+        a.start()
+        b.start()
+        wait_until(lambda: service_nodes(b, "web") == ["host-a"], timeout=10, message="web on host-b")
+
+        # One member down: no effect.
+        own_etcd.kill(own_etcd.members[0])
+        a.http("PUT", "/v1/agent/service/register", {"Name": "one-down", "Port": 1})
+        wait_until(
+            lambda: service_nodes(b, "one-down") == ["host-a"], timeout=10, message="a write with 2 of 3"
+        )
+        assert b.get("/v1/agent/self")["Cluster"]["State"] == "connected"
+
+        # Quorum lost: every agent keeps serving its last view, and says it is stale.
+        own_etcd.kill(own_etcd.members[1])
+        wait_until(
+            lambda: b.get("/v1/agent/self")["Cluster"]["State"] == "degraded",
+            timeout=40,
+            interval=0.2,
+            message="degraded",
+        )
+        status, headers, body = b.http("GET", "/v1/health/service/web")
+        assert status == 200 and [entry["Node"]["Node"] for entry in body] == ["host-a"]
+        assert headers["X-Consul-KnownLeader"] == "false"
+        assert int(headers["X-Consul-LastContact"]) > 0
+        status, _, reply = b.http(
+            "POST", "/v1/connect/intentions", {"SourceName": "x", "DestinationName": "y", "Action": "deny"}
+        )
+        assert status == 503 and "etcd" in str(reply)
+        # A local registration is queued: at once in the agent's own view, in the cluster later.
+        a.http("PUT", "/v1/agent/service/register", {"Name": "queued", "Port": 2})
+        assert "queued" in a.get("/v1/agent/services")
+        assert "degraded" in a.log() and "degraded" in b.log()
+
+        for member in own_etcd.members[:2]:
+            own_etcd.restart(member)
+        own_etcd.wait_healthy(30)
+        wait_until(
+            lambda: service_nodes(b, "queued") == ["host-a"],
+            timeout=40,
+            interval=0.2,
+            message="the queued registration",
+        )
+        wait_until(
+            lambda: b.get("/v1/agent/self")["Cluster"]["State"] == "connected",
+            timeout=20,
+            message="connected again",
+        )
+        _, headers, _ = b.http("GET", "/v1/health/service/web")
+        assert headers["X-Consul-KnownLeader"] == "true"
+        assert "reachable again" in b.log()
+    finally:
+        a.kill_everything()
+        b.kill_everything()

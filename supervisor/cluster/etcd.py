@@ -75,15 +75,16 @@ def b64(data: str | bytes) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
 
 
-def prefix_end(prefix: str) -> str:
-    """The ``range_end`` that makes a range cover every key starting with ``prefix``."""
+def prefix_end(prefix: str) -> bytes:
+    """The ``range_end`` that makes a range cover every key starting with ``prefix`` (bytes:
+    the increment is of the key's last UTF-8 byte)."""
     raw = bytearray(prefix.encode())
     while raw:
         if raw[-1] < 0xFF:
             raw[-1] += 1
-            return raw.decode("latin-1")
+            return bytes(raw)
         raw.pop()
-    return "\0"
+    return b"\0"
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ class EtcdClient:
         kvs, revision, more = self.range(prefix, prefix=True, limit=page)
         end = prefix_end(prefix)
         while more and kvs:
-            start = kvs[-1].key + "\0"
+            start = kvs[-1].key.encode() + b"\0"
             body = {"key": b64(start), "range_end": b64(end), "revision": str(revision), "limit": str(page)}
             reply = self.call("/v3/kv/range", body)
             batch = [_kv(item) for item in reply.get("kvs", ())]

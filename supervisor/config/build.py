@@ -369,6 +369,21 @@ class _Builder(DefinitionBuilder):
             self.problem(managed[0].source, "connect.proxy", "managed proxies need connect.enabled = true")
         self._check_ids(config)
         self._check_ports(config)
+        if config.cluster.enabled:
+            self._check_datacenters(config)
+
+    def _check_datacenters(self, config: AgentConfig) -> None:
+        """A cluster is one datacenter: an upstream in another could never be reached."""
+        for service in config.services:
+            proxies = [p for p in (service.managed_proxy, service.proxy) if p is not None]
+            for upstream in (u for proxy in proxies for u in proxy.upstreams):
+                if upstream.datacenter and upstream.datacenter != config.datacenter:
+                    self.problem(
+                        service.source,
+                        f"service {service.name!r} upstream {upstream.destination_name!r}",
+                        f"names datacenter {upstream.datacenter!r}: this cluster is datacenter "
+                        f"{config.datacenter!r}, and federation between datacenters is not supported",
+                    )
 
     def _check_ids(self, config: AgentConfig) -> None:
         owners: dict[str, str] = {}

@@ -467,3 +467,63 @@ def test_a_bad_api_registration_names_the_source_and_key(raw: Any, expected: str
     with pytest.raises(ConfigError) as raised:
         build_service(raw, "<api>", ProxyDefaults())
     assert any(str(problem).startswith(expected) for problem in raised.value.problems), raised.value.problems
+
+
+def test_the_cluster_block_is_built_and_each_mistake_named(tmp_path: Path) -> None:
+    assert not config(data_dir="/d").cluster.enabled  # no block: the single-host agent
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    built = config(
+        data_dir="/d",
+        cluster={
+            "etcd_endpoints": ["https://10.0.0.1:2379"],
+            "ca_file": str(ca),
+            "lease_ttl": "5s",
+            "key_prefix": "/ps",
+        },
+    ).cluster
+    assert built.enabled and built.endpoints == ("https://10.0.0.1:2379",)
+    assert built.lease_ttl == 5.0 and built.key_prefix == "/ps/" and built.reconnect_timeout == 72 * 3600
+    found = problems(
+        {
+            "data_dir": "/d",
+            "cluster": {
+                "etcd_endpoints": "https://10.0.0.1:2379",
+                "cert_file": "/no/such.pem",
+                "lease_ttl": "1s",
+                "ca_signer": True,
+                "username": "agent",
+            },
+        }
+    )
+    joined = "\n".join(found)
+    for expected in (
+        "cluster.cert_file: cert_file and key_file must be given together",
+        "cluster.ca_file: https endpoints need",
+        "cluster.username: username and password_file must be given together",
+        "cluster.cert_file: /no/such.pem: no such file",
+        "cluster.lease_ttl: must be between 2s",
+        "cluster.ca_key_file: a CA signer needs",
+    ):
+        assert expected in joined, joined
+    assert any(
+        "give scheme, host and port" in p
+        for p in problems({"data_dir": "/d", "cluster": {"etcd_endpoints": "10.0.0.1"}})
+    )
+    assert any(
+        "give the etcd client URLs" in p for p in problems({"data_dir": "/d", "cluster": {"lease_ttl": "5s"}})
+    )
+
+
+def test_an_upstream_in_another_datacenter_is_refused_in_a_cluster() -> None:
+    web = {
+        "name": "web",
+        "port": 80,
+        "connect": {
+            "proxy": {"upstreams": [{"destination_name": "db", "datacenter": "dc2", "local_bind_port": 9}]}
+        },
+    }
+    cluster = {"etcd_endpoints": "http://127.0.0.1:2379"}
+    found = problems({"data_dir": "/d", "cluster": cluster, "services": [web]})
+    assert any("federation between datacenters is not supported" in p for p in found), found
+    assert config(services=[web]).services[0].managed_proxy is not None  # (single-host: as before)

@@ -1,0 +1,105 @@
+"""The pure parts of cluster mode, without etcd: the member's state machine, the mirror,
+the key layout, indexes from content, records, and sealing the CA key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from supervisor.catalog.index import Index
+from supervisor.cluster.authority import SealError, load_kek, seal, unseal
+from supervisor.cluster.etcd import Event, KeyValue, prefix_end
+from supervisor.cluster.layout import Kind, Layout
+from supervisor.cluster.mirror import Mirror
+from supervisor.cluster.records import BadRecord, decode, read_check, read_instance
+from supervisor.cluster.state import ClusterState, MemberHealth
+from supervisor.cluster.storage import latest_modify_index
+
+LAYOUT = Layout("/ps/", "dc1")
+
+
+def kv(key: str, value: bytes = b"{}", revision: int = 1, lease: int = 0) -> KeyValue:
+    return KeyValue(key, value, revision, revision, lease)
+
+
+def test_the_member_logs_each_transition_once() -> None:
+    health = MemberHealth(since=0.0)
+    assert health.state is ClusterState.JOINING and not health.known_leader()
+    assert health.reached(1.0) == "cluster: joined"
+    assert health.reached(2.0) is None
+    assert (
+        health.failed(3.0, "no leader")
+        == "cluster: degraded, serving the last view of the cluster: no leader"
+    )
+    assert health.failed(4.0, "timed out") is None and health.error == "timed out"
+    assert health.contact_ms(5.5) == 3500 and not health.known_leader()
+    assert health.reached(6.0) is not None and "reachable again" in str(
+        health.reached(6.0) or "reachable again"
+    )
+    assert health.known_leader() and health.contact_ms(7.0) == 0
+    assert health.left(8.0).startswith("cluster: left")
+    assert health.failed(9.0, "x") is None and health.state is ClusterState.LEFT
+
+
+def test_the_layout_names_and_parses_every_kind_of_key() -> None:
+    assert LAYOUT.parse(LAYOUT.service("h1", "web-1")) == LAYOUT.parse("/ps/dc1/services/h1/web-1")
+    parsed = LAYOUT.parse(LAYOUT.check("h1", "service:web"))
+    assert parsed is not None and (parsed.kind, parsed.node, parsed.item) == (Kind.CHECK, "h1", "service:web")
+    alive = LAYOUT.parse(LAYOUT.alive("h2"))
+    assert alive is not None and (alive.kind, alive.node) == (Kind.ALIVE, "h2")
+    for foreign in ("/ps/dc2/nodes/h1", "/ps/dc1/unknown/x", "/ps/dc1/services/h1", "/other"):
+        assert LAYOUT.parse(foreign) is None
+    assert prefix_end("/ps/") == b"/ps0" and prefix_end("h\u00e9") == "h\u00e9".encode()[:-1] + b"\xaa"
+
+
+def test_the_mirror_reports_what_changed_and_when_hosts_went() -> None:
+    mirror = Mirror(LAYOUT)
+    first = [kv(LAYOUT.node("h1")), kv(LAYOUT.alive("h1"), lease=7)]
+    assert mirror.reset(first, 5) == {LAYOUT.node("h1"), LAYOUT.alive("h1")}
+    assert mirror.reset(first, 9) == set()  # a re-listing with nothing new moves nothing
+    assert mirror.revision == 9
+    gone = Event("delete", KeyValue(LAYOUT.alive("h1"), b"", 0, 12))
+    assert mirror.apply([gone], 12) == {LAYOUT.alive("h1")}
+    assert mirror.gone_at["h1"] == 12 and mirror.removed_at == 12
+    assert mirror.apply([gone], 13) == set()  # (already gone)
+
+
+def test_an_answers_index_is_its_latest_change() -> None:
+    answer = [{"Node": {"ModifyIndex": 5}, "Service": {"ModifyIndex": 9}, "Checks": [{"ModifyIndex": 12}]}]
+    assert latest_modify_index(answer) == 12
+    assert latest_modify_index({"ModifyIndex": 3, "x": [{"y": {"ModifyIndex": 4}}]}) == 4
+    assert latest_modify_index([]) == 0
+    index = Index()
+    start = index.value
+    assert index.advance(start - 100) == start + 1  # never backwards
+    assert index.advance(start + 50) == start + 50
+
+
+def test_records_from_other_hosts_are_read_or_refused() -> None:
+    service = {"Service": {"Service": "db", "Kind": "", "Tags": ["a"], "Port": 5432, "Address": "10.0.0.2"}}
+    instance = read_instance(service, "db-1")
+    assert (instance.name, instance.tags, instance.port, instance.weights) == ("db", ("a",), 5432, (1, 1))
+    with pytest.raises(BadRecord):
+        read_instance({"Service": "db"}, "x")
+    with pytest.raises(BadRecord):
+        read_check({"Status": "sideways"}, "c", 1, 1)
+    with pytest.raises(BadRecord):
+        decode(b"[1]")
+
+
+def test_the_ca_key_is_sealed_under_the_key_encryption_key(tmp_path: Path) -> None:
+    kek_file = tmp_path / "kek"
+    kek_file.write_text(os.urandom(32).hex() + "\n")
+    kek = load_kek(str(kek_file))
+    sealed = seal(kek, b"-----BEGIN PRIVATE KEY-----", "root-1")
+    assert b"PRIVATE" not in sealed.encode()
+    assert unseal(kek, sealed, "root-1") == b"-----BEGIN PRIVATE KEY-----"
+    with pytest.raises(SealError):
+        unseal(os.urandom(32), sealed, "root-1")  # another host's key
+    with pytest.raises(SealError):
+        unseal(kek, sealed, "root-2")  # moved to another root's key
+    kek_file.write_text("short")
+    with pytest.raises(SealError, match="openssl rand -hex 32"):
+        load_kek(str(kek_file))
