@@ -5,6 +5,8 @@ a restarted agent takes its lease back without a blink; ``leave`` deregisters at
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,13 +28,12 @@ def cluster_block(etcd: EtcdCluster, prefix: str, **extra: Any) -> dict[str, Any
 
 
 def make_host(
-    root: Path, name: str, etcd: EtcdCluster, prefix: str, services: list[dict[str, Any]]
+    root: Path, name: str, etcd: EtcdCluster, prefix: str, services: list[dict[str, Any]], **cluster: Any
 ) -> AgentProcess:
-    agent = AgentProcess(
+    return AgentProcess(
         root / name,
-        extra={"node_name": name, "cluster": cluster_block(etcd, prefix), "services": services},
+        extra={"node_name": name, "cluster": cluster_block(etcd, prefix, **cluster), "services": services},
     )
-    return agent
 
 
 @pytest.fixture
@@ -448,6 +449,45 @@ def test_etcd_faults_one_member_lost_then_quorum_lost_and_recovered(
         _, headers, _ = b.http("GET", "/v1/health/service/web")
         assert headers["X-Consul-KnownLeader"] == "true"
         assert "reachable again" in b.log()
+    finally:
+        a.kill_everything()
+        b.kill_everything()
+
+
+def test_a_host_dead_longer_than_reconnect_timeout_is_reaped_and_the_members_command_shows_it(
+    tmp_path: Path, etcd_cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    a = make_host(
+        tmp_path, "host-a", etcd_cluster, etcd_prefix, [{"name": "web", "port": 80}], reconnect_timeout="3s"
+    )
+    b = make_host(tmp_path, "host-b", etcd_cluster, etcd_prefix, [], reconnect_timeout="3s")
+    try:
+        a.start()
+        b.start()
+        wait_until(lambda: service_nodes(b, "web") == ["host-a"], timeout=10, message="web on host-b")
+        shown = subprocess.run(
+            [sys.executable, "-m", "supervisor", "members", "-http-addr", b.address],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert "host-a" in shown.stdout and "alive" in shown.stdout and "cluster: connected" in shown.stdout
+        a.kill9()
+        wait_until(lambda: serf_status(b, "host-a") == "critical", timeout=TTL + 5, message="host-a failed")
+        shown = subprocess.run(
+            [sys.executable, "-m", "supervisor", "members", "-http-addr", b.address],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert "failed" in shown.stdout
+        wait_until(
+            lambda: service_nodes(b, "web") == [], timeout=TTL + 15, interval=0.2, message="host-a reaped"
+        )
+        _, _, nodes = b.http("GET", "/v1/catalog/nodes")
+        assert [node["Node"] for node in nodes] == ["host-b"]
+        assert "reaped host host-a" in b.log()
     finally:
         a.kill_everything()
         b.kill_everything()

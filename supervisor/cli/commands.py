@@ -294,6 +294,36 @@ def leave(client: AgentClient, out: TextIO) -> int:
     return 0
 
 
+MEMBER_STATUS = {1: "alive", 2: "leaving", 3: "left", 4: "failed"}
+
+
+def members(client: AgentClient, as_json: bool, out: TextIO) -> int:
+    """The hosts of the cluster (Consul's ``members``), and this agent's cluster state."""
+    listed = client.get("/v1/agent/members")
+    info = client.get("/v1/agent/self")
+    cluster = info.get("Cluster") if isinstance(info, dict) else None
+    if as_json:
+        out.write(json.dumps({"Members": listed, "Cluster": cluster}, indent=2) + "\n")
+        return 0
+    rows = [("Node", "Address", "Status", "DC")]
+    for member in listed:
+        status = MEMBER_STATUS.get(int(member.get("Status", 0)), str(member.get("Status")))
+        rows.append((member["Name"], str(member["Addr"]), status, member.get("Tags", {}).get("dc", "")))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for row in rows:
+        out.write(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n"
+        )
+    if cluster is None:
+        out.write("\nsingle-host agent (no cluster block)\n")
+        return 0
+    line = f"\ncluster: {cluster.get('State')} (etcd {', '.join(cluster.get('Endpoints', []))})"
+    if cluster.get("Error"):
+        line += f"; last error: {cluster['Error']}"
+    out.write(line + "\n")
+    return 0 if cluster.get("State") == "connected" else 1
+
+
 def print_error(message: str) -> None:
     sys.stderr.write(f"Error: {message}\n")
 

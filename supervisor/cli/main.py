@@ -108,7 +108,12 @@ def _add_agent_calls(sub: Any) -> None:
     reload.set_defaults(handler=with_client(lambda _args, client, out: commands.reload(client, out)))
     leave = sub.add_parser("leave", help="stop all proxies, then the agent")
     leave.set_defaults(handler=with_client(lambda _args, client, out: commands.leave(client, out)))
-    for agent_call in (reload, leave):
+    members = sub.add_parser("members", help="list the cluster's hosts and this agent's cluster state")
+    flag(members, "json", dest="as_json", action="store_true", help="print JSON")
+    members.set_defaults(
+        handler=with_client(lambda args, client, out: commands.members(client, args.as_json, out))
+    )
+    for agent_call in (reload, leave, members):
         client_flags(agent_call)
 
 

@@ -24,6 +24,7 @@ from supervisor.cluster.documents import DocumentWriter, read_intentions, read_q
 from supervisor.cluster.etcd import EtcdClient, EtcdError
 from supervisor.cluster.layout import Layout
 from supervisor.cluster.member import ClusterMember, Deliver, Identity, credentials_of
+from supervisor.cluster.reaper import Reaper
 from supervisor.cluster.records import Render
 from supervisor.cluster.signer import ClusterLeaves, Signer, _Context
 from supervisor.cluster.state import ClusterState
@@ -57,6 +58,7 @@ class Cluster:
         self.leaves: ClusterLeaves | None = None
         self.signer: Signer | None = None
         self._signer_task: asyncio.Task[None] | None = None
+        self._reaper_task: asyncio.Task[None] | None = None
         self._signer_wake: asyncio.Event | None = None
         self._pending: dict[str, bytes] | None = None
         self._moved: asyncio.Event | None = None  # set by ``mirror_moved``: the mirror went forward
@@ -182,7 +184,24 @@ class Cluster:
                     self._sign(), name="cluster CA signer"
                 )
         self.ca_changed()
+        reaper = Reaper(
+            self.writer.client, self.layout, self.identity.node_name, self.config.reconnect_timeout
+        )
+        self._reaper_task = asyncio.get_running_loop().create_task(self._reap(reaper), name="cluster reaper")
         return self.authority, self.leaves
+
+    async def _reap(self, reaper: Reaper) -> None:
+        """Every few seconds, from a snapshot of the mirror: mark dead hosts, reap old ones."""
+        interval = max(1.0, min(30.0, self.config.lease_ttl))
+        while True:
+            await asyncio.sleep(interval)
+            if not self.storage.listed:
+                continue
+            snapshot = dict(self.storage.mirror.kvs)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, reaper.step, snapshot)
+            except EtcdError as exc:
+                log.debug("cluster: the reaper's step failed: %s", exc)
 
     def ca_changed(self) -> None:
         if self.authority is None or self.leaves is None:
@@ -209,8 +228,9 @@ class Cluster:
                 log.debug("cluster: the CA signer's step failed: %s", exc)
 
     def close_ca(self) -> None:
-        if self._signer_task is not None:
-            self._signer_task.cancel()
+        for task in (self._signer_task, self._reaper_task):
+            if task is not None:
+                task.cancel()
         if self.leaves is not None:
             self.leaves.close()
 

@@ -76,6 +76,13 @@ class Layout:
     def query_name(self, name: str) -> str:
         return f"{self.root}queries/by-name/{name}"
 
+    def tombstone(self, node: str) -> str:
+        """When a host was first seen dead (``reaper.py``)."""
+        return f"{self.root}tombstones/{node}"
+
+    def tombstones(self) -> str:
+        return f"{self.root}tombstones/"
+
     def ca_roots(self) -> str:
         return f"{self.root}ca/roots"
 

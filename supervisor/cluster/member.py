@@ -248,9 +248,10 @@ class ClusterMember:
         node = self.identity.node_name
         alive = self.layout.alive(node)
         value = encode({"node_id": self.identity.node_id, "pid": os.getpid()})
+        back = op_delete(self.layout.tombstone(node))  # (seen dead before: not any more)
         result = self.client.txn(
             [created_at(alive, 0)],
-            [op_put(alive, value, self.lease)],
+            [op_put(alive, value, self.lease), back],
             [op_range(alive)],
         )
         if not result.succeeded:

@@ -322,8 +322,8 @@ class _Builder(DefinitionBuilder):
         if not 2 <= ttl <= 3600:
             self.problem("", f"{where}.lease_ttl", "must be between 2s (etcd's shortest lease) and 1h")
         reconnect = raw.get("reconnect_timeout", ClusterConfig.reconnect_timeout)
-        if reconnect < 60:
-            self.problem("", f"{where}.reconnect_timeout", "must be at least 1m")
+        if reconnect < 1:
+            self.problem("", f"{where}.reconnect_timeout", "must be at least 1s (Consul's default: 72h)")
         signer = raw.get("ca_signer", ClusterConfig.ca_signer)
         key_file = raw.get("ca_key_file", "")
         if signer and not key_file:

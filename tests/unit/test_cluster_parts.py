@@ -103,3 +103,20 @@ def test_the_ca_key_is_sealed_under_the_key_encryption_key(tmp_path: Path) -> No
     kek_file.write_text("short")
     with pytest.raises(SealError, match="openssl rand -hex 32"):
         load_kek(str(kek_file))
+
+
+def test_the_reaper_marks_dead_hosts_then_reaps_them_after_the_timeout() -> None:
+    from supervisor.cluster.reaper import plan
+    from supervisor.cluster.records import encode
+
+    kvs = {
+        LAYOUT.node("me"): kv(LAYOUT.node("me")),
+        LAYOUT.node("alive"): kv(LAYOUT.node("alive")),
+        LAYOUT.alive("alive"): kv(LAYOUT.alive("alive"), lease=3),
+        LAYOUT.node("dead"): kv(LAYOUT.node("dead")),
+    }
+    assert plan(kvs, LAYOUT, "me", 60, now=1000) == (["dead"], [])
+    tombstone = kv(LAYOUT.tombstone("dead"), encode({"failed_at": 1000.0}), revision=8)
+    kvs[tombstone.key] = tombstone
+    assert plan(kvs, LAYOUT, "me", 60, now=1059) == ([], [])
+    assert plan(kvs, LAYOUT, "me", 60, now=1060) == ([], [("dead", tombstone)])
