@@ -491,3 +491,96 @@ def test_a_host_dead_longer_than_reconnect_timeout_is_reaped_and_the_members_com
     finally:
         a.kill_everything()
         b.kill_everything()
+
+
+def test_tls_to_etcd_with_client_certificates_and_an_etcd_user(tmp_path: Path) -> None:
+    from supervisor.cluster.etcd import Credentials, b64, prefix_end
+    from tests.helpers.pki import TestPKI
+
+    binary = etcd_binary()
+    if binary is None:
+        pytest.skip("no etcd binary")
+    pki = TestPKI(tmp_path / "pki")
+    server = pki.issue("server", ips=("127.0.0.1",))
+    client = pki.issue("agent")  # no CN: etcd's gateway refuses CN certificates when auth is on
+    etcd = EtcdCluster(binary, size=1, tls=(pki.ca_file, server.cert, server.key))
+    good = bad = None
+    try:
+        etcd.start()
+        prefix = "/secure/"
+        admin = EtcdClient(etcd.endpoints, Credentials(pki.ca_file, client.cert, client.key))
+        for path, body in (
+            ("/v3/auth/user/add", {"name": "root", "password": "root-secret"}),
+            ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+            ("/v3/auth/role/add", {"name": "agents"}),
+            (
+                "/v3/auth/role/grant",
+                {
+                    "name": "agents",
+                    "perm": {
+                        "permType": "READWRITE",
+                        "key": b64(prefix),
+                        "range_end": b64(prefix_end(prefix)),
+                    },
+                },
+            ),
+            ("/v3/auth/user/add", {"name": "agent", "password": "agent-secret"}),
+            ("/v3/auth/user/grant", {"user": "agent", "role": "agents"}),
+            ("/v3/auth/enable", {}),
+        ):
+            admin.call(path, body)
+        admin.close()
+        secrets_dir = tmp_path / "secrets"
+        secrets_dir.mkdir(mode=0o700)
+        for name, text in (("good", "agent-secret"), ("bad", "wrong")):
+            (secrets_dir / name).write_text(text + "\n")
+            (secrets_dir / name).chmod(0o600)
+        block = {
+            "etcd_endpoints": etcd.endpoints,
+            "key_prefix": prefix,
+            "ca_file": pki.ca_file,
+            "cert_file": client.cert,
+            "key_file": client.key,
+            "username": "agent",
+            "lease_ttl": f"{TTL}s",
+        }
+        good = AgentProcess(
+            tmp_path / "good",
+            extra={
+                "node_name": "good",
+                "cluster": {**block, "password_file": str(secrets_dir / "good")},
+                "services": [{"name": "web", "port": 80}],
+            },
+        )
+        bad = AgentProcess(
+            tmp_path / "bad",
+            extra={"node_name": "bad", "cluster": {**block, "password_file": str(secrets_dir / "bad")}},
+        )
+        good.start()
+        bad.start()
+        wait_until(
+            lambda: good.get("/v1/agent/self")["Cluster"]["State"] == "connected",
+            timeout=15,
+            message="joined over TLS",
+        )
+        root = EtcdClient(
+            etcd.endpoints, Credentials(pki.ca_file, client.cert, client.key, "root", "root-secret")
+        )
+        try:
+            wait_until(
+                lambda: root.range(f"{prefix}dc1/services/good/web")[0], timeout=10, message="web in etcd"
+            )
+        finally:
+            root.close()
+        wait_until(
+            lambda: bad.get("/v1/agent/self")["Cluster"]["State"] == "degraded", timeout=15, message="refused"
+        )
+        error = bad.get("/v1/agent/self")["Cluster"]["Error"]
+        assert "refused user 'agent'" in error and "password_file" in error, error
+        assert "agent-secret" not in good.log() and "wrong" not in bad.log()  # never logged
+        assert bad.process is not None and bad.process.poll() is None  # degraded, not dead
+    finally:
+        for agent in (good, bad):
+            if agent is not None:
+                agent.kill_everything()
+        etcd.stop()

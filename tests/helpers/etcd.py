@@ -55,9 +55,11 @@ class Member:
     process: subprocess.Popen[bytes] | None = None
     extra: tuple[str, ...] = ()
 
+    scheme: str = "http"
+
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -74,6 +76,9 @@ class EtcdCluster:
     hosts: Sequence[str] = ()
     netns: Sequence[str] = ()
     extra: Sequence[str] = ()  # more etcd flags (e.g. a small --quota-backend-bytes)
+    tls: tuple[str, str, str] | None = (
+        None  # (CA file, server cert, server key): https clients with certificates
+    )
     members: list[Member] = field(default_factory=list)
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pst-etcd-", dir=_tmpfs())))
     token: str = field(default_factory=lambda: f"pst-{uuid.uuid4().hex[:12]}")
@@ -93,6 +98,7 @@ class EtcdCluster:
                     self.root / f"m{number}",
                     self.netns[number - 1] if inside else "",
                     extra=tuple(self.extra),
+                    scheme="https" if self.tls else "http",
                 )
             )
 
@@ -111,6 +117,10 @@ class EtcdCluster:
         listen_clients = member.client_url
         if member.netns:
             listen_clients += f",http://127.0.0.1:{member.client_port}"
+        tls: list[str] = []
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            tls = ["--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca, "--client-cert-auth"]
         argv = [
             self.binary,
             "--name", member.name,
@@ -130,6 +140,7 @@ class EtcdCluster:
             "--logger", "zap",
             "--log-outputs", "stderr",
             "--log-level", "warn",
+            *tls,
             *member.extra,
         ]  # fmt: skip
         if member.netns:
@@ -145,10 +156,27 @@ class EtcdCluster:
             log.close()
 
     def healthy(self, member: Member) -> bool:
+        if self.tls is not None:
+            return member.process is not None and member.process.poll() is None and self._tls_health(member)
         if member.netns:
             return member.process is not None and member.process.poll() is None and self._netns_health(member)
         try:
             with urllib.request.urlopen(f"{member.client_url}/health", timeout=2) as response:
+                return bool(json.load(response).get("health") == "true")
+        except (OSError, ValueError):
+            return False
+
+    def _tls_health(self, member: Member) -> bool:
+        import ssl
+
+        assert self.tls is not None
+        ca, cert, key = self.tls
+        context = ssl.create_default_context(cafile=ca)
+        context.load_cert_chain(cert, key)
+        try:
+            with urllib.request.urlopen(
+                f"{member.client_url}/health", timeout=2, context=context
+            ) as response:
                 return bool(json.load(response).get("health") == "true")
         except (OSError, ValueError):
             return False
