@@ -584,3 +584,120 @@ def test_tls_to_etcd_with_client_certificates_and_an_etcd_user(tmp_path: Path) -
             if agent is not None:
                 agent.kill_everything()
         etcd.stop()
+
+
+def test_a_single_host_mesh_moves_to_the_clusters_ca_without_refusing_a_connection(
+    tmp_path: Path, etcd_cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    """Upgrade in place: a host whose web -> db pair runs on its own CA joins a cluster whose
+    CA is another host's; traffic through the pair never stops."""
+    from tests.helpers.mesh import Mesh, talk
+
+    kek = tmp_path / "ca.kek"
+    kek.write_text(os.urandom(32).hex())
+    signer = make_host(
+        tmp_path, "signer", etcd_cluster, etcd_prefix, [], ca_signer=True, ca_key_file=str(kek)
+    )
+    mesh = Mesh(tmp_path / "mesh", extra={"node_name": "mesh"})
+    counts = {"ok": 0, "failed": 0}
+    failures: list[float] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            ok = talk(mesh.upstream_port, timeout=5) == b"ping|db"
+            counts["ok" if ok else "failed"] += 1
+            if not ok:
+                failures.append(time.time())
+            time.sleep(0.01)
+
+    talker = threading.Thread(target=traffic, daemon=True)
+    try:
+        signer.start()
+        cluster_root = wait_until(
+            lambda: (
+                signer.get("/v1/agent/connect/ca/roots").get("ActiveRootID")
+                if "published this host's CA" in signer.log()
+                else None
+            ),
+            timeout=15,
+            message="the cluster's CA",
+        )
+        mesh.start()
+        local_root = mesh.agent.get("/v1/agent/connect/ca/roots")["ActiveRootID"]
+        assert local_root != cluster_root
+        talker.start()
+        mesh.agent.signal(15)  # (proxies outlive the agent: they are adopted by the next one)
+        mesh.agent.wait_exit()
+        mesh.agent.write("20-cluster.json", {"cluster": cluster_block(etcd_cluster, etcd_prefix)})
+        mesh.agent.start()
+
+        def switched() -> bool:
+            roots = mesh.agent.get("/v1/agent/connect/ca/roots")
+            if roots["ActiveRootID"] != cluster_root:
+                return False
+            leaf = mesh.agent.get("/v1/agent/connect/ca/leaf/db")
+            return verifies(leaf["CertPEM"], roots)
+
+        wait_until(switched, timeout=30, interval=0.2, message="the mesh host on the cluster's CA")
+        both = {root["ID"] for root in mesh.agent.get("/v1/agent/connect/ca/roots")["Roots"]}
+        assert {local_root, cluster_root} <= both  # the old root stays trusted while its leaves live
+        before = counts["ok"]
+        wait_until(lambda: counts["ok"] > before + 50, timeout=30, message="traffic on the new certificates")
+        stop.set()
+        talker.join(10)
+        logs = {proxy: mesh.proxy_log(proxy)[-3000:] for proxy in ("web-proxy", "db-proxy")}
+        Path("/tmp/meshlogs.txt").write_text(
+            f"{failures}\n" + "\n".join(f"== {k}\n{v}" for k, v in logs.items())
+        )
+        assert counts["failed"] == 0, f"{counts} {failures} {logs}"
+        assert "adopted" in mesh.agent.current_log()
+    finally:
+        stop.set()
+        mesh.close()
+        signer.kill_everything()
+
+
+def test_a_root_rotation_on_the_signer_reaches_every_host(
+    tmp_path: Path, etcd_cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    from tests.test_ca import operator_root
+
+    kek = tmp_path / "ca.kek"
+    kek.write_text(os.urandom(32).hex())
+    signer = make_host(
+        tmp_path, "signer", etcd_cluster, etcd_prefix, [], ca_signer=True, ca_key_file=str(kek)
+    )
+    plain = make_host(tmp_path, "plain", etcd_cluster, etcd_prefix, [{"name": "db", "port": 5432}])
+    try:
+        signer.start()
+        plain.start()
+        status, _, leaf = plain.http("GET", "/v1/agent/connect/ca/leaf/db")
+        assert status == 200, leaf
+        first = plain.get("/v1/agent/connect/ca/roots")["ActiveRootID"]
+        key, cert = operator_root()
+        signer.signal(15)
+        signer.wait_exit()
+        signer.write("30-ca.json", {"connect": {"ca_config": {"private_key": key, "root_cert": cert}}})
+        signer.start()
+        wait_until(
+            lambda: plain.get("/v1/agent/connect/ca/roots")["ActiveRootID"] != first,
+            timeout=20,
+            message="rotated",
+        )
+        roots = plain.get("/v1/agent/connect/ca/roots")
+        assert {root["ID"] for root in roots["Roots"]} >= {
+            first,
+            roots["ActiveRootID"],
+        }  # the old one still trusted
+
+        def reissued() -> bool:
+            leaf = plain.get("/v1/agent/connect/ca/leaf/db")
+            return verifies(leaf["CertPEM"], plain.get("/v1/agent/connect/ca/roots"))
+
+        wait_until(reissued, timeout=20, message="db's leaf from the new root")
+        chain = plain.get("/v1/agent/connect/ca/leaf/db")["CertPEM"]
+        assert chain.count("BEGIN CERTIFICATE") == 2  # with the cross-signed root for old-root peers
+    finally:
+        signer.kill_everything()
+        plain.kill_everything()

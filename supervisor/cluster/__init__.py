@@ -206,9 +206,18 @@ class Cluster:
     def ca_changed(self) -> None:
         if self.authority is None or self.leaves is None:
             return
+        first = self.authority.cluster is None
         if self.authority.refresh(self.storage.mirror.kvs, self.layout, self.storage.base):
             log.info("cluster: the cluster's CA root is %s", self.authority.active_id)
-            self.leaves.roots_changed()
+            if first and self.authority.local_in_use():
+                # Switching from this host's own CA: the cluster's roots go out first, its leaves
+                # after a grace (asked for now), so no proxy sees a leaf before its root.
+                log.info("cluster: moving this host's proxies to the cluster's CA")
+                self.leaves.prefetch(self.leaves.local.services())
+                grace = self.authority.SWITCH_GRACE
+                asyncio.get_running_loop().call_later(grace, self.leaves.on_change)
+            else:
+                self.leaves.roots_changed()
         self.leaves.refresh()
         if self._signer_wake is not None:
             self._signer_wake.set()

@@ -170,10 +170,19 @@ class ClusterAuthority:
     """What the Connect endpoints read in cluster mode (the local CA's interface): the
     cluster's roots, plus this host's own old roots while leaves they signed are alive."""
 
-    def __init__(self, local: CertificateAuthority, clock: Callable[[], float] = time.time) -> None:
+    SWITCH_GRACE = 2.0  # seconds between serving the cluster's roots and handing out its leaves
+
+    def __init__(
+        self,
+        local: CertificateAuthority,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.local = local
         self.cluster: ClusterRoots | None = None
         self.clock = clock
+        self.monotonic = monotonic
+        self.switch_started: float | None = None  # when the cluster's roots were first served here
 
     def refresh(self, kvs: dict[str, KeyValue], layout: Layout, base: int) -> bool:
         """Take the roots from the mirror; True when the active root changed."""
@@ -187,7 +196,19 @@ class ClusterAuthority:
             return False
         previous = self.cluster.active.id if self.cluster is not None else None
         self.cluster = fresh
+        if previous is None:
+            self.switch_started = self.monotonic()
         return previous != fresh.active.id
+
+    def local_in_use(self) -> bool:
+        return bool(self._local_in_use())
+
+    def settled(self) -> bool:
+        """Leaves of the cluster's CA may be handed out: every local proxy has had time to
+        take the roots that trust them (a leaf must never reach a peer before its root)."""
+        if self.switch_started is None or not self._local_in_use():
+            return True
+        return self.monotonic() - self.switch_started >= self.SWITCH_GRACE
 
     def _local_in_use(self) -> list[Root]:
         """This host's own roots that signed leaves still valid (none once the cluster CA is

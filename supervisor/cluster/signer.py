@@ -285,29 +285,38 @@ class ClusterLeaves:
         self.rng = random.Random()
 
     def get(self, service: str) -> Leaf:
-        if self.authority.cluster is None:
+        """The leaf to serve now. During a switch from this host's own CA (while leaves it
+        signed are alive, its root stays trusted), its leaves until the cluster's roots have
+        reached every proxy and a cluster leaf is here."""
+        authority = self.authority
+        if authority.cluster is None:
             return self.local.get(service)
         leaf = self.leaves.get(service)
-        if leaf is None:
-            raise Unavailable(
-                f"no leaf certificate for {service} yet: the cluster's CA signer has not answered"
-            )
-        return leaf
+        switching = authority.local_in_use()
+        if leaf is not None and (not switching or authority.settled()):
+            return leaf
+        if switching:
+            return self.local.get(service)
+        raise Unavailable(f"no leaf certificate for {service} yet: the cluster's CA signer has not answered")
 
     async def ensure(self, service: str, timeout: float = 15.0) -> None:
         """Have a current leaf for ``service`` (asks the signer and waits for it if not)."""
-        if self.authority.cluster is None:
+        authority = self.authority
+        if authority.cluster is None:
             return
         leaf = self.leaves.get(service)
-        if (
+        current = (
             leaf is not None
-            and self._issued_by.get(service) == self.authority.active_id
+            and self._issued_by.get(service) == authority.active_id
             and leaf.valid_before > time.time()
-        ):
+        )
+        if current:
             return
         pending = next((p for p in self._pending.values() if p.service == service), None)
         if pending is None:
             pending = await self._request(service)
+        if authority.local_in_use():
+            return  # (this host's own leaf is served meanwhile; the answer wakes the waiters)
         try:
             await asyncio.wait_for(asyncio.shield(pending.done), timeout)
         except TimeoutError:
@@ -315,6 +324,18 @@ class ClusterLeaves:
                 f"no leaf certificate for {service}: no CA signer answered within {timeout:.0f}s "
                 "(is a host with cluster.ca_signer up?)"
             ) from None
+
+    def prefetch(self, services: list[str]) -> None:
+        """Ask for cluster leaves for these services now (a switch has begun)."""
+        for service in services:
+            if service not in self.leaves and not any(p.service == service for p in self._pending.values()):
+                asyncio.get_running_loop().create_task(self._quiet_request(service), name=f"leaf {service}")
+
+    async def _quiet_request(self, service: str) -> None:
+        try:
+            await self._request(service)
+        except Unavailable as exc:
+            log.warning("cluster: %s", exc)
 
     async def _request(self, service: str) -> _Pending:
         lease = self.context.lease()

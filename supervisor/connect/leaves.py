@@ -59,6 +59,10 @@ class LeafManager:
         entry.last_requested = now
         return entry.leaf
 
+    def services(self) -> list[str]:
+        """The services this manager has issued leaves for."""
+        return list(self._entries)
+
     async def ensure(self, service: str) -> None:
         """(A local CA signs at once: nothing to wait for.)"""
 
