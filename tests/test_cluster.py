@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.cluster.etcd import EtcdClient
+from supervisor.cluster.etcd import EtcdClient, EtcdError
 from tests.helpers.agent import AgentProcess
 from tests.helpers.etcd import EtcdCluster, etcd_binary
 from tests.helpers.processes import wait_until
@@ -701,3 +701,84 @@ def test_a_root_rotation_on_the_signer_reaches_every_host(
     finally:
         signer.kill_everything()
         plain.kill_everything()
+
+
+def test_a_watch_cancelled_by_compaction_lists_again_without_moving_unchanged_answers(
+    tmp_path: Path, own_etcd: EtcdCluster
+) -> None:
+    prefix = "/compaction/"
+    a = make_host(
+        tmp_path, "host-a", own_etcd, prefix, [{"name": "web", "port": 80}, {"name": "api", "port": 81}]
+    )
+    # host-b talks to one member only: cut off when it goes, compacted past when it returns.
+    only = own_etcd.members[2]
+    b = AgentProcess(
+        tmp_path / "host-b",
+        extra={
+            "node_name": "host-b",
+            "cluster": {"etcd_endpoints": [only.client_url], "key_prefix": prefix, "lease_ttl": "10s"},
+        },
+    )
+    try:
+        a.start()
+        b.start()
+        wait_until(lambda: service_nodes(b, "api") == ["host-a"], timeout=10, message="api on host-b")
+        _, before, _ = b.http("GET", "/v1/health/service/api")
+        own_etcd.kill(only)
+        for number in range(5):
+            a.http("PUT", "/v1/agent/service/register", {"Name": f"churn-{number}", "Port": 1000 + number})
+        client = EtcdClient([m.client_url for m in own_etcd.members[:2]])
+        try:
+            wait_until(
+                lambda: client.range(f"{prefix}dc1/services/host-a/churn-4")[0], timeout=10, message="churn"
+            )
+            latest = client.put(f"{prefix}unrelated", "x")
+            client.call("/v3/kv/compaction", {"revision": str(latest), "physical": True})
+        finally:
+            client.close()
+        own_etcd.restart(only)
+        wait_until(
+            lambda: service_nodes(b, "churn-4") == ["host-a"], timeout=30, interval=0.2, message="re-listed"
+        )
+        assert "listing the cluster again" in b.log()
+        _, after, _ = b.http("GET", "/v1/health/service/api")
+        assert after["X-Consul-Index"] == before["X-Consul-Index"]  # api did not change: nor did its index
+        assert a.http("GET", "/v1/health/service/api")[1]["X-Consul-Index"] == after["X-Consul-Index"]
+    finally:
+        a.kill_everything()
+        b.kill_everything()
+
+
+def test_an_etcd_out_of_space_alarm_makes_the_agent_degraded_not_dead(tmp_path: Path) -> None:
+    binary = etcd_binary()
+    if binary is None:
+        pytest.skip("no etcd binary")
+    etcd = EtcdCluster(binary, size=1, extra=("--quota-backend-bytes", str(256 * 1024)))
+    agent = None
+    try:
+        etcd.start()
+        client = EtcdClient(etcd.endpoints)
+        try:
+            with pytest.raises(EtcdError, match="space"):
+                for number in range(10_000):
+                    client.put(f"/filler/{number}", b"x" * 8000)
+        finally:
+            client.close()
+        agent = AgentProcess(
+            tmp_path / "agent",
+            extra={"node_name": "full", "cluster": {"etcd_endpoints": etcd.endpoints, "lease_ttl": "2s"}},
+        )
+        agent.start()
+        agent.http("PUT", "/v1/agent/service/register", {"Name": "web", "Port": 80})
+        wait_until(
+            lambda: agent.get("/v1/agent/self")["Cluster"]["State"] == "degraded",
+            timeout=15,
+            message="degraded",
+        )
+        assert "space" in agent.get("/v1/agent/self")["Cluster"]["Error"]
+        assert "web" in agent.get("/v1/agent/services")  # its own view goes on
+        assert agent.process is not None and agent.process.poll() is None
+    finally:
+        if agent is not None:
+            agent.kill_everything()
+        etcd.stop()

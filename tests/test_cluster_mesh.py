@@ -184,3 +184,46 @@ def test_web_on_host_1_reaches_db_on_hosts_2_and_3_over_mutual_tls(mesh: Mesh) -
     )
     assert db_instances() == [("h2", mesh.hosts.addresses[1])]
     assert answers(mesh.query_port, 6) == ["h2:ping"] * 6
+
+
+def test_a_partitioned_host_is_critical_elsewhere_keeps_its_last_view_and_converges_after_healing(
+    mesh: Mesh,
+) -> None:
+    def serf(number: int, node: str) -> str | None:
+        status, _, body = mesh.api(number, "GET", f"/v1/health/node/{node}")
+        assert status == 200, body
+        return next((check["Status"] for check in body if check["CheckID"] == "serfHealth"), None)
+
+    wait_until(lambda: serf(1, "h3") == "passing", timeout=30, interval=0.3, message="h3 alive on h1")
+    wait_until(lambda: serf(3, "h1") == "passing", timeout=30, interval=0.3, message="h1 alive on h3")
+
+    def proxy_pids() -> dict[str, int]:
+        _, _, proxies = mesh.api(3, "GET", "/v1/agent/connect/proxies")
+        return {proxy_id: int(proxy["Pid"]) for proxy_id, proxy in proxies.items()}
+
+    proxies_before = proxy_pids()
+    assert proxies_before and all(proxies_before.values())
+    mesh.hosts.cut(3)
+    wait_until(
+        lambda: serf(1, "h3") == "critical", timeout=TTL + 15, interval=0.3, message="h3 critical on h1"
+    )
+    status, headers, body = mesh.api(3, "GET", "/v1/health/service/web")
+    assert status == 200 and [entry["Node"]["Node"] for entry in body] == ["h1"]  # its last view
+    wait_until(
+        lambda: mesh.api(3, "GET", "/v1/health/service/web")[1]["X-Consul-KnownLeader"] == "false",
+        timeout=30,
+        interval=0.3,
+        message="h3 to know it is cut off",
+    )
+    # Its proxies run on, untouched (no etcd call on the supervision path).
+    assert proxy_pids() == proxies_before
+    mesh.hosts.heal(3)
+    wait_until(lambda: serf(1, "h3") == "passing", timeout=30, interval=0.3, message="h3 alive again on h1")
+    wait_until(
+        lambda: mesh.api(3, "GET", "/v1/health/service/web")[1]["X-Consul-KnownLeader"] == "true",
+        timeout=30,
+        interval=0.3,
+        message="h3 connected again",
+    )
+    indexes = {mesh.api(n, "GET", "/v1/health/service/db")[1]["X-Consul-Index"] for n in (1, 2, 3)}
+    assert len(indexes) == 1  # converged: the same answer, the same index, everywhere
