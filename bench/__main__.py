@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench [agent|control|proxy|dns|soak] [--quick]``; results go to
+"""Run the benchmarks: ``python -m bench [agent|control|proxy|dns|soak|cluster] [--quick]``; results go to
 bench/results/."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench import agent_bench, control_bench, dns_bench, proxy_bench, soak_bench
+from bench import agent_bench, cluster_bench, control_bench, dns_bench, proxy_bench, soak_bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -15,7 +15,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument(
-        "suite", nargs="?", default="agent", choices=["agent", "control", "proxy", "soak", "dns"]
+        "suite", nargs="?", default="agent", choices=["agent", "control", "proxy", "soak", "dns", "cluster"]
     )
     parser.add_argument("--quick", action="store_true", help="smaller and shorter runs")
     parser.add_argument(
@@ -45,6 +45,19 @@ def main() -> int:
         try:
             proxy_bench.plot(results, RESULTS / "proxy.png")
             print(f"plot: {RESULTS / 'proxy.png'}")
+        except ImportError:
+            print("no plot: install the bench extra (pip install -e '.[bench]') for matplotlib")
+    if args.suite == "cluster":
+        if args.quick:
+            results = cluster_bench.run(changes=40, window=5, scales=(5, 20), samples=10)
+        else:
+            results = cluster_bench.run()
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "cluster.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(cluster_bench.report(results))
+        try:
+            cluster_bench.plot(results, RESULTS / "cluster.png")
+            print(f"plot: {RESULTS / 'cluster.png'}")
         except ImportError:
             print("no plot: install the bench extra (pip install -e '.[bench]') for matplotlib")
     if args.suite == "dns":

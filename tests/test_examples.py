@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import re
 import shutil
 import subprocess
@@ -145,3 +146,23 @@ def test_custom_proxy_example(tmp_path: Path, ports: dict[str, int]) -> None:
     finally:
         agent.kill_everything()
         app.close()
+
+
+def test_the_cluster_example_shows_cross_host_discovery_in_one_command() -> None:
+    from tests.helpers.etcd import etcd_binary
+
+    binary = etcd_binary()
+    if binary is None:
+        pytest.skip("no etcd binary")
+    low, _high = free_port_range(200)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "cluster" / "run.py"), "--check", "--base-port", str(low)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PROXY_SUPERVISOR_ETCD": binary},
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "host-a sees db on: ['host-b']" in done.stdout
+    assert "hello from db on host-b" in done.stdout
