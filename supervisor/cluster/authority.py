@@ -51,6 +51,8 @@ class SealError(SupervisorError):
 def load_kek(path: str) -> bytes:
     """32 random bytes, raw or as 64 hex digits (``openssl rand -hex 32``)."""
     try:
+        if os.stat(path).st_mode & 0o077:
+            log.warning("cluster: %s can be read by others than its owner: chmod 600 it", path)
         with open(path, "rb") as handle:
             data = handle.read(256)
     except OSError as exc:

@@ -68,6 +68,10 @@ def credentials_of(config: ClusterConfig) -> Credentials:
     password = ""
     if config.password_file:
         try:
+            if os.stat(config.password_file).st_mode & 0o077:
+                log.warning(
+                    "cluster: %s can be read by others than its owner: chmod 600 it", config.password_file
+                )
             with open(config.password_file, encoding="utf-8") as handle:
                 password = handle.read().strip()
         except OSError as exc:
