@@ -120,3 +120,34 @@ def test_the_reaper_marks_dead_hosts_then_reaps_them_after_the_timeout() -> None
     kvs[tombstone.key] = tombstone
     assert plan(kvs, LAYOUT, "me", 60, now=1059) == ([], [])
     assert plan(kvs, LAYOUT, "me", 60, now=1060) == ([], [("dead", tombstone)])
+
+
+def test_the_cluster_storage_serves_every_host_and_skips_what_no_agent_wrote(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from supervisor.catalog.status import CheckStatus
+    from supervisor.cluster.records import encode
+    from supervisor.cluster.storage import ClusterStorage
+
+    storage = ClusterStorage(LAYOUT, "me", Index(), lambda _instance: {}, lambda _records: None)
+    storage.set_base(1000)
+    service = {"Service": {"Service": "db", "Port": 5432}, "ConnectTarget": None, "ConnectTags": []}
+    check = {"CheckID": "c1", "Name": "db", "Status": "passing", "ServiceID": "db-1", "ServiceName": "db"}
+    kvs = [
+        kv(LAYOUT.node("h2"), encode({"ID": "n2", "Address": "10.0.0.2"}), revision=3),
+        kv(LAYOUT.alive("h2"), b"{}", revision=4, lease=9),
+        kv(LAYOUT.service("h2", "db-1"), encode(service), revision=5),
+        kv(LAYOUT.check("h2", "c1"), encode(check), revision=6),
+        kv(LAYOUT.service("h2", "junk"), b"not json", revision=7),
+        kv(LAYOUT.node("h3"), encode({"ID": "n3", "Address": "10.0.0.3"}), revision=8),
+    ]
+    assert storage.mirror_reset(kvs, 8)
+    entries = list(storage.entries())
+    assert [(e.node.name, e.instance.service_id, e.index) for e in entries] == [("h2", "db-1", 1005)]
+    assert [c.check_id for c in entries[0].checks] == ["serfHealth", "c1"]
+    assert entries[0].status is CheckStatus.PASSING
+    assert [c.status for c in storage.node_checks("h3")] == [CheckStatus.CRITICAL]  # no alive/ key
+    assert sum("no agent wrote" in r.message for r in caplog.records) == 1
+    list(storage.entries())
+    assert sum("no agent wrote" in r.message for r in caplog.records) == 1  # logged once per key
+    assert storage.index.value >= 1008
