@@ -131,7 +131,11 @@ def test_the_cluster_storage_serves_every_host_and_skips_what_no_agent_wrote(
 
     storage = ClusterStorage(LAYOUT, "me", Index(), lambda _instance: {}, lambda _records: None)
     storage.set_base(1000)
-    service = {"Service": {"Service": "db", "Port": 5432}, "ConnectTarget": None, "ConnectTags": []}
+    service: dict[str, object] = {
+        "Service": {"Service": "db", "Port": 5432},
+        "ConnectTarget": None,
+        "ConnectTags": [],
+    }
     check = {"CheckID": "c1", "Name": "db", "Status": "passing", "ServiceID": "db-1", "ServiceName": "db"}
     kvs = [
         kv(LAYOUT.node("h2"), encode({"ID": "n2", "Address": "10.0.0.2"}), revision=3),
