@@ -281,11 +281,17 @@ def simulate(etcd: EtcdCluster, work: Path, count: int, samples: int, window: fl
         latencies = []
         for number in range(samples):
             sim = sims[number % count]
+            # The record a simulated host writes for a new instance, put straight into etcd: the
+            # figure is etcd's commit, its fan-out to every watching agent, and the real agent's
+            # mirror -- not the simulated hosts' own threads, which share this process's GIL.
+            name = f"probe-{number}"
+            record = {"Service": {"Kind": "", "ID": name, "Service": name, "Port": 1}, "ConnectTarget": None}
+            key = sim.layout.service(sim.name, name)
             latencies.append(
                 blocking_wake(
                     api,
-                    f"/v1/health/service/svc-{10 + number}",
-                    lambda sim=sim, n=number: sim.add_service(n + 1),
+                    f"/v1/health/service/{name}",
+                    lambda key=key, record=record: client.put(key, encode(record)),
                 )
                 * 1000
             )
@@ -325,6 +331,28 @@ def simulate(etcd: EtcdCluster, work: Path, count: int, samples: int, window: fl
         client.close()
 
 
+def liveness(etcd: EtcdCluster, work: Path, ttl: int = 2, samples: int = 3) -> dict[str, Any]:
+    """kill -9 of a host's agent: seconds until another host shows it critical."""
+    delays = []
+    for number in range(samples):
+        prefix = f"/bench/liveness{number}/"
+        a = start_agent(work, f"dying-{number}", etcd.endpoints, prefix, [])
+        b = start_agent(work, f"watching-{number}", etcd.endpoints, prefix, [])
+        api_b = Api(b)
+
+        def serf(name: str = f"dying-{number}", api_b: Api = api_b) -> str | None:
+            _, checks = api_b.call("GET", f"/v1/health/node/{name}")
+            return next((c["Status"] for c in checks if c["CheckID"] == "serfHealth"), None)
+
+        b.wait(lambda: serf() == "passing", 20, "the dying host alive")
+        a.kill9()
+        killed = time.monotonic()
+        b.wait(lambda: serf() == "critical", ttl + 30, "the dead host critical", interval=0.02)
+        delays.append(time.monotonic() - killed)
+        b.leave()
+    return {"lease_ttl_s": LEASE_TTL, "dead_to_critical_s": [round(d, 2) for d in delays]}
+
+
 def run(
     changes: int = 200, window: float = 20.0, scales: tuple[int, ...] = (10, 50, 200), samples: int = 40
 ) -> dict[str, Any]:
@@ -340,6 +368,8 @@ def run(
             work = Path(temp)
             print("  two agents: change-to-visible and traffic ...", flush=True)
             results["pair"] = two_agents(etcd, work, changes, window)
+            print("  a host killed: time until others see it critical ...", flush=True)
+            results["liveness"] = liveness(etcd, work)
             results["simulation"] = []
             for count in scales:
                 print(f"  {count} simulated agents ...", flush=True)
@@ -385,6 +415,11 @@ def report(results: dict[str, Any]) -> str:
         f"p50 {pair['change_to_visible_ms']['p50']} ms, p99 {pair['change_to_visible_ms']['p99']} ms "
         f"({pair['change_to_visible_ms']['samples']} changes)",
     ]
+    if "liveness" in results:
+        live = results["liveness"]
+        lines.append(
+            f"kill -9 of a host (lease TTL {live['lease_ttl_s']} s) to critical elsewhere: {live['dead_to_critical_s']} s"
+        )
     for phase, data in pair["traffic"].items():
         lines.append(
             f"etcd per agent, {phase}: {data['etcd_writes_per_second_per_agent']} writes/s, "

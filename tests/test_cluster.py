@@ -782,3 +782,31 @@ def test_an_etcd_out_of_space_alarm_makes_the_agent_degraded_not_dead(tmp_path: 
         if agent is not None:
             agent.kill_everything()
         etcd.stop()
+
+
+def test_anti_entropy_removes_what_the_agent_does_not_know_under_its_name(
+    tmp_path: Path, etcd_cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    from supervisor.cluster.records import encode
+
+    a = make_host(tmp_path, "host-a", etcd_cluster, etcd_prefix, [{"name": "web", "port": 80}])
+    b = make_host(tmp_path, "host-b", etcd_cluster, etcd_prefix, [])
+    client = EtcdClient(etcd_cluster.endpoints)
+    try:
+        a.start()
+        b.start()
+        wait_until(lambda: service_nodes(b, "web") == ["host-a"], timeout=10, message="web on host-b")
+        a.signal(15)
+        a.wait_exit()
+        ghost = {"Service": {"Kind": "", "ID": "ghost", "Service": "ghost", "Port": 1}, "ConnectTarget": None}
+        client.put(f"{etcd_prefix}dc1/services/host-a/ghost", encode(ghost))
+        wait_until(
+            lambda: service_nodes(b, "ghost") == ["host-a"], timeout=5, message="the forged record seen"
+        )
+        a.start()  # its join's full sync: the agent is authoritative for its own name
+        wait_until(lambda: service_nodes(b, "ghost") == [], timeout=10, message="the forged record removed")
+        assert service_nodes(b, "web") == ["host-a"]
+    finally:
+        client.close()
+        a.kill_everything()
+        b.kill_everything()

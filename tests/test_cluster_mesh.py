@@ -165,7 +165,7 @@ def test_web_on_host_1_reaches_db_on_hosts_2_and_3_over_mutual_tls(mesh: Mesh) -
         interval=0.05,
         message="the deny to take effect",
     )
-    assert time.monotonic() - made < 5
+    assert time.monotonic() - made < 1.0  # (the bound; each probe here costs ~0.1 s of ip netns exec)
     assert mesh.api(1, "DELETE", f"/v1/connect/intentions/{created['ID']}")[0] == 200
     wait_until(
         lambda: all(a.endswith(":ping") for a in answers(mesh.upstream_port, 6)),
