@@ -418,7 +418,8 @@ def report(results: dict[str, Any]) -> str:
     if "liveness" in results:
         live = results["liveness"]
         lines.append(
-            f"kill -9 of a host (lease TTL {live['lease_ttl_s']} s) to critical elsewhere: {live['dead_to_critical_s']} s"
+            f"kill -9 of a host (lease TTL {live['lease_ttl_s']} s) to critical elsewhere: "
+            f"{live['dead_to_critical_s']} s"
         )
     for phase, data in pair["traffic"].items():
         lines.append(
