@@ -810,3 +810,29 @@ def test_anti_entropy_removes_what_the_agent_does_not_know_under_its_name(
         client.close()
         a.kill_everything()
         b.kill_everything()
+
+
+def test_a_second_agent_with_a_live_agents_node_name_is_refused(
+    tmp_path: Path, etcd_cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    first = make_host(tmp_path / "1", "same-name", etcd_cluster, etcd_prefix, [{"name": "web", "port": 80}])
+    second = make_host(tmp_path / "2", "same-name", etcd_cluster, etcd_prefix, [{"name": "evil", "port": 81}])
+    try:
+        first.start()
+        wait_until(
+            lambda: first.get("/v1/agent/self")["Cluster"]["State"] == "connected",
+            timeout=10,
+            message="first",
+        )
+        second.start()
+        wait_until(
+            lambda: second.get("/v1/agent/self")["Cluster"]["State"] == "degraded",
+            timeout=10,
+            message="refused",
+        )
+        assert "is taken by a live agent" in second.get("/v1/agent/self")["Cluster"]["Error"]
+        time.sleep(1.5)  # (it keeps trying; none of its records may land meanwhile)
+        assert service_nodes(first, "evil") == [] and service_nodes(first, "web") == ["same-name"]
+    finally:
+        first.kill_everything()
+        second.kill_everything()
