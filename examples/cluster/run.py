@@ -52,6 +52,9 @@ def get(url: str, timeout: float = 5) -> bytes:
         return bytes(response.read())
 
 
+LOGS: list[Path] = []  # what to show when something does not come up
+
+
 def wait(what: str, predicate: object, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -61,6 +64,12 @@ def wait(what: str, predicate: object, timeout: float = 60) -> None:
         except OSError:
             pass
         time.sleep(0.2)
+    for log in LOGS:
+        try:
+            tail = log.read_text(errors="replace").strip().splitlines()[-8:]
+        except OSError:
+            continue
+        sys.stderr.write(f"--- {log.name}\n" + "\n".join(tail) + "\n")
     raise SystemExit(f"timed out waiting for {what}")
 
 
@@ -135,6 +144,7 @@ def main() -> int:
         for number, (client, peer) in enumerate(
             zip(ports["etcd_client"], ports["etcd_peer"], strict=True), 1
         ):
+            LOGS.append(work / f"etcd{number}.log")
             log = open(work / f"etcd{number}.log", "ab")  # (handed to the child)
             processes.append(
                 subprocess.Popen(
@@ -204,6 +214,7 @@ def main() -> int:
             config.mkdir(parents=True)
             (config / "agent.hcl").write_text(text)
             print(f"starting the agent of {host} (HTTP API on 127.0.0.1:{ports['http'][host]}) ...")
+            LOGS.append(work / f"{host}.log")
             log = open(work / f"{host}.log", "ab")  # (handed to the child)
             processes.append(
                 subprocess.Popen(

@@ -254,7 +254,19 @@ class EtcdClient:
     def keepalive(self, lease: int) -> int:
         """Renew ``lease``; returns its TTL, 0 when it has expired (etcd then leaves TTL out)."""
         reply = self.call("/v3/lease/keepalive", {"ID": str(lease)})
-        return int(reply.get("result", reply).get("TTL", 0))
+        # A streaming call: an error comes as {"error": ...} with HTTP 200, which must not be
+        # read as "expired" (that would make the host join again and blink).
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            _code, message = _error_of(reply, 200)
+            raise EtcdUnavailable(f"lease keepalive failed: {message}")
+        return int(result.get("TTL", 0))
+
+    def rotate(self) -> None:
+        """Use the next endpoint from now on (to ask another member)."""
+        with self._lock:
+            self._drop_connection()
+            self._current = (self._current + 1) % len(self.endpoints)
 
     def revoke(self, lease: int) -> None:
         try:

@@ -103,7 +103,11 @@ class ClusterMember:
         self.lease_file = lease_file
         self.clock = clock
         credentials = credentials_of(config)
-        self.client = EtcdClient(config.endpoints, credentials)
+        # A member that hangs (restarting, cut off) must cost less than the lease's life
+        # before the next one is asked: a quarter of the TTL per try, at most 5 s.
+        self.client = EtcdClient(
+            config.endpoints, credentials, timeout=min(5.0, max(0.5, config.lease_ttl / 4))
+        )
         self.watch_client = EtcdClient(config.endpoints, credentials)
         self.health = MemberHealth(since=clock())
         self._health_lock = threading.Lock()
@@ -305,6 +309,12 @@ class ClusterMember:
     def _renew(self) -> None:
         if self.client.keepalive(self.lease) > 0:
             return
+        # A member that has just restarted may not know the lease yet: only when every member
+        # says it has expired has it (joining again re-creates alive/: a blink elsewhere).
+        for _ in range(len(self.config.endpoints) - 1):
+            self.client.rotate()
+            if self.client.keepalive(self.lease) > 0:
+                return
         log.warning("cluster: lease %x had expired (etcd unreachable too long); joining again", self.lease)
         self.lease = 0
         self._join()
