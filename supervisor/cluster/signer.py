@@ -42,6 +42,7 @@ from supervisor.connect.spiffe import service_id
 
 log = logging.getLogger("supervisor.cluster.ca")
 
+REQUEST_PATIENCE = 60.0  # seconds an unanswered leaf request is waited for before it is made again
 LeaseOf = Callable[[], int]  # this host's node lease (0: not joined)
 
 
@@ -109,7 +110,9 @@ class Signer:
             await self._publish(ca, fence)
             log.warning("cluster: %s", message or "CA root rotated")
             return
-        for kv in [kv for key, kv in kvs.items() if key.startswith(context.layout.ca_requests())]:
+        requests = [kv for key, kv in kvs.items() if key.startswith(context.layout.ca_requests())]
+        self._answered &= {kv.key for kv in requests}  # (answered requests are deleted by their host)
+        for kv in requests:
             await self._answer(ca, kv, kvs, fence)
 
     # -- holding the signer key ----------------------------------------------------------------
@@ -257,6 +260,11 @@ class _Pending:
     service: str
     key: ec.EllipticCurvePrivateKey
     done: asyncio.Future[Leaf] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    asked: float = field(default_factory=time.monotonic)
+
+    def stale(self) -> bool:
+        """Unanswered for long: its key may have gone with a lease etcd lost, ask again."""
+        return time.monotonic() - self.asked > REQUEST_PATIENCE
 
 
 class ClusterLeaves:
@@ -312,6 +320,9 @@ class ClusterLeaves:
         )
         if current:
             return
+        for request_id, waiting in list(self._pending.items()):
+            if waiting.service == service and waiting.stale():
+                del self._pending[request_id]
         pending = next((p for p in self._pending.values() if p.service == service), None)
         if pending is None:
             pending = await self._request(service)
