@@ -845,3 +845,40 @@ def test_a_second_agent_with_a_live_agents_node_name_is_refused(
     finally:
         first.kill_everything()
         second.kill_everything()
+
+
+def test_dns_on_one_host_answers_for_instances_on_another(
+    tmp_path: Path, etcd_cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    import dns.rdatatype
+    import dns.resolver
+
+    a = AgentProcess(
+        tmp_path / "host-a",
+        extra={
+            "node_name": "host-a",
+            "bind_addr": "127.0.0.2",
+            "cluster": cluster_block(etcd_cluster, etcd_prefix),
+            "services": [{"name": "web", "port": 8080}],
+        },
+    )
+    b = AgentProcess(
+        tmp_path / "host-b",
+        dns=True,
+        extra={"node_name": "host-b", "cluster": cluster_block(etcd_cluster, etcd_prefix)},
+    )
+    try:
+        a.start()
+        b.start()
+        wait_until(lambda: service_nodes(b, "web") == ["host-a"], timeout=10, message="web on host-b")
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = ["127.0.0.1"]
+        resolver.port = b.dns_port
+        answer = resolver.resolve("web.service.consul", "SRV", lifetime=5)
+        assert [(r.port, str(r.target)) for r in answer] == [(8080, "host-a.node.dc1.consul.")]
+        addresses = resolver.resolve("web.service.consul", "A", lifetime=5)
+        assert [r.address for r in addresses] == ["127.0.0.2"]  # host-a's address, from the cluster
+        assert answer.rrset is not None and answer.rrset.rdtype == dns.rdatatype.SRV
+    finally:
+        a.kill_everything()
+        b.kill_everything()
