@@ -24,7 +24,7 @@ from supervisor.catalog.registry import Registry
 from supervisor.changes import ChangeSignal
 from supervisor.cluster import Cluster
 from supervisor.cluster.authority import ClusterAuthority
-from supervisor.cluster.signer import ClusterLeaves
+from supervisor.cluster.leaves import ClusterLeaves
 from supervisor.config.model import AgentConfig, CheckDef, ServiceDef
 from supervisor.config.registrations import registration_builder, registration_rules
 from supervisor.connect.ca import CertificateAuthority

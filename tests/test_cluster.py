@@ -4,6 +4,7 @@ a restarted agent takes its lease back without a blink; ``leave`` deregisters at
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,12 @@ def service_nodes(agent: AgentProcess, name: str, query: str = "") -> list[str]:
     status, _, body = agent.http("GET", f"/v1/health/service/{name}{query}")
     assert status == 200, body
     return sorted(entry["Node"]["Node"] for entry in body)
+
+
+def held(agent: AgentProcess) -> int:
+    """Blocking queries the agent holds now (its metrics' gauge)."""
+    gauges = agent.get("/v1/agent/metrics")["Gauges"]
+    return int(next((g["Value"] for g in gauges if g["Name"] == "proxy_supervisor.api.blocking_queries"), 0))
 
 
 def serf_status(agent: AgentProcess, node: str) -> str | None:
@@ -114,7 +121,7 @@ def test_a_blocking_query_on_one_host_wakes_for_a_change_on_another(
 
     waiter = threading.Thread(target=block)
     waiter.start()
-    time.sleep(0.3)  # (the query is held now; if it were not, it would answer "no change" below)
+    wait_until(lambda: held(b) >= 1, timeout=5, message="the blocking query held on host-b")
     a.http("PUT", "/v1/agent/service/register", {"Name": "cache", "Port": 6379})
     waiter.join(15)
     assert not waiter.is_alive(), "the blocking query did not wake for a change made on host-a"
@@ -231,15 +238,17 @@ def test_a_single_host_agent_carries_its_intentions_into_the_cluster(
     )
     other = make_host(tmp_path, "other", etcd_cluster, etcd_prefix, [])
     try:
+        # The cluster exists first (its index base is fixed then), the single-host agent comes
+        # later, hands out indexes from its own clock, and must never see them go backwards.
+        other.start()
+        # The cluster already has its own api => db: that one wins, and the clash is reported.
+        clash = {"SourceName": "api", "DestinationName": "db", "Action": "allow"}
+        assert other.http("POST", "/v1/connect/intentions", clash)[0] == 200
         solo.start()
         for source, action in (("web", "allow"), ("api", "deny")):
             body = {"SourceName": source, "DestinationName": "db", "Action": action}
             assert solo.http("POST", "/v1/connect/intentions", body)[0] == 200
         solo_index = int(solo.http("GET", "/v1/connect/intentions")[1]["X-Consul-Index"])
-        other.start()
-        # The cluster already has its own api => db: that one wins, and the clash is reported.
-        clash = {"SourceName": "api", "DestinationName": "db", "Action": "allow"}
-        assert other.http("POST", "/v1/connect/intentions", clash)[0] == 200
         solo.signal(15)
         solo.wait_exit()
         solo.write("10-cluster.json", {"cluster": cluster_block(etcd_cluster, etcd_prefix)})
@@ -508,27 +517,31 @@ def test_tls_to_etcd_with_client_certificates_and_an_etcd_user(tmp_path: Path) -
     try:
         etcd.start()
         prefix = "/secure/"
+        root_dir = f"{prefix}dc1/"
         admin = EtcdClient(etcd.endpoints, Credentials(pki.ca_file, client.cert, client.key))
-        for path, body in (
-            ("/v3/auth/user/add", {"name": "root", "password": "root-secret"}),
-            ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
-            ("/v3/auth/role/add", {"name": "agents"}),
-            (
-                "/v3/auth/role/grant",
-                {
-                    "name": "agents",
-                    "perm": {
-                        "permType": "READWRITE",
-                        "key": b64(prefix),
-                        "range_end": b64(prefix_end(prefix)),
-                    },
-                },
-            ),
-            ("/v3/auth/user/add", {"name": "agent", "password": "agent-secret"}),
-            ("/v3/auth/user/grant", {"user": "agent", "role": "agents"}),
-            ("/v3/auth/enable", {}),
-        ):
-            admin.call(path, body)
+
+        def grant(role: str, key: str, *, whole_prefix: bool = False, kind: str = "READWRITE") -> None:
+            perm = {"permType": kind, "key": b64(key)}
+            if whole_prefix:
+                perm["range_end"] = b64(prefix_end(key))
+            admin.call("/v3/auth/role/grant", {"name": role, "perm": perm})
+
+        # The README's recipe for one host's role, exactly: its own keys, and read on the rest.
+        admin.call("/v3/auth/user/add", {"name": "root", "password": "root-secret"})
+        admin.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        admin.call("/v3/auth/role/add", {"name": "good"})
+        for key in ("nodes/good", "alive/good", "tombstones/good"):
+            grant("good", root_dir + key)
+        for key in ("services/good/", "checks/good/", "ca/csr/good/", "ca/issued/good/"):
+            grant("good", root_dir + key, whole_prefix=True)
+        grant("good", root_dir, whole_prefix=True, kind="READ")
+        admin.call("/v3/auth/user/add", {"name": "agent", "password": "agent-secret"})
+        admin.call("/v3/auth/user/grant", {"user": "agent", "role": "good"})
+        admin.put(
+            f"{root_dir}meta/cluster",
+            json.dumps({"schema": 1, "index_base": int(time.time() * 1000) + 10**12}),
+        )
+        admin.call("/v3/auth/enable", {})
         admin.close()
         secrets_dir = tmp_path / "secrets"
         secrets_dir.mkdir(mode=0o700)
@@ -577,6 +590,10 @@ def test_tls_to_etcd_with_client_certificates_and_an_etcd_user(tmp_path: Path) -
         )
         error = bad.get("/v1/agent/self")["Cluster"]["Error"]
         assert "refused user 'agent'" in error and "password_file" in error, error
+        # Confined to its own keys: shared intentions need an operator's role.
+        body = {"SourceName": "web", "DestinationName": "db", "Action": "deny"}
+        status, _, reply = good.http("POST", "/v1/connect/intentions", body)
+        assert status == 503 and "permission denied" in str(reply), reply
         assert "agent-secret" not in good.log() and "wrong" not in bad.log()  # never logged
         assert bad.process is not None and bad.process.poll() is None  # degraded, not dead
     finally:
@@ -647,9 +664,6 @@ def test_a_single_host_mesh_moves_to_the_clusters_ca_without_refusing_a_connecti
         stop.set()
         talker.join(10)
         logs = {proxy: mesh.proxy_log(proxy)[-3000:] for proxy in ("web-proxy", "db-proxy")}
-        Path("/tmp/meshlogs.txt").write_text(
-            f"{failures}\n" + "\n".join(f"== {k}\n{v}" for k, v in logs.items())
-        )
         assert counts["failed"] == 0, f"{counts} {failures} {logs}"
         assert "adopted" in mesh.agent.current_log()
     finally:

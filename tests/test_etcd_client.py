@@ -21,6 +21,7 @@ from supervisor.cluster.etcd import (
     op_put,
     op_range,
 )
+from supervisor.cluster.etcdwatch import Watch
 from tests.conftest import free_port
 from tests.helpers.etcd import EtcdCluster
 from tests.helpers.processes import wait_until
@@ -93,7 +94,7 @@ def test_a_watch_sees_puts_and_deletes_in_order(
 ) -> None:
     client = connect()
     start = client.put(f"{etcd_prefix}before", "0") + 1
-    watch = client.watch(etcd_prefix, start)
+    watch = Watch(client, etcd_prefix, start)
     seen: list[Event] = []
 
     def follow() -> None:
@@ -123,7 +124,7 @@ def test_a_watch_from_a_compacted_revision_says_so(
     latest = client.put(f"{etcd_prefix}x", "2")
     client.call("/v3/kv/compaction", {"revision": str(latest), "physical": True})
     with pytest.raises(EtcdCompacted) as caught:
-        for _ in client.watch(etcd_prefix, old).messages():
+        for _ in Watch(client, etcd_prefix, old).messages():
             pass
     assert caught.value.compact_revision >= latest
 

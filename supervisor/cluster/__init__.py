@@ -21,12 +21,13 @@ from supervisor.catalog.intentions import Intention, IntentionFields, Intentions
 from supervisor.catalog.queries import PreparedQuery, Queries
 from supervisor.cluster.authority import ClusterAuthority, SealError, load_kek
 from supervisor.cluster.documents import DocumentWriter, read_intentions, read_queries
-from supervisor.cluster.etcd import EtcdClient, EtcdError
+from supervisor.cluster.etcd import EtcdClient, EtcdError, KeyValue, created_at, op_put
 from supervisor.cluster.layout import Layout
+from supervisor.cluster.leaves import ClusterLeaves
 from supervisor.cluster.member import ClusterMember, Deliver, Identity, credentials_of
 from supervisor.cluster.reaper import Reaper
-from supervisor.cluster.records import Render
-from supervisor.cluster.signer import ClusterLeaves, Signer, _Context
+from supervisor.cluster.records import BadRecord, Render, decode, encode
+from supervisor.cluster.signer import CAContext, Signer
 from supervisor.cluster.state import ClusterState
 from supervisor.cluster.storage import ClusterStorage
 from supervisor.config.model import AgentConfig
@@ -59,6 +60,7 @@ class Cluster:
         self.signer: Signer | None = None
         self._signer_task: asyncio.Task[None] | None = None
         self._reaper_task: asyncio.Task[None] | None = None
+        self._base_reported = False
         self._signer_wake: asyncio.Event | None = None
         self._pending: dict[str, bytes] | None = None
         self._moved: asyncio.Event | None = None  # set by ``mirror_moved``: the mirror went forward
@@ -124,9 +126,7 @@ class Cluster:
             except Conflict as exc:
                 if f"(ID {intention.id})" not in str(exc):
                     conflicts += 1
-                    log.warning(
-                        "cluster: kept the cluster's intention, not this agent's %s: %s", intention, exc
-                    )
+                    log.warning("kept the cluster's intention, not this agent's %s: %s", intention, exc)
         for query in queries:
             try:
                 writer.create_query(query.definition, query.id)
@@ -134,9 +134,9 @@ class Cluster:
             except Conflict as exc:
                 if f"(ID {query.id})" not in str(exc):
                     conflicts += 1
-                    log.warning("cluster: kept the cluster's query, not this agent's %r: %s", query.name, exc)
+                    log.warning("kept the cluster's query, not this agent's %r: %s", query.name, exc)
         log.info(
-            "cluster: carried %d of this agent's intentions and prepared queries into the cluster "
+            "carried %d of this agent's intentions and prepared queries into the cluster "
             "(%d conflicts; data_dir/connect keeps the single-host copies)",
             taken,
             conflicts,
@@ -163,7 +163,7 @@ class Cluster:
     ) -> tuple[ClusterAuthority, ClusterLeaves]:
         """Called by the control plane once its own CA is up: the cluster's CA wraps it."""
         storage = self.storage
-        context = _Context(
+        context = CAContext(
             self.writer.client,
             self.layout,
             self.identity.node_name,
@@ -177,7 +177,7 @@ class Cluster:
             try:
                 kek = load_kek(self.config.ca_key_file)
             except SealError as exc:
-                log.error("cluster: this host cannot be a CA signer: %s", exc)
+                log.error("this host cannot be a CA signer: %s", exc)
             else:
                 self.signer = Signer(context, local, kek, config.ca)
                 self._signer_task = asyncio.get_running_loop().create_task(
@@ -200,19 +200,47 @@ class Cluster:
             snapshot = dict(self.storage.mirror.kvs)
             try:
                 await asyncio.get_running_loop().run_in_executor(None, reaper.step, snapshot)
+                await asyncio.get_running_loop().run_in_executor(None, self._check_base, snapshot)
             except EtcdError as exc:
-                log.debug("cluster: the reaper's step failed: %s", exc)
+                log.debug("the reaper's step failed: %s", exc)
+
+    def _check_base(self, snapshot: dict[str, KeyValue]) -> None:
+        """``meta/cluster`` holds the index base every agent uses: put it back if it was
+        deleted; say so if it was changed under running agents (their indexes would differ)."""
+        base = self.storage.base
+        if not base:
+            return
+        key = self.layout.meta()
+        held = snapshot.get(key)
+        if held is None:
+            body = encode({"schema": 1, "index_base": base})
+            if self.writer.client.txn([created_at(key, 0)], [op_put(key, body)]).succeeded:
+                log.warning("%s had been deleted: put the cluster's index base back", key)
+            return
+        try:
+            theirs = int(decode(held.value).get("index_base", 0))
+        except (BadRecord, TypeError, ValueError, OverflowError):
+            theirs = 0
+        if theirs != base and not self._base_reported:
+            self._base_reported = True
+            log.error(
+                "%s holds index base %s, not the %d this agent joined with: restart this agent "
+                "(clients may see indexes jump)",
+                key,
+                theirs or "nothing usable",
+                base,
+            )
 
     def ca_changed(self) -> None:
         if self.authority is None or self.leaves is None:
             return
         first = self.authority.cluster is None
         if self.authority.refresh(self.storage.mirror.kvs, self.layout, self.storage.base):
-            log.info("cluster: the cluster's CA root is %s", self.authority.active_id)
+            log.info("the cluster's CA root is %s", self.authority.active_id)
             if first and self.authority.local_in_use():
                 # Switching from this host's own CA: the cluster's roots go out first, its leaves
                 # after a grace (asked for now), so no proxy sees a leaf before its root.
-                log.info("cluster: moving this host's proxies to the cluster's CA")
+                log.info("moving this host's proxies to the cluster's CA")
                 self.leaves.prefetch(self.leaves.local.services())
                 grace = self.authority.SWITCH_GRACE
                 asyncio.get_running_loop().call_later(grace, self.leaves.on_change)
@@ -234,7 +262,10 @@ class Cluster:
             try:
                 await self.signer.step()
             except EtcdError as exc:
-                log.debug("cluster: the CA signer's step failed: %s", exc)
+                log.debug("the CA signer's step failed: %s", exc)
+            except Exception:  # (the signer must outlive a bug: every host depends on it)
+                log.exception("internal error in the CA signer; it goes on")
+                await asyncio.sleep(1.0)
 
     def close_ca(self) -> None:
         for task in (self._signer_task, self._reaper_task):

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -41,7 +44,7 @@ from supervisor.cluster.records import BadRecord, decode, encode
 from supervisor.connect.ca import CertificateAuthority, Root
 from supervisor.errors import SupervisorError
 
-log = logging.getLogger("supervisor.cluster.ca")
+log = logging.getLogger("supervisor.cluster")
 
 
 class SealError(SupervisorError):
@@ -52,7 +55,7 @@ def load_kek(path: str) -> bytes:
     """32 random bytes, raw or as 64 hex digits (``openssl rand -hex 32``)."""
     try:
         if os.stat(path).st_mode & 0o077:
-            log.warning("cluster: %s can be read by others than its owner: chmod 600 it", path)
+            log.warning("%s can be read by others than its owner: chmod 600 it", path)
         with open(path, "rb") as handle:
             data = handle.read(256)
     except OSError as exc:
@@ -133,8 +136,18 @@ def read_roots(kv: KeyValue | None, base: int) -> ClusterRoots | None:
     try:
         document = decode(kv.value)
         roots = []
+        cluster_id = document["ClusterID"]
+        if not isinstance(cluster_id, str) or not _UUID.fullmatch(cluster_id):
+            raise BadRecord(f"ClusterID {cluster_id!r} is not a UUID")
         for entry in document["Roots"]:
             cert = x509.load_pem_x509_certificate(str(entry["CertPEM"]).encode())
+            if not isinstance(cert.public_key(), ec.EllipticCurvePublicKey):
+                raise BadRecord("a root without an EC key")
+            if not cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME):
+                raise BadRecord("a root without a common name")
+            expiry = float(entry.get("LastLeafExpiry", 0.0))
+            if not math.isfinite(expiry):
+                raise BadRecord("LastLeafExpiry is not a number")
             cross = str(entry.get("CrossSignedPEM") or "")
             roots.append(
                 PublishedRoot(
@@ -144,18 +157,19 @@ def read_roots(kv: KeyValue | None, base: int) -> ClusterRoots | None:
                     cross_signed=x509.load_pem_x509_certificate(cross.encode()) if cross else None,
                     source=str(entry.get("Source", "")),
                     config_hash=str(entry.get("ConfigHash", "")),
-                    last_leaf_expiry=float(entry.get("LastLeafExpiry", 0.0)),
+                    last_leaf_expiry=expiry,
                 )
             )
         if sum(1 for root in roots if root.active) != 1:
             raise BadRecord("not exactly one active root")
-        return ClusterRoots(str(document["ClusterID"]), tuple(roots), base + kv.mod_revision)
-    except (BadRecord, KeyError, TypeError, ValueError) as exc:
-        log.error("cluster: the CA roots in etcd are unreadable (%s); keeping the last good ones", exc)
+        return ClusterRoots(cluster_id, tuple(roots), base + kv.mod_revision)
+    except (BadRecord, KeyError, TypeError, ValueError, AttributeError) as exc:
+        log.error("the CA roots in etcd are unreadable (%s); keeping the last good ones", exc)
         return None
 
 
 _NO_KEY: Any = None  # (Root.id needs only the certificate)
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _pem(cert: x509.Certificate) -> str:
@@ -201,6 +215,23 @@ class ClusterAuthority:
         if previous is None:
             self.switch_started = self.monotonic()
         return previous != fresh.active.id
+
+    def signed_by_cluster(self, cert: x509.Certificate) -> bool:
+        """``cert`` is signed by one of the cluster's roots."""
+        if self.cluster is None or cert.signature_hash_algorithm is None:
+            return False
+        for root in self.cluster.roots:
+            public = root.cert.public_key()
+            if not isinstance(public, ec.EllipticCurvePublicKey) or cert.issuer != root.cert.subject:
+                continue
+            try:
+                public.verify(
+                    cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+                )
+            except InvalidSignature:
+                continue
+            return True
+        return False
 
     def local_in_use(self) -> bool:
         return bool(self._local_in_use())
@@ -262,7 +293,7 @@ class ClusterAuthority:
 def certificate_request(key: ec.EllipticCurvePrivateKey, service: str) -> str:
     csr = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, service)]))
+        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, service[:64])]))
         .sign(key, _sha256())
     )
     return csr.public_bytes(serialization.Encoding.PEM).decode()

@@ -30,6 +30,7 @@ from supervisor.cluster.etcd import (
     EtcdClient,
     KeyValue,
     created_at,
+    holds,
     modified_at,
     op_delete,
     op_put,
@@ -59,8 +60,13 @@ def read_intentions(kvs: dict[str, KeyValue], layout: Layout, base: int) -> dict
             intention = intention_from_document(
                 {**document, "CreateIndex": base + kv.create_revision, "ModifyIndex": base + kv.mod_revision}
             )
-        except (BadRecord, KeyError, TypeError, ValueError):
+        except (BadRecord, KeyError, TypeError, ValueError, AttributeError):
             continue  # (not what an agent writes; the catalog's reader logs such keys)
+        # Only a record that is what its keys say: its own ID, and its pair pointing at it
+        # (a record written past the transactions could otherwise shadow a real one).
+        pair = kvs.get(layout.intention_pair(intention.source_name, intention.destination_name))
+        if intention.id != key[len(prefix) :] or pair is None or pair.value != intention.id.encode():
+            continue
         found[intention.id] = intention
     return found
 
@@ -158,7 +164,9 @@ class DocumentWriter:
         record = self.layout.intention(current.id)
         pair = self.layout.intention_pair(current.source_name, current.destination_name)
         result = self.client.txn(
-            [modified_at(record, seen)], [op_delete(record), op_delete(pair)], [op_range(record)]
+            [modified_at(record, seen), holds(pair, current.id)],
+            [op_delete(record), op_delete(pair)],
+            [op_range(record)],
         )
         if not result.succeeded:
             if not result.ranged(0):

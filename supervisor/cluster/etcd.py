@@ -17,10 +17,9 @@ import base64
 import http.client
 import json
 import logging
-import socket
 import ssl
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -38,7 +37,7 @@ FAILED_PRECONDITION = 9
 OUT_OF_RANGE = 11
 UNAVAILABLE = 14
 UNAUTHENTICATED = 16
-_RETRY_ELSEWHERE = (UNAVAILABLE, DEADLINE_EXCEEDED)
+RETRY_ELSEWHERE = (UNAVAILABLE, DEADLINE_EXCEEDED)
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 
 
@@ -120,10 +119,10 @@ class TxnResult:
     def ranged(self, position: int) -> list[KeyValue]:
         """The keys a ``request_range`` of the branch that ran returned."""
         response = self.responses[position].get("response_range", {})
-        return [_kv(item) for item in response.get("kvs", ())]
+        return [kv_of(item) for item in response.get("kvs", ())]
 
 
-def _kv(item: dict[str, Any]) -> KeyValue:
+def kv_of(item: dict[str, Any]) -> KeyValue:
     return KeyValue(
         key=base64.b64decode(item.get("key", "")).decode("utf-8", "replace"),
         value=base64.b64decode(item.get("value", "")),
@@ -160,6 +159,11 @@ def op_range(key: str, *, prefix: bool = False) -> dict[str, Any]:
 def created_at(key: str, revision: int) -> dict[str, Any]:
     """Compare: ``key`` was created at ``revision`` (0: it does not exist)."""
     return {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": str(revision)}
+
+
+def holds(key: str, value: str | bytes) -> dict[str, Any]:
+    """Compare: ``key`` holds exactly ``value``."""
+    return {"key": b64(key), "target": "VALUE", "result": "EQUAL", "value": b64(value)}
 
 
 def modified_at(key: str, revision: int) -> dict[str, Any]:
@@ -209,7 +213,7 @@ class EtcdClient:
         if limit:
             body["limit"] = str(limit)
         reply = self.call("/v3/kv/range", body)
-        kvs = [_kv(item) for item in reply.get("kvs", ())]
+        kvs = [kv_of(item) for item in reply.get("kvs", ())]
         return kvs, int(reply.get("header", {}).get("revision", 0)), bool(reply.get("more", False))
 
     def range_all(self, prefix: str, page: int = 1000) -> tuple[list[KeyValue], int]:
@@ -220,7 +224,7 @@ class EtcdClient:
             start = kvs[-1].key.encode() + b"\0"
             body = {"key": b64(start), "range_end": b64(end), "revision": str(revision), "limit": str(page)}
             reply = self.call("/v3/kv/range", body)
-            batch = [_kv(item) for item in reply.get("kvs", ())]
+            batch = [kv_of(item) for item in reply.get("kvs", ())]
             kvs += batch
             more = bool(reply.get("more", False)) and bool(batch)
         return kvs, revision
@@ -258,9 +262,13 @@ class EtcdClient:
         # read as "expired" (that would make the host join again and blink).
         result = reply.get("result")
         if not isinstance(result, dict):
-            _code, message = _error_of(reply, 200)
+            _code, message = error_of(reply, 200)
             raise EtcdUnavailable(f"lease keepalive failed: {message}")
         return int(result.get("TTL", 0))
+
+    @property
+    def current(self) -> str:
+        return self.endpoints[self._current]
 
     def rotate(self) -> None:
         """Use the next endpoint from now on (to ask another member)."""
@@ -295,7 +303,7 @@ class EtcdClient:
             try:
                 return self._call_once(endpoint, path, body)
             except (OSError, http.client.HTTPException, EtcdUnavailable) as exc:
-                failures.append(f"{endpoint}: {_describe(exc)}")
+                failures.append(f"{endpoint}: {describe(exc)}")
                 self._drop_connection()
                 self._current = (self._current + 1) % len(self.endpoints)
         raise EtcdUnavailable(f"no etcd endpoint answered ({'; '.join(failures)})")
@@ -305,11 +313,11 @@ class EtcdClient:
             status, reply = self._post(endpoint, path, body)
             if status == 200:
                 return reply
-            code, message = _error_of(reply, status)
+            code, message = error_of(reply, status)
             if code == UNAUTHENTICATED and self.credentials.username and attempt == 1:
                 self._token = ""  # expired: authenticate again, once
                 continue
-            if code in _RETRY_ELSEWHERE or status in (502, 503, 504):
+            if code in RETRY_ELSEWHERE or status in (502, 503, 504):
                 raise EtcdUnavailable(message)
             if code == OUT_OF_RANGE or "compacted" in message:
                 raise EtcdCompacted(message, 0)
@@ -341,8 +349,8 @@ class EtcdClient:
         body = {"name": credentials.username, "password": credentials.password}
         status, reply = self._post(endpoint, "/v3/auth/authenticate", body)
         if status != 200 or "token" not in reply:
-            code, message = _error_of(reply, status)
-            if code in _RETRY_ELSEWHERE:
+            code, message = error_of(reply, status)
+            if code in RETRY_ELSEWHERE:
                 raise EtcdUnavailable(message)
             raise EtcdRejected(
                 f"etcd at {endpoint} refused user {credentials.username!r}: {message}; "
@@ -367,14 +375,8 @@ class EtcdClient:
         with self._lock:
             self._drop_connection()
 
-    # -- watches --------------------------------------------------------------------------------
-
-    def watch(self, prefix: str, start_revision: int) -> Watch:
-        """A watch of every key under ``prefix`` from ``start_revision`` (inclusive), on a
-        connection of its own (the gateway cannot cancel a watch: closing it does)."""
-        return Watch(self, prefix, start_revision)
-
     def token(self) -> str:
+        """The etcd auth token to send (authenticating first when there is none)."""
         with self._lock:
             if self.credentials.username and not self._token:
                 self._token = self._authenticate_any()
@@ -386,131 +388,6 @@ class EtcdClient:
             return self._authenticate(endpoint)
         finally:
             self._drop_connection()
-
-
-class Watch:
-    """One streaming watch. Iterating blocks on the socket; ``close`` (from any thread)
-    ends it. Raises ``EtcdCompacted`` when etcd cancels it for a compacted revision and
-    ``EtcdUnavailable`` when the stream breaks (its member lost the leader, or died)."""
-
-    def __init__(self, client: EtcdClient, prefix: str, start_revision: int) -> None:
-        self.client = client
-        self.prefix = prefix
-        self.start_revision = start_revision
-        self._connection: http.client.HTTPConnection | None = None
-        self._closed = False
-
-    def messages(self) -> Iterator[WatchMessage]:
-        client = self.client
-        failures = []
-        for _ in range(len(client.endpoints)):
-            endpoint = client.endpoints[client._current]
-            try:
-                response = self._open(endpoint)
-            except (OSError, http.client.HTTPException, EtcdUnavailable) as exc:
-                self._disconnect()
-                failures.append(f"{endpoint}: {_describe(exc)}")
-                client._current = (client._current + 1) % len(client.endpoints)
-                continue
-            except BaseException:
-                self._disconnect()
-                raise
-            try:
-                yield from self._read(endpoint, response)
-            finally:
-                self._disconnect()
-            return
-        raise EtcdUnavailable(f"no etcd endpoint took the watch ({'; '.join(failures)})")
-
-    def _open(self, endpoint: str) -> http.client.HTTPResponse:
-        if self._closed:
-            raise EtcdUnavailable("watch closed")
-        client = self.client
-        connection = client.connect(endpoint, client.timeout)
-        self._connection = connection
-        headers = {"Content-Type": "application/json", "Grpc-Metadata-hasleader": "true"}
-        token = client.token()
-        if token:
-            headers["Authorization"] = token
-        request = {
-            "key": b64(self.prefix),
-            "range_end": b64(prefix_end(self.prefix)),
-            "start_revision": str(self.start_revision),
-            "progress_notify": True,
-        }
-        connection.request("POST", "/v3/watch", json.dumps({"create_request": request}), headers)
-        response = connection.getresponse()
-        if response.status != 200:
-            data = response.read()
-            code, message = _error_of(_loads(data), response.status)
-            raise EtcdUnavailable(message) if code in _RETRY_ELSEWHERE else EtcdRejected(message, code)
-        sock = connection.sock
-        if sock is not None:
-            keep_alive(sock)
-            sock.settimeout(None)  # an idle watch is silent; TCP keepalive finds a dead peer
-        return response
-
-    def _read(self, endpoint: str, response: http.client.HTTPResponse) -> Iterator[WatchMessage]:
-        while not self.is_closed():
-            try:
-                line = response.readline()
-            except (OSError, http.client.HTTPException, ValueError, AttributeError) as exc:
-                # (http.client trips over its own state when close() cut the socket)
-                if self.is_closed():
-                    return
-                raise EtcdUnavailable(f"watch on {endpoint} broke: {_describe(exc)}") from None
-            if not line:
-                if self.is_closed():
-                    return
-                raise EtcdUnavailable(f"watch on {endpoint} ended")
-            reply = _loads(line)
-            if "error" in reply and isinstance(reply["error"], dict):
-                error = reply["error"]
-                raise EtcdUnavailable(f"watch on {endpoint}: {error.get('message', error)}")
-            result = reply.get("result", {})
-            header = result.get("header", {})
-            compact = int(result.get("compact_revision", 0))
-            message = WatchMessage(
-                revision=int(header.get("revision", 0)),
-                events=tuple(
-                    Event("delete" if event.get("type") == "DELETE" else "put", _kv(event.get("kv", {})))
-                    for event in result.get("events", ())
-                ),
-                created=bool(result.get("created", False)),
-                canceled=bool(result.get("canceled", False)),
-                compact_revision=compact,
-            )
-            if message.canceled:
-                if compact:
-                    raise EtcdCompacted(f"revision {self.start_revision} was compacted", compact)
-                raise EtcdUnavailable(f"watch on {endpoint} cancelled: {result.get('cancel_reason', '')}")
-            yield message
-
-    def is_closed(self) -> bool:
-        return self._closed  # (a call, read again each time: another thread sets it)
-
-    def close(self) -> None:
-        """End the watch (from any thread): the reading thread's iteration stops."""
-        self._closed = True
-        connection = self._connection
-        if connection is not None and connection.sock is not None:
-            try:
-                connection.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _disconnect(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.close()
-
-
-def keep_alive(sock: socket.socket, idle: int = 5, interval: int = 2, count: int = 3) -> None:
-    """TCP keepalive: a dead etcd member behind a silent watch is found in ~11 s."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
-        if hasattr(socket, option):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def tls_context(credentials: Credentials) -> ssl.SSLContext:
@@ -525,7 +402,7 @@ def tls_context(credentials: Credentials) -> ssl.SSLContext:
     return context
 
 
-def _loads(data: bytes) -> dict[str, Any]:
+def loads(data: bytes) -> dict[str, Any]:
     try:
         value = json.loads(data)
     except ValueError:
@@ -533,7 +410,7 @@ def _loads(data: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _error_of(reply: dict[str, Any], status: int) -> tuple[int, str]:
+def error_of(reply: dict[str, Any], status: int) -> tuple[int, str]:
     error = reply.get("error")
     if isinstance(error, dict):  # (inside a stream)
         reply = error
@@ -545,7 +422,7 @@ def _error_of(reply: dict[str, Any], status: int) -> tuple[int, str]:
         return 0, str(message)
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS verification failed: {exc.verify_message}"
     return str(exc) or type(exc).__name__

@@ -33,12 +33,12 @@ from supervisor.cluster.etcd import (
     EtcdError,
     Event,
     KeyValue,
-    Watch,
     created_at,
     op_delete,
     op_put,
     op_range,
 )
+from supervisor.cluster.etcdwatch import Watch
 from supervisor.cluster.layout import Layout
 from supervisor.cluster.records import encode
 from supervisor.cluster.state import ClusterState, MemberHealth
@@ -49,6 +49,7 @@ from supervisor.state.atomic import atomic_write
 log = logging.getLogger("supervisor.cluster")
 
 FULL_SYNC_INTERVAL = 60.0
+BASE_MARGIN = 10**12  # the cluster's indexes start this far above the wall clock in ms
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
 
 Deliver = Callable[[Callable[[], None]], None]  # run on the API's loop
@@ -69,11 +70,11 @@ def credentials_of(config: ClusterConfig) -> Credentials:
     if config.password_file:
         try:
             if os.stat(config.password_file).st_mode & 0o077:
-                log.warning(
-                    "cluster: %s can be read by others than its owner: chmod 600 it", config.password_file
-                )
+                log.warning("%s can be read by others than its owner: chmod 600 it", config.password_file)
             with open(config.password_file, encoding="utf-8") as handle:
                 password = handle.read().strip()
+        except UnicodeDecodeError:
+            raise EtcdError(f"cluster.password_file {config.password_file} is not UTF-8 text") from None
         except OSError as exc:
             raise EtcdError(
                 f"cannot read cluster.password_file {config.password_file}: {exc.strerror}"
@@ -127,7 +128,7 @@ class ClusterMember:
 
     def start(self) -> None:
         log.info(
-            "cluster: joining through %s as node %s",
+            "joining through %s as node %s",
             ", ".join(self.config.endpoints),
             self.identity.node_name,
         )
@@ -241,8 +242,9 @@ class ClusterMember:
                 self._written = None  # (after an outage: a full sync)
                 self._stop.wait(retry)
                 retry = min(retry * 2, RETRY_MAX)
-            except Exception:
-                log.exception("cluster: internal error in the sync thread; retrying")
+            except Exception as exc:
+                log.exception("internal error in the sync thread; retrying")
+                self._failed(exc)
                 self._stop.wait(RETRY_MAX)
 
     def _renew_every(self) -> float:
@@ -275,49 +277,81 @@ class ClusterMember:
             self.client.put(alive, value, self.lease)  # ours from before a restart: under this lease now
         self._written = None
         if self.carry is not None:
-            carry, self.carry = self.carry, None
-            carry()
+            try:
+                self.carry()
+            except EtcdError as exc:  # (e.g. a host role that may not write intentions)
+                log.warning(
+                    "could not carry this agent's intentions and queries into the cluster (%s); "
+                    "they stay in data_dir/connect, and the next start tries again",
+                    exc,
+                )
+            self.carry = None
         self._joined.set()
 
     def _index_base(self) -> int:
-        """The cluster's index base: written once by the first agent, above any index a
-        single-host agent handed out (those start from the wall clock in milliseconds)."""
+        """The cluster's index base: written once by the first agent. It is 10^12 above the
+        wall clock in milliseconds -- single-host agents' indexes start from the wall clock,
+        so an agent that joins years later still never sees an index go backwards. Read
+        first and written only when missing: a host whose etcd role may only read it joins."""
         key = self.layout.meta()
-        proposed = max(int(time.time() * 1000), self.storage.index.value + 1)
-        body = encode({"schema": 1, "index_base": proposed})
-        result = self.client.txn([created_at(key, 0)], [op_put(key, body)], [op_range(key)])
-        if result.succeeded:
-            log.info(
-                "cluster: created the cluster's records under %s (index base %d)", self.layout.root, proposed
-            )
-            return proposed
-        held = result.ranged(0)
-        base = int(_json(held[0].value).get("index_base", 0)) if held else 0
+        held, _, _ = self.client.range(key)
+        if not held:
+            proposed = max(int(time.time() * 1000) + BASE_MARGIN, self.storage.index.value + 1)
+            body = encode({"schema": 1, "index_base": proposed})
+            result = self.client.txn([created_at(key, 0)], [op_put(key, body)], [op_range(key)])
+            if result.succeeded:
+                log.info("created the cluster under %s (index base %d)", self.layout.root, proposed)
+                return proposed
+            held = result.ranged(0)
+        try:
+            base = int(_json(held[0].value).get("index_base", 0)) if held else 0
+        except (TypeError, ValueError, OverflowError):
+            base = 0
         if base <= 0:
-            raise EtcdError(f"{key} in etcd holds no index_base; restore it or clear {self.layout.root}")
+            raise EtcdError(
+                f"{key} in etcd holds no usable index_base; restore it from a backup "
+                f"(or, for a new cluster, delete {self.layout.root} and restart the agents)"
+            )
         return base
 
     def _take_lease(self) -> int:
         kept = self._kept_lease()
         if kept and self.client.keepalive(kept) > 0:
-            log.info("cluster: took back lease %x (this host's instances stayed registered)", kept)
+            log.info("took back lease %x (this host's instances stayed registered)", kept)
             return kept
         lease, _ttl = self.client.grant(max(2, round(self.config.lease_ttl)))
         self._save_lease(lease)
         return lease
 
     def _renew(self) -> None:
-        if self.client.keepalive(self.lease) > 0:
+        if self._keepalive_anywhere():
+            self._keep_alive_key()
             return
+        log.warning("lease %x had expired (not renewed within lease_ttl); joining again", self.lease)
+        self.lease = 0
+        self._join()
+
+    def _keepalive_anywhere(self) -> bool:
+        if self.client.keepalive(self.lease) > 0:
+            return True
         # A member that has just restarted may not know the lease yet: only when every member
         # says it has expired has it (joining again re-creates alive/: a blink elsewhere).
         for _ in range(len(self.config.endpoints) - 1):
             self.client.rotate()
             if self.client.keepalive(self.lease) > 0:
-                return
-        log.warning("cluster: lease %x had expired (etcd unreachable too long); joining again", self.lease)
-        self.lease = 0
-        self._join()
+                return True
+        return False
+
+    def _keep_alive_key(self) -> None:
+        """Put ``alive/`` back if something deleted it while the lease lives (a write only
+        then: the compare fails, and costs no revision, while the key is there)."""
+        node = self.identity.node_name
+        alive = self.layout.alive(node)
+        value = encode({"node_id": self.identity.node_id, "pid": os.getpid()})
+        back = op_delete(self.layout.tombstone(node))
+        result = self.client.txn([created_at(alive, 0)], [op_put(alive, value, self.lease), back])
+        if result.succeeded:
+            log.warning("alive/%s had been deleted under a live lease: put it back", node)
 
     def _sync(self, *, full: bool) -> None:
         with self._desired_lock:
@@ -366,9 +400,7 @@ class ClusterMember:
             os.makedirs(os.path.dirname(self.lease_file), mode=0o700, exist_ok=True)
             atomic_write(self.lease_file, json.dumps(body).encode(), mode=0o600)
         except OSError as exc:
-            log.warning(
-                "cluster: cannot keep the lease in %s (%s): a restart will blink", self.lease_file, exc
-            )
+            log.warning("cannot keep the lease in %s (%s): a restart will blink", self.lease_file, exc)
 
     def _forget_lease(self) -> None:
         if self.lease_file is not None:
@@ -390,7 +422,7 @@ class ClusterMember:
                     kvs, revision = self.watch_client.range_all(self.layout.root)
                     self.deliver(functools.partial(self._reset, kvs, revision))
                     start, listed = revision + 1, True
-                watch = self._watch = self.watch_client.watch(self.layout.root, start)
+                watch = self._watch = Watch(self.watch_client, self.layout.root, start)
                 if self._stop.is_set():
                     break
                 for message in watch.messages():
@@ -403,7 +435,7 @@ class ClusterMember:
                     self._reached()
                     retry = RETRY_MIN
             except EtcdCompacted:
-                log.info("cluster: the watch fell behind etcd's compaction; listing the cluster again")
+                log.info("the watch fell behind etcd's compaction; listing the cluster again")
                 listed = False
             except EtcdError as exc:
                 if self._stop.is_set():
@@ -412,7 +444,7 @@ class ClusterMember:
                 self._stop.wait(retry)
                 retry = min(retry * 2, RETRY_MAX)
             except Exception:
-                log.exception("cluster: internal error in the watch thread; listing again")
+                log.exception("internal error in the watch thread; listing again")
                 listed = False
                 self._stop.wait(RETRY_MAX)
 

@@ -33,6 +33,10 @@ def plan(
         if parsed is not None and parsed.kind is Kind.NODE:
             nodes.add(parsed.node)
     mark, reap = [], []
+    prefix = layout.tombstones()
+    for key, stone in kvs.items():  # a tombstone of a host whose records went otherwise
+        if key.startswith(prefix) and key[len(prefix) :] not in nodes:
+            reap.append((key[len(prefix) :], stone))
     for node in sorted(nodes - {own}):
         if layout.alive(node) in kvs:
             continue
@@ -88,4 +92,4 @@ class Reaper:
                 ops,
             )
             if result.succeeded:
-                log.warning("cluster: reaped host %s: dead for longer than reconnect_timeout", node)
+                log.warning("reaped host %s: dead for longer than reconnect_timeout", node)

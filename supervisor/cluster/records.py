@@ -32,8 +32,8 @@ def encode(value: Mapping[str, Any]) -> bytes:
 def decode(data: bytes) -> dict[str, Any]:
     try:
         value = json.loads(data)
-    except ValueError as exc:
-        raise BadRecord(f"not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise BadRecord(f"not JSON an agent writes: {str(exc)[:100]}") from None
     if not isinstance(value, dict):
         raise BadRecord("not a JSON object")
     return value
@@ -125,21 +125,40 @@ def read_instance(value: Mapping[str, Any], service_id: str) -> RemoteInstance:
     connect_tags = _of(value, "ConnectTags", list)
     target = value.get("ConnectTarget")
     try:
+        name, port = _text(document.get("Service")), _number(document.get("Port", 0))
+        passing, warning = _number(weights.get("Passing", 1)), _number(weights.get("Warning", 1))
+        if not name:
+            raise BadRecord("a service without a name")
+        if not 0 <= port <= 65535 or not (0 <= passing <= 2**31 and 0 <= warning <= 2**31):
+            raise BadRecord(f"port {port} or weights out of range")
+        # The fields every reader of an AgentService expects, whatever the record left out.
+        shown = {
+            **document,
+            "Kind": _text(document.get("Kind")),
+            "ID": service_id,
+            "Service": name,
+            "Tags": [tag for tag in tags if isinstance(tag, str)],
+            "Meta": {str(k): v for k, v in meta.items() if isinstance(v, str)},
+            "Port": port,
+            "Address": _text(document.get("Address")),
+            "Weights": {"Passing": passing, "Warning": warning},
+            "EnableTagOverride": bool(document.get("EnableTagOverride", False)),
+        }
         return RemoteInstance(
             service_id=service_id,
-            name=str(document.get("Service", "")),
-            kind=str(document.get("Kind", "")),
-            tags=tuple(str(tag) for tag in tags),
-            meta=meta,
-            port=int(document.get("Port", 0)),
-            address=str(document.get("Address", "")),
+            name=name,
+            kind=shown["Kind"],
+            tags=tuple(shown["Tags"]),
+            meta=shown["Meta"],
+            port=port,
+            address=shown["Address"],
             connect_target=str(target) if target else None,
             connect_tags=tuple(str(tag) for tag in connect_tags),
-            weights=(int(weights.get("Passing", 1)), int(weights.get("Warning", 1))),
-            document={**document, "ID": service_id},
+            weights=(passing, warning),
+            document=shown,
         )
-    except (TypeError, ValueError) as exc:
-        raise BadRecord(str(exc)) from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadRecord(str(exc)[:200]) from None
 
 
 def read_check(value: Mapping[str, Any], check_id: str, create_index: int, modify_index: int) -> CheckResult:
@@ -160,6 +179,17 @@ def read_check(value: Mapping[str, Any], check_id: str, create_index: int, modif
         create_index=create_index,
         modify_index=modify_index,
     )
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _number(value: Any) -> int:
+    """A whole number as JSON has it (not a bool, not 80.7, not 1e400)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRecord(f"{value!r} is not a whole number")
+    return value
 
 
 def _of(value: Mapping[str, Any], key: str, kind: type[T]) -> T:

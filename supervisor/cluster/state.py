@@ -33,9 +33,9 @@ class MemberHealth:
             return None
         previous, self.state, self.since, self.error = self.state, ClusterState.CONNECTED, now, ""
         if previous is ClusterState.DEGRADED and self.joined_once:
-            return "cluster: etcd reachable again; connected (queued changes are being written)"
+            return "etcd reachable again; connected (queued changes are being written)"
         self.joined_once = True
-        return "cluster: joined"
+        return "joined"
 
     def failed(self, now: float, error: str) -> str | None:
         """An etcd call failed (``error`` says how)."""
@@ -45,11 +45,11 @@ class MemberHealth:
         if self.state is ClusterState.DEGRADED:
             return None  # (logged once per outage; /v1/agent/self shows the latest error)
         self.state, self.since = ClusterState.DEGRADED, now
-        return f"cluster: degraded, serving the last view of the cluster: {error}"
+        return f"degraded, serving the last view of the cluster: {error}"
 
     def left(self, now: float) -> str:
         self.state, self.since = ClusterState.LEFT, now
-        return "cluster: left (this host's records deleted)"
+        return "left (this host's records deleted)"
 
     def known_leader(self) -> bool:
         return self.state is ClusterState.CONNECTED

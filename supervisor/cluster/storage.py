@@ -1,12 +1,12 @@
 """The catalog's storage in cluster mode: this host's entries, merged with every other
 host's from the mirror of etcd.
 
-This host's own entries are served from its own state, at once and whatever etcd is
-doing (the agent stays authoritative for its services, and local discovery never waits on
-etcd); they are also handed to the cluster member to publish. Other hosts' entries are
-read from the mirror, with a synthetic ``serfHealth`` check that is critical once a
-host's ``alive/`` key is gone -- so a dead host's instances leave ``?passing`` and
-Connect discovery everywhere.
+This host's entries are handed to the cluster member to publish (the agent stays
+authoritative for its name). Reads come from the mirror -- every host's entries, this one's
+included, so every agent gives the same answer -- once it has been listed; before that
+(etcd unreachable since the start) from this host's own state. A synthetic ``serfHealth``
+check is critical once a host's ``alive/`` key is gone, so a dead host's instances leave
+``?passing`` and Connect discovery everywhere.
 
 Indexes: ``index_base + etcd revision`` for everything read from etcd, the same value on
 every agent; the shared index advances to it with every watch message and never goes
@@ -218,7 +218,7 @@ class ClusterStorage:
     def _report_bad(self, key: str, exc: BadRecord) -> None:
         if key not in self._bad:
             self._bad.add(key)
-            log.warning("cluster: skipped %s in etcd, which no agent wrote: %s", key, exc)
+            log.warning("skipped %s in etcd, which no agent wrote: %s", key, exc)
 
 
 def latest_modify_index(data: Any) -> int:

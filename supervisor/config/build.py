@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from supervisor.config.definitions import TAGGED, DefinitionBuilder
+from supervisor.config.definitions import TAGGED, DefinitionBuilder, foreign_datacenters
 from supervisor.config.formats import parse_text
 from supervisor.config.keys import AGENT
 from supervisor.config.model import (
@@ -139,6 +139,23 @@ def _merge_documents(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
             else:
                 merged[key] = _merge_values(merged.get(key), value)
     return merged
+
+
+def _key_file_shape(path: str) -> bool:
+    """The key-encryption key file holds 32 bytes, raw or as 64 hex digits."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(256)
+    except OSError:
+        return False
+    text = data.strip()
+    if len(text) == 64:
+        try:
+            bytes.fromhex(text.decode("ascii"))
+            return True
+        except (UnicodeDecodeError, ValueError):
+            pass
+    return len(data) == 32
 
 
 def _merge_values(old: Any, new: Any) -> Any:
@@ -311,9 +328,13 @@ class _Builder(DefinitionBuilder):
             )
         if bool(raw.get("username")) != bool(files["password_file"]):
             self.problem("", f"{where}.username", "username and password_file must be given together")
+        missing = False
         for key, path in files.items():
             if path and not os.path.isfile(path):
                 self.problem("", f"{where}.{key}", f"{path}: no such file")
+                missing = True
+        if not missing:
+            self._check_tls(files)
         prefix = raw.get("key_prefix", ClusterConfig.key_prefix)
         if not prefix.startswith("/") or "\x00" in prefix:
             self.problem("", f"{where}.key_prefix", 'must start with "/", such as "/proxy-supervisor/"')
@@ -330,6 +351,12 @@ class _Builder(DefinitionBuilder):
             self.problem("", f"{where}.ca_key_file", "a CA signer needs the key-encryption key file")
         if key_file and not os.path.isfile(key_file):
             self.problem("", f"{where}.ca_key_file", f"{key_file}: no such file")
+        elif key_file and not _key_file_shape(key_file):
+            self.problem(
+                "",
+                f"{where}.ca_key_file",
+                f"{key_file}: expected 32 random bytes (openssl rand -hex 32 > FILE)",
+            )
         return ClusterConfig(
             endpoints=endpoints,
             ca_file=files["ca_file"],
@@ -343,6 +370,25 @@ class _Builder(DefinitionBuilder):
             ca_signer=signer,
             ca_key_file=key_file,
         )
+
+    def _check_tls(self, files: dict[str, str]) -> None:
+        """Load the TLS files now, so that a wrong one is a config error, not an outage."""
+        import ssl
+
+        try:
+            context = ssl.create_default_context(cafile=files["ca_file"] or None)
+        except (OSError, ssl.SSLError) as exc:
+            self.problem("", "cluster.ca_file", f"{files['ca_file']}: not a CA certificate file ({exc})")
+            return
+        if files["cert_file"] and files["key_file"]:
+            try:
+                context.load_cert_chain(files["cert_file"], files["key_file"])
+            except (OSError, ssl.SSLError) as exc:
+                self.problem(
+                    "",
+                    "cluster.cert_file",
+                    f"{files['cert_file']} with {files['key_file']}: not a matching pair ({exc})",
+                )
 
     # -- rules across the whole configuration -------------------------------------------
 
@@ -371,19 +417,12 @@ class _Builder(DefinitionBuilder):
         self._check_ports(config)
         if config.cluster.enabled:
             self._check_datacenters(config)
+            for key, name in (("node_name", config.node_name), ("datacenter", config.datacenter)):
+                if "/" in name:
+                    self.problem("", key, f"{name!r}: a cluster's keys are made of it; no '/'")
 
     def _check_datacenters(self, config: AgentConfig) -> None:
-        """A cluster is one datacenter: an upstream in another could never be reached."""
-        for service in config.services:
-            proxies = [p for p in (service.managed_proxy, service.proxy) if p is not None]
-            for upstream in (u for proxy in proxies for u in proxy.upstreams):
-                if upstream.datacenter and upstream.datacenter != config.datacenter:
-                    self.problem(
-                        service.source,
-                        f"service {service.name!r} upstream {upstream.destination_name!r}",
-                        f"names datacenter {upstream.datacenter!r}: this cluster is datacenter "
-                        f"{config.datacenter!r}, and federation between datacenters is not supported",
-                    )
+        self.problems.extend(foreign_datacenters(config.services, config.datacenter))
 
     def _check_ids(self, config: AgentConfig) -> None:
         owners: dict[str, str] = {}

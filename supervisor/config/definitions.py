@@ -383,3 +383,20 @@ class DefinitionBuilder:
             if built is not None:
                 checks.append(built)
         return tuple(checks)
+
+
+def foreign_datacenters(services: Sequence[ServiceDef], datacenter: str) -> list[ConfigProblem]:
+    """Cluster mode is one datacenter: an upstream in another could never be reached."""
+    return [
+        ConfigProblem(
+            service.source,
+            f"service {service.name!r} upstream {upstream.destination_name!r}",
+            f"names datacenter {upstream.datacenter!r}: this cluster is datacenter "
+            f"{datacenter!r}, and federation between datacenters is not supported",
+        )
+        for service in services
+        for proxy in (service.managed_proxy, service.proxy)
+        if proxy is not None
+        for upstream in proxy.upstreams
+        if upstream.datacenter and upstream.datacenter != datacenter
+    ]

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from supervisor.config.definitions import DefinitionBuilder, empty_document
+from supervisor.config.definitions import DefinitionBuilder, empty_document, foreign_datacenters
 from supervisor.config.keys import CHECK, SERVICE
 from supervisor.config.model import (
     AgentConfig,
@@ -90,6 +90,8 @@ def build_registration(
         (config.sidecar_min_port, config.sidecar_max_port),
         supervise=config.supervise_sidecars and config.allow_managed_api_registration,
     )
+    if config.cluster.enabled:
+        builder.problems.extend(foreign_datacenters(services, config.datacenter))
     if builder.problems or not services:
         raise ConfigError(builder.problems or [ConfigProblem(source, "", "not a service definition")])
     if len(services) == 2 and not (cleaned["connect"]["sidecar_service"].get("port")):

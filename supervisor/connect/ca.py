@@ -154,7 +154,7 @@ class Leaf:
         }
 
 
-def _config_hash(ca: CAConfig) -> str:
+def config_hash(ca: CAConfig) -> str:
     if not ca.private_key:
         return ""
     return hashlib.sha256((ca.private_key + "\0" + ca.root_cert).encode()).hexdigest()[:16]
@@ -204,7 +204,7 @@ class CertificateAuthority:
     def apply(self, ca: CAConfig) -> str | None:
         """Install the root that ``ca`` describes if it differs from the active one."""
         self.leaf_ttl = ca.leaf_cert_ttl
-        wanted = _config_hash(ca)
+        wanted = config_hash(ca)
         if self.roots and self.active.config_hash == wanted:
             return None
         if ca.private_key:
@@ -272,7 +272,8 @@ class CertificateAuthority:
         not_after = not_before + datetime.timedelta(seconds=self.leaf_ttl)
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service)]))
+            # (X.509 caps a CN at 64 characters; the identity is the SPIFFE URI, not the CN)
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, service[:64])]))
             .issuer_name(root.cert.subject)
             .public_key(public_key)
             .serial_number(secrets.randbits(63) | 1)

@@ -27,19 +27,15 @@ def kv(key: str, value: bytes = b"{}", revision: int = 1, lease: int = 0) -> Key
 def test_the_member_logs_each_transition_once() -> None:
     health = MemberHealth(since=0.0)
     assert health.state is ClusterState.JOINING and not health.known_leader()
-    assert health.reached(1.0) == "cluster: joined"
+    assert health.reached(1.0) == "joined"
     assert health.reached(2.0) is None
-    assert (
-        health.failed(3.0, "no leader")
-        == "cluster: degraded, serving the last view of the cluster: no leader"
-    )
+    assert health.failed(3.0, "no leader") == "degraded, serving the last view of the cluster: no leader"
     assert health.failed(4.0, "timed out") is None and health.error == "timed out"
     assert health.contact_ms(5.5) == 3500 and not health.known_leader()
-    assert health.reached(6.0) is not None and "reachable again" in str(
-        health.reached(6.0) or "reachable again"
-    )
+    assert "reachable again" in str(health.reached(6.0))
+    assert health.reached(6.5) is None  # (logged once)
     assert health.known_leader() and health.contact_ms(7.0) == 0
-    assert health.left(8.0).startswith("cluster: left")
+    assert health.left(8.0).startswith("left")
     assert health.failed(9.0, "x") is None and health.state is ClusterState.LEFT
 
 
@@ -155,3 +151,72 @@ def test_the_cluster_storage_serves_every_host_and_skips_what_no_agent_wrote(
     list(storage.entries())
     assert sum("no agent wrote" in r.message for r in caplog.records) == 1  # logged once per key
     assert storage.index.value >= 1008
+
+
+def test_hostile_values_in_etcd_neither_break_answers_nor_raise() -> None:
+    from supervisor.api.catalog_shapes import catalog_entry_json, health_entry_json
+    from supervisor.cluster.records import encode
+    from supervisor.cluster.storage import ClusterStorage
+
+    storage = ClusterStorage(LAYOUT, "me", Index(), lambda _instance: {}, lambda _records: None)
+    bare = {"Service": {"Service": "ghost"}}  # every other AgentService field left out
+    nested = b"[" * 100_000 + b"]" * 100_000
+    kvs = [
+        kv(LAYOUT.node("h2"), encode({"ID": "n2"}), revision=2),
+        kv(LAYOUT.service("h2", "ghost"), encode(bare), revision=3),
+        kv(LAYOUT.service("h2", "deep"), nested, revision=4),
+        kv(
+            LAYOUT.service("h2", "huge-port"),
+            encode({"Service": {"Service": "x", "Port": 10**400}}),
+            revision=5,
+        ),
+        kv(LAYOUT.check("h2", "deep"), nested, revision=6),
+        kv(LAYOUT.intention("deep"), nested, revision=7),
+    ]
+    storage.mirror_reset(kvs, 7)
+    entries = list(storage.entries())
+    assert [entry.instance.service_id for entry in entries] == ["ghost"]
+    shown = catalog_entry_json(entries[0])
+    assert (shown["ServiceTags"], shown["ServicePort"], shown["ServiceAddress"]) == ([], 0, "")
+    assert health_entry_json(entries[0])["Service"]["Weights"] == {"Passing": 1, "Warning": 1}
+    from supervisor.cluster.documents import read_intentions
+
+    assert read_intentions(storage.mirror.kvs, LAYOUT, 0) == {}
+
+
+def test_an_intention_is_read_only_when_its_keys_agree_with_it() -> None:
+    from supervisor.cluster.documents import read_intentions
+    from supervisor.cluster.records import encode
+
+    def record(intention_id: str, action: str) -> bytes:
+        return encode({"ID": intention_id, "SourceName": "web", "DestinationName": "db", "Action": action})
+
+    kvs = {
+        LAYOUT.intention("real"): kv(LAYOUT.intention("real"), record("real", "allow"), revision=2),
+        LAYOUT.intention_pair("web", "db"): kv(LAYOUT.intention_pair("web", "db"), b"real", revision=2),
+        # written past the transactions: another ID in its body, or no pair pointing at it
+        LAYOUT.intention("shadow"): kv(LAYOUT.intention("shadow"), record("real", "deny"), revision=3),
+        LAYOUT.intention("orphan"): kv(LAYOUT.intention("orphan"), record("orphan", "deny"), revision=4),
+    }
+    found = read_intentions(kvs, LAYOUT, 100)
+    assert list(found) == ["real"] and found["real"].action == "allow"
+    assert found["real"].modify_index == 102
+
+
+def test_forged_ca_roots_are_refused_and_the_last_good_ones_kept() -> None:
+    from supervisor.cluster.authority import ClusterAuthority, read_roots, roots_document
+    from supervisor.cluster.records import encode
+    from supervisor.config.model import CAConfig
+    from supervisor.connect.ca import CertificateAuthority
+
+    local = CertificateAuthority(None, "dc1", lambda: 1)
+    local.start(CAConfig())
+    good = kv(LAYOUT.ca_roots(), encode(roots_document(local)), revision=5)
+    assert read_roots(good, 0) is not None
+    authority = ClusterAuthority(local)
+    assert authority.refresh({good.key: good}, LAYOUT, 0)
+    forged = dict(roots_document(local), ClusterID={"x": "y"})
+    bad = kv(LAYOUT.ca_roots(), encode(forged), revision=6)
+    assert read_roots(bad, 0) is None
+    assert not authority.refresh({bad.key: bad}, LAYOUT, 0)
+    assert authority.trust_domain == local.trust_domain  # the last good roots stay

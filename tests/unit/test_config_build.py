@@ -471,8 +471,13 @@ def test_a_bad_api_registration_names_the_source_and_key(raw: Any, expected: str
 
 def test_the_cluster_block_is_built_and_each_mistake_named(tmp_path: Path) -> None:
     assert not config(data_dir="/d").cluster.enabled  # no block: the single-host agent
-    ca = tmp_path / "ca.pem"
-    ca.write_text("x")
+    from tests.helpers.pki import TestPKI
+
+    ca = Path(TestPKI(tmp_path / "pki").ca_file)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("x")
+    refused = problems({"cluster": {"etcd_endpoints": "https://10.0.0.1:2379", "ca_file": str(junk)}})
+    assert any("not a CA certificate file" in p for p in refused), refused
     built = config(
         data_dir="/d",
         cluster={
@@ -527,3 +532,21 @@ def test_an_upstream_in_another_datacenter_is_refused_in_a_cluster() -> None:
     found = problems({"data_dir": "/d", "cluster": cluster, "services": [web]})
     assert any("federation between datacenters is not supported" in p for p in found), found
     assert config(services=[web]).services[0].managed_proxy is not None  # (single-host: as before)
+
+
+def test_an_api_registration_with_an_upstream_in_another_datacenter_is_refused_in_a_cluster() -> None:
+    from supervisor.config.registrations import build_registration
+
+    clustered = config(cluster={"etcd_endpoints": "http://127.0.0.1:2379"})
+    body = {
+        "Name": "web",
+        "Port": 80,
+        "Connect": {
+            "SidecarService": {
+                "Proxy": {"Upstreams": [{"DestinationName": "db", "Datacenter": "dc9", "LocalBindPort": 9}]}
+            }
+        },
+    }
+    with pytest.raises(ConfigError, match="federation between datacenters is not supported"):
+        build_registration(body, "request body", clustered)
+    assert build_registration(body, "request body", config())[0]  # (single-host: as before)
