@@ -62,7 +62,7 @@ def test_supervised_sidecars_carry_traffic_and_are_adopted(tmp_path: Path, app: 
         sidecar = agent.get("/v1/agent/services")["db-sidecar-proxy"]
         assert db["Port"] == sidecar["Port"]  # the proxy listens on the sidecar's port
         assert "db-proxy" not in agent.get("/v1/agent/services")
-        # (the sidecar services' TCP checks first run an interval (10 s) after registration)
+        # (db's sidecar check ran before its proxy listened, and runs again an interval, 10 s, later)
         wait_until(lambda: talk(upstream_port) == b"ping|db", timeout=45, message="traffic through sidecars")
         # Listening (TCP on the sidecar port) and aliasing (db has no checks) both pass.
         wait_until(lambda: len(agent.get("/v1/health/connect/db?passing")) == 1, timeout=20)
@@ -126,7 +126,7 @@ def test_sidecar_for_runs_the_registered_sidecar(tmp_path: Path, app: EchoApp) -
                         start_new_session=True,
                     )
                 )
-        # (the sidecar services' TCP checks first run an interval (10 s) after registration)
+        # (db's sidecar check ran before its proxy listened, and runs again an interval, 10 s, later)
         wait_until(lambda: talk(upstream_port) == b"ping|db", timeout=45, message="traffic through sidecars")
         wait_until(lambda: len(agent.get("/v1/health/connect/db?passing")) == 1, timeout=20)
         assert "Proxy ID: db-sidecar-proxy" in (tmp_path / "db-sidecar.log").read_text()
