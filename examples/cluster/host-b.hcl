@@ -2,20 +2,20 @@
 node_name = "host-b"
 bind_addr = "127.0.0.1"
 ports {
-  http           = HTTP_PORT
+  http           = 23702
   dns            = -1
-  proxy_min_port = PROXY_MIN
-  proxy_max_port = PROXY_MAX
+  proxy_min_port = 23850
+  proxy_max_port = 23899
 }
 connect {
   proxy { allow_managed_root = true }
 }
 cluster {
-  etcd_endpoints = ETCD_ENDPOINTS
+  etcd_endpoints = ["http://127.0.0.1:23791", "http://127.0.0.1:23792", "http://127.0.0.1:23793"]
   lease_ttl      = "5s"
 }
 service {
   name = "db"
-  port = DB_PORT
+  port = 23711
   connect { proxy {} }
 }

@@ -17,6 +17,7 @@ import argparse
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,8 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_BASE = 23700  # the ports host-a.hcl and host-b.hcl carry
+DEFAULT_KEK = "/etc/proxy-supervisor/ca.kek"  # host-a.hcl's key file, replaced by one made here
 REPO = HERE.parents[1]
 
 
@@ -195,21 +198,10 @@ def main() -> int:
         kek.write_text(os.urandom(32).hex())
         kek.chmod(0o600)
         App(ports["db"])
-        endpoints = json.dumps([f"http://127.0.0.1:{p}" for p in ports["etcd_client"]])
+        shift = base - DEFAULT_BASE  # the config files carry the default ports: move them all
         for host in ("host-a", "host-b"):
-            low, high = ports["proxy"][host]
-            text = (HERE / f"{host}.hcl").read_text()
-            for name, value in (
-                ("HTTP_PORT", ports["http"][host]),
-                ("PROXY_MIN", low),
-                ("PROXY_MAX", high),
-                ("ETCD_ENDPOINTS", endpoints),
-                ("CA_KEY_FILE", kek),
-                ("WEB_PORT", ports["web"]),
-                ("DB_PORT", ports["db"]),
-                ("UPSTREAM_PORT", ports["upstream"]),
-            ):
-                text = text.replace(name, str(value))
+            text = (HERE / f"{host}.hcl").read_text().replace(DEFAULT_KEK, str(kek))
+            text = re.sub(r"\b237\d\d\b|\b238\d\d\b", lambda m: str(int(m.group()) + shift), text)
             config = work / host / "conf.d"
             config.mkdir(parents=True)
             (config / "agent.hcl").write_text(text)
