@@ -43,6 +43,8 @@ class Action(enum.StrEnum):
 def _check_name(value: Any, path: str, ctx: Context) -> str:
     if value == WILDCARD:
         return WILDCARD
+    if value == "":
+        raise Invalid("must name a service (or be '*' for any)")
     if isinstance(value, str) and WILDCARD in value:
         raise Invalid(f"{value!r}: a wildcard must be the entire name ('*')")
     return check_safe_id(value, path, ctx)

@@ -269,6 +269,8 @@ class ClusterMember:
             if held and held[0].lease != self.lease:
                 owner = _json(held[0].value).get("node_id", "")
                 if owner != self.identity.node_id:
+                    self.client.revoke(self.lease)  # (taken for nothing: not kept, not leaked)
+                    self._forget_lease()
                     self.lease = 0
                     raise NodeConflict(
                         f"node name {node!r} is taken by a live agent with node ID {owner}; "

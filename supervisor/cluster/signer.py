@@ -25,7 +25,7 @@ from supervisor.cluster.authority import (
     seal,
     unseal,
 )
-from supervisor.cluster.etcd import EtcdClient, KeyValue, created_at, op_put
+from supervisor.cluster.etcd import EtcdClient, KeyValue, created_at, modified_at, op_delete, op_put
 from supervisor.cluster.layout import Layout
 from supervisor.cluster.records import BadRecord, decode, encode, read_instance
 from supervisor.config.model import CAConfig
@@ -75,6 +75,12 @@ class Signer:
         holder = kvs.get(context.layout.ca_signer())
         if holder is None:
             await self._campaign(lease)
+            return
+        if not holder.lease:
+            # Written by hand, without a lease: it would never go, and nobody would sign again.
+            key, seen = context.layout.ca_signer(), holder.mod_revision
+            await blocking(lambda: context.client.txn([modified_at(key, seen)], [op_delete(key)]))
+            log.warning("removed %s, which held no lease (a signer must hold it under its host's lease)", key)
             return
         ours = holder.lease == lease and _json(holder.value).get("node") == context.node
         if not ours:

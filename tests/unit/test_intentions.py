@@ -230,3 +230,15 @@ def test_a_create_that_cannot_be_saved_leaves_no_intention_in_force(tmp_path: Pa
         store.create("web", "db", "allow")
     # ACLs default to deny: only the intention the caller was told failed could allow this
     assert store.intentions.decide("web", "db", default_allow=False, acls_enabled=True)[0] is False
+
+
+def test_an_intention_with_an_empty_name_is_refused() -> None:
+    from supervisor.catalog.intentions import parse_intention
+    from supervisor.errors import ConfigError
+
+    for body in (
+        {"SourceName": "", "DestinationName": "db", "Action": "deny"},
+        {"SourceName": "web", "DestinationName": "", "Action": "allow"},
+    ):
+        with pytest.raises(ConfigError, match="must name a service"):
+            parse_intention(body)
