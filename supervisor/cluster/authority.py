@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from supervisor.cluster.etcd import KeyValue
 from supervisor.cluster.layout import Layout
 from supervisor.cluster.records import BadRecord, decode, encode
+from supervisor.config.limits import key_encryption_key
 from supervisor.connect.ca import CertificateAuthority, Root
 from supervisor.errors import SupervisorError
 
@@ -60,14 +61,9 @@ def load_kek(path: str) -> bytes:
             data = handle.read(256)
     except OSError as exc:
         raise SealError(f"cannot read cluster.ca_key_file {path}: {exc.strerror}") from exc
-    text = data.strip()
-    if len(text) == 64:
-        try:
-            return bytes.fromhex(text.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            pass
-    if len(data) == 32:
-        return data
+    kek = key_encryption_key(data)
+    if kek is not None:
+        return kek
     raise SealError(f"cluster.ca_key_file {path}: expected 32 random bytes (make one: openssl rand -hex 32)")
 
 

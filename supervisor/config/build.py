@@ -19,6 +19,7 @@ from typing import Any
 from supervisor.config.definitions import TAGGED, DefinitionBuilder, foreign_datacenters
 from supervisor.config.formats import parse_text
 from supervisor.config.keys import AGENT
+from supervisor.config.limits import key_encryption_key
 from supervisor.config.model import (
     ACLConfig,
     AgentConfig,
@@ -142,20 +143,11 @@ def _merge_documents(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _key_file_shape(path: str) -> bool:
-    """The key-encryption key file holds 32 bytes, raw or as 64 hex digits."""
     try:
         with open(path, "rb") as handle:
-            data = handle.read(256)
+            return key_encryption_key(handle.read(256)) is not None
     except OSError:
         return False
-    text = data.strip()
-    if len(text) == 64:
-        try:
-            bytes.fromhex(text.decode("ascii"))
-            return True
-        except (UnicodeDecodeError, ValueError):
-            pass
-    return len(data) == 32
 
 
 def _merge_values(old: Any, new: Any) -> Any:

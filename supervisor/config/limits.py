@@ -132,3 +132,15 @@ def check_document(data: Any) -> None:
                 if isinstance(key, str) and len(key) > MAX_STRING_CHARS:
                     raise LimitExceeded(path, f"a key of {len(key)} characters")
                 stack.append(_Frame(item, _join(path, key), depth))
+
+
+def key_encryption_key(data: bytes) -> bytes | None:
+    """A cluster CA's key-encryption key as its file holds it: 32 random bytes, raw or as
+    64 hex digits (``openssl rand -hex 32``); None when it is neither."""
+    text = data.strip()
+    if len(text) == 64:
+        try:
+            return bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            pass
+    return data if len(data) == 32 else None
