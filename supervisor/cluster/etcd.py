@@ -403,9 +403,10 @@ def tls_context(credentials: Credentials) -> ssl.SSLContext:
 
 
 def loads(data: bytes) -> dict[str, Any]:
+    """A JSON object, or {} for anything else (an answer, or a value, not worth an error)."""
     try:
         value = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

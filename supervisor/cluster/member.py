@@ -34,6 +34,7 @@ from supervisor.cluster.etcd import (
     Event,
     KeyValue,
     created_at,
+    loads,
     op_delete,
     op_put,
     op_range,
@@ -267,7 +268,7 @@ class ClusterMember:
         if not result.succeeded:
             held = result.ranged(0)
             if held and held[0].lease != self.lease:
-                owner = _json(held[0].value).get("node_id", "")
+                owner = loads(held[0].value).get("node_id", "")
                 if owner != self.identity.node_id:
                     self.client.revoke(self.lease)  # (taken for nothing: not kept, not leaked)
                     self._forget_lease()
@@ -306,7 +307,7 @@ class ClusterMember:
                 return proposed
             held = result.ranged(0)
         try:
-            base = int(_json(held[0].value).get("index_base", 0)) if held else 0
+            base = int(loads(held[0].value).get("index_base", 0)) if held else 0
         except (TypeError, ValueError, OverflowError):
             base = 0
         if base <= 0:
@@ -457,11 +458,3 @@ class ClusterMember:
     def _apply(self, events: tuple[Event, ...], revision: int) -> None:
         if self.storage.mirror_apply(events, revision):
             self.on_change()
-
-
-def _json(data: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(data)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -25,7 +25,7 @@ from supervisor.cluster.authority import (
     seal,
     unseal,
 )
-from supervisor.cluster.etcd import EtcdClient, KeyValue, created_at, modified_at, op_delete, op_put
+from supervisor.cluster.etcd import EtcdClient, KeyValue, created_at, loads, modified_at, op_delete, op_put
 from supervisor.cluster.layout import Layout
 from supervisor.cluster.records import BadRecord, decode, encode, read_instance
 from supervisor.config.model import CAConfig
@@ -82,10 +82,10 @@ class Signer:
             await blocking(lambda: context.client.txn([modified_at(key, seen)], [op_delete(key)]))
             log.warning("removed %s, which held no lease (a signer must hold it under its host's lease)", key)
             return
-        ours = holder.lease == lease and _json(holder.value).get("node") == context.node
+        ours = holder.lease == lease and loads(holder.value).get("node") == context.node
         if not ours:
             if self._signing:
-                log.warning("this host is no longer the CA signer (%s is)", _json(holder.value).get("node"))
+                log.warning("this host is no longer the CA signer (%s is)", loads(holder.value).get("node"))
             self._signing, self.ca = False, None
             return
         if not self._signing:
@@ -245,10 +245,3 @@ def _registered_on(layout: Layout, kvs: dict[str, KeyValue], node: str, service:
         if service in (instance.name, instance.connect_target):
             return True
     return False
-
-
-def _json(data: bytes) -> dict[str, Any]:
-    try:
-        return decode(data)
-    except BadRecord:
-        return {}
