@@ -896,3 +896,22 @@ def test_dns_on_one_host_answers_for_instances_on_another(
     finally:
         a.kill_everything()
         b.kill_everything()
+
+
+def test_an_alive_key_deleted_under_a_live_lease_is_put_back(
+    hosts: tuple[AgentProcess, AgentProcess], etcd_cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    a, b = hosts
+    wait_until(lambda: serf_status(b, "host-a") == "passing", timeout=10, message="host-a alive")
+    client = EtcdClient(etcd_cluster.endpoints)
+    try:
+        client.delete(f"{etcd_prefix}dc1/alive/host-a")
+        wait_until(
+            lambda: client.range(f"{etcd_prefix}dc1/alive/host-a")[0],
+            timeout=10,
+            message="alive/ back in etcd",
+        )
+    finally:
+        client.close()
+    wait_until(lambda: serf_status(b, "host-a") == "passing", timeout=10, message="host-a alive again")
+    assert "had been deleted under a live lease" in a.log()

@@ -292,6 +292,10 @@ class Cluster:
         return queries.replace_all(read_queries(kvs, self.layout, base)) or changed
 
     def mirror_moved(self) -> None:
+        member = self.member
+        if member is not None and member.lease and self.storage.listed:
+            if self.layout.alive(self.identity.node_name) not in self.storage.mirror.kvs:
+                member.alive_gone()  # deleted by hand under a live lease
         if self._moved is not None:
             self._moved.set()
             self._moved = None

@@ -116,6 +116,7 @@ class ClusterMember:
         self.lease = 0
         self.base = 0
         self._joined = threading.Event()
+        self._alive_missing = threading.Event()  # the mirror saw our alive/ key deleted
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._desired: dict[str, bytes] = {}
@@ -229,6 +230,12 @@ class ClusterMember:
                 if now >= next_renewal:
                     self._renew()
                     next_renewal = now + self._renew_every()
+                if self._alive_missing.is_set():
+                    self._alive_missing.clear()
+                    lease = self.lease
+                    self._renew()  # (an expired lease: joining again puts alive/ back itself)
+                    if self.lease == lease:
+                        self._keep_alive_key()
                 full = now >= next_full or self._written is None
                 self._sync(full=full)
                 if full:
@@ -328,7 +335,6 @@ class ClusterMember:
 
     def _renew(self) -> None:
         if self._keepalive_anywhere():
-            self._keep_alive_key()
             return
         log.warning("lease %x had expired (not renewed within lease_ttl); joining again", self.lease)
         self.lease = 0
@@ -345,9 +351,14 @@ class ClusterMember:
                 return True
         return False
 
+    def alive_gone(self) -> None:
+        """The mirror saw this host's ``alive/`` key go while the lease lives (from the API
+        loop): the sync thread puts it back."""
+        self._alive_missing.set()
+        self._wake.set()
+
     def _keep_alive_key(self) -> None:
-        """Put ``alive/`` back if something deleted it while the lease lives (a write only
-        then: the compare fails, and costs no revision, while the key is there)."""
+        """Put ``alive/`` back (only if it is still missing: the create is guarded)."""
         node = self.identity.node_name
         alive = self.layout.alive(node)
         value = encode({"node_id": self.identity.node_id, "pid": os.getpid()})
