@@ -32,6 +32,8 @@ from supervisor.supervision.view import AgentView, ProxyStatus
 log = logging.getLogger("supervisor.catalog")
 
 SERF_CHECK = "serfHealth"
+SERF_NAME = "Serf Health Status"
+SERF_ALIVE = "Agent alive and reachable"
 PROXY_CHECK_NAME = "Connect Proxy Listening"
 PROXY_CHECK_INTERVAL = 10.0
 
@@ -390,9 +392,7 @@ class Catalog:
         self.storage.put_local(self.node, entries, node_checks)
 
     def _serf(self) -> CheckResult:
-        return CheckResult(
-            SERF_CHECK, "Serf Health Status", PASSING, "Agent alive and reachable", "", "", "", (), 1, 1
-        )
+        return CheckResult(SERF_CHECK, SERF_NAME, PASSING, SERF_ALIVE, "", "", "", (), 1, 1)
 
     # -- answers -----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from supervisor.catalog.catalog import SERF_CHECK
+from supervisor.catalog.catalog import SERF_ALIVE, SERF_CHECK, SERF_NAME
 from supervisor.catalog.index import Index
 from supervisor.catalog.model import CheckResult, Entry, Node
 from supervisor.catalog.status import CheckStatus
@@ -39,8 +39,6 @@ from supervisor.cluster.records import (
 
 log = logging.getLogger("supervisor.cluster")
 
-SERF_NAME = "Serf Health Status"
-ALIVE_OUTPUT = "Agent alive and reachable"
 DEAD_OUTPUT = "Agent not live or unreachable"
 
 Publish = Callable[[dict[str, bytes]], None]
@@ -206,7 +204,7 @@ class ClusterStorage:
     def _serf(self, node: str) -> CheckResult:
         alive = self.mirror.kvs.get(self.layout.alive(node))
         if alive is not None:
-            status, output = CheckStatus.PASSING, ALIVE_OUTPUT
+            status, output = CheckStatus.PASSING, SERF_ALIVE
             created, modified = alive.create_revision, alive.mod_revision
         else:
             status, output = CheckStatus.CRITICAL, DEAD_OUTPUT
