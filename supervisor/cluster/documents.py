@@ -16,6 +16,7 @@ Reads come from the mirror (``read_*``); writes are blocking calls for a worker 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from supervisor.catalog.errors import Conflict, NotFound
@@ -83,6 +84,9 @@ def read_queries(kvs: dict[str, KeyValue], layout: Layout, base: int) -> dict[st
         except (BadRecord, KeyError, TypeError, ValueError, AttributeError):
             continue
         query_id = key[len(prefix) :]
+        name = kvs.get(layout.query_name(definition.name))
+        if name is None or name.value != query_id.encode():
+            continue  # (as for intentions: a record its name key does not point at)
         found[query_id] = PreparedQuery(
             query_id, definition, base + kv.create_revision, base + kv.mod_revision
         )
@@ -92,13 +96,71 @@ def read_queries(kvs: dict[str, KeyValue], layout: Layout, base: int) -> dict[st
 # -- writing -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """What a guarded write did: written at ``revision``, or not because the record is gone,
+    or because ``holder`` (an ID) has the pair or name, or because it changed meanwhile."""
+
+    revision: int = 0
+    gone: bool = False
+    holder: str | None = None
+
+
 class DocumentWriter:
     """Creates, changes and deletes intentions and queries in etcd; each call returns the
-    revision of its write (raises ``Conflict``/``NotFound``, or ``EtcdError``)."""
+    revision of its write (raises ``Conflict``/``NotFound``, or ``EtcdError``). A record
+    and its unique key (an intention's pair, a query's name) always change together."""
 
     def __init__(self, client: EtcdClient, layout: Layout) -> None:
         self.client = client
         self.layout = layout
+
+    # the three guarded writes, the same for both kinds of record
+
+    def _create(self, record: str, unique: str, record_id: str, value: bytes) -> _Outcome:
+        result = self.client.txn(
+            [created_at(unique, 0), created_at(record, 0)],
+            [op_put(unique, record_id), op_put(record, value)],
+            [op_range(unique)],
+        )
+        if result.succeeded:
+            return _Outcome(result.revision)
+        held = result.ranged(0)
+        return _Outcome(holder=held[0].value.decode() if held else record_id)
+
+    def _update(self, record: str, seen: int, value: bytes, old: str, new: str, record_id: str) -> _Outcome:
+        """``seen``: the record's revision the caller read (its ModifyIndex minus the base)."""
+        compare = [modified_at(record, seen)]
+        success = [op_put(record, value)]
+        if new != old:
+            compare.append(created_at(new, 0))
+            success += [op_delete(old), op_put(new, record_id)]
+        result = self.client.txn(compare, success, [op_range(record), op_range(new)])
+        if result.succeeded:
+            return _Outcome(result.revision)
+        if not result.ranged(0):
+            return _Outcome(gone=True)
+        holder = result.ranged(1)
+        return _Outcome(holder=holder[0].value.decode() if new != old and holder else None)
+
+    def _delete(self, record: str, seen: int, unique: str, record_id: str) -> _Outcome:
+        result = self.client.txn(
+            [modified_at(record, seen), holds(unique, record_id)],
+            [op_delete(record), op_delete(unique)],
+            [op_range(record)],
+        )
+        if result.succeeded:
+            return _Outcome(result.revision)
+        return _Outcome(gone=not result.ranged(0))
+
+    @staticmethod
+    def _written(outcome: _Outcome, title: str, kind: str, record_id: str) -> int:
+        """The revision of a change or a delete that landed; else the error, as the API says it."""
+        if outcome.gone:
+            raise NotFound(f"{title} not found: {record_id}")
+        if not outcome.revision:
+            raise Conflict(f"{kind} {record_id} was changed on another agent meanwhile; read it again")
+        return outcome.revision
 
     # intentions
 
@@ -118,23 +180,13 @@ class DocumentWriter:
             updated_at=now,
         )
         pair = self.layout.intention_pair(fields.source_name, fields.destination_name)
-        record = self.layout.intention(intention_id)
-        result = self.client.txn(
-            [created_at(pair, 0), created_at(record, 0)],
-            [op_put(pair, intention_id), op_put(record, _intention_value(intention))],
-            [op_range(pair)],
-        )
-        if not result.succeeded:
-            held = result.ranged(0)
-            holder = held[0].value.decode() if held else intention_id
-            raise Conflict(f"duplicate intention found: {intention} (ID {holder})")
-        return intention_id, result.revision
+        value = _intention_value(intention)
+        outcome = self._create(self.layout.intention(intention_id), pair, intention_id, value)
+        if outcome.holder is not None:
+            raise Conflict(f"duplicate intention found: {intention} (ID {outcome.holder})")
+        return intention_id, outcome.revision
 
     def update_intention(self, current: Intention, seen: int, fields: IntentionFields) -> int:
-        """``seen``: the record's revision the caller read (its ModifyIndex minus the base)."""
-        record = self.layout.intention(current.id)
-        old_pair = self.layout.intention_pair(current.source_name, current.destination_name)
-        new_pair = self.layout.intention_pair(fields.source_name, fields.destination_name)
         updated = Intention(
             id=current.id,
             source_name=fields.source_name,
@@ -145,83 +197,54 @@ class DocumentWriter:
             created_at=current.created_at,
             updated_at=_timestamp(),
         )
-        compare = [modified_at(record, seen)]
-        success = [op_put(record, _intention_value(updated))]
-        if new_pair != old_pair:
-            compare.append(created_at(new_pair, 0))
-            success += [op_delete(old_pair), op_put(new_pair, current.id)]
-        result = self.client.txn(compare, success, [op_range(record), op_range(new_pair)])
-        if not result.succeeded:
-            if not result.ranged(0):
-                raise NotFound(f"Intention not found: {current.id}")
-            holder = result.ranged(1)
-            if new_pair != old_pair and holder:
-                raise Conflict(f"duplicate intention found: {updated} (ID {holder[0].value.decode()})")
-            raise Conflict(f"intention {current.id} was changed on another agent meanwhile; read it again")
-        return result.revision
+        outcome = self._update(
+            self.layout.intention(current.id),
+            seen,
+            _intention_value(updated),
+            self.layout.intention_pair(current.source_name, current.destination_name),
+            self.layout.intention_pair(fields.source_name, fields.destination_name),
+            current.id,
+        )
+        if outcome.holder is not None:
+            raise Conflict(f"duplicate intention found: {updated} (ID {outcome.holder})")
+        return self._written(outcome, "Intention", "intention", current.id)
 
     def delete_intention(self, current: Intention, seen: int) -> int:
-        record = self.layout.intention(current.id)
         pair = self.layout.intention_pair(current.source_name, current.destination_name)
-        result = self.client.txn(
-            [modified_at(record, seen), holds(pair, current.id)],
-            [op_delete(record), op_delete(pair)],
-            [op_range(record)],
-        )
-        if not result.succeeded:
-            if not result.ranged(0):
-                raise NotFound(f"Intention not found: {current.id}")
-            raise Conflict(f"intention {current.id} was changed on another agent meanwhile; read it again")
-        return result.revision
+        outcome = self._delete(self.layout.intention(current.id), seen, pair, current.id)
+        return self._written(outcome, "Intention", "intention", current.id)
 
     # prepared queries
 
     def create_query(self, definition: QueryDefinition, query_id: str = "") -> tuple[str, int]:
         query_id = query_id or str(uuid.uuid4())
         name = self.layout.query_name(definition.name)
-        record = self.layout.query(query_id)
-        result = self.client.txn(
-            [created_at(name, 0), created_at(record, 0)],
-            [op_put(name, query_id), op_put(record, _query_value(definition))],
-            [op_range(name)],
-        )
-        if not result.succeeded:
-            held = result.ranged(0)
-            holder = held[0].value.decode() if held else query_id
+        outcome = self._create(self.layout.query(query_id), name, query_id, _query_value(definition))
+        if outcome.holder is not None:
             if definition.name:
-                raise Conflict(f"name {definition.name!r} aliases an existing query name (ID {holder})")
+                raise Conflict(
+                    f"name {definition.name!r} aliases an existing query name (ID {outcome.holder})"
+                )
             raise Conflict("a query template with an empty name already exists")
-        return query_id, result.revision
+        return query_id, outcome.revision
 
     def update_query(self, current: PreparedQuery, seen: int, definition: QueryDefinition) -> int:
-        record = self.layout.query(current.id)
-        old_name = self.layout.query_name(current.definition.name)
-        new_name = self.layout.query_name(definition.name)
-        compare = [modified_at(record, seen)]
-        success = [op_put(record, _query_value(definition))]
-        if new_name != old_name:
-            compare.append(created_at(new_name, 0))
-            success += [op_delete(old_name), op_put(new_name, current.id)]
-        result = self.client.txn(compare, success, [op_range(record), op_range(new_name)])
-        if not result.succeeded:
-            if not result.ranged(0):
-                raise NotFound(f"Query not found: {current.id}")
-            if new_name != old_name and result.ranged(1):
-                raise Conflict(f"name {definition.name!r} aliases an existing query name")
-            raise Conflict(f"query {current.id} was changed on another agent meanwhile; read it again")
-        return result.revision
+        outcome = self._update(
+            self.layout.query(current.id),
+            seen,
+            _query_value(definition),
+            self.layout.query_name(current.definition.name),
+            self.layout.query_name(definition.name),
+            current.id,
+        )
+        if outcome.holder is not None:
+            raise Conflict(f"name {definition.name!r} aliases an existing query name")
+        return self._written(outcome, "Query", "query", current.id)
 
     def delete_query(self, current: PreparedQuery, seen: int) -> int:
-        record = self.layout.query(current.id)
         name = self.layout.query_name(current.definition.name)
-        result = self.client.txn(
-            [modified_at(record, seen)], [op_delete(record), op_delete(name)], [op_range(record)]
-        )
-        if not result.succeeded:
-            if not result.ranged(0):
-                raise NotFound(f"Query not found: {current.id}")
-            raise Conflict(f"query {current.id} was changed on another agent meanwhile; read it again")
-        return result.revision
+        outcome = self._delete(self.layout.query(current.id), seen, name, current.id)
+        return self._written(outcome, "Query", "query", current.id)
 
 
 def _intention_value(intention: Intention) -> bytes:

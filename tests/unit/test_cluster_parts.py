@@ -220,3 +220,16 @@ def test_forged_ca_roots_are_refused_and_the_last_good_ones_kept() -> None:
     assert read_roots(bad, 0) is None
     assert not authority.refresh({bad.key: bad}, LAYOUT, 0)
     assert authority.trust_domain == local.trust_domain  # the last good roots stay
+
+
+def test_a_prepared_query_is_read_only_when_its_name_key_points_at_it() -> None:
+    from supervisor.cluster.documents import read_queries
+    from supervisor.cluster.records import encode
+
+    definition = encode({"Definition": {"name": "primary", "service": {"service": "db"}}})
+    kvs = {
+        LAYOUT.query("q1"): kv(LAYOUT.query("q1"), definition, revision=2),
+        LAYOUT.query_name("primary"): kv(LAYOUT.query_name("primary"), b"q1", revision=2),
+        LAYOUT.query("forged"): kv(LAYOUT.query("forged"), definition, revision=3),  # no name key of its own
+    }
+    assert list(read_queries(kvs, LAYOUT, 0)) == ["q1"]
