@@ -82,17 +82,18 @@ def host_records(
     node: Node,
     entries: Mapping[str, Entry],
     node_checks: tuple[CheckResult, ...],
-    render: Render,
+    service_value: Callable[[Instance], bytes],
     *,
     skip_check: str,
 ) -> dict[str, bytes]:
-    """Every key this host owns, with its value (``skip_check``: the synthetic node check,
-    which every agent derives from ``alive/`` instead)."""
+    """Every key this host owns, with its value (``service_value``: an instance's encoded
+    ``service_record``; ``skip_check``: the synthetic node check, which every agent derives
+    from ``alive/`` instead)."""
     records = {layout.node(node.name): encode(node_record(node))}
     checks: dict[str, CheckResult] = {check.check_id: check for check in node_checks}
     for service_id, entry in entries.items():
         if isinstance(entry.instance, Instance):
-            records[layout.service(node.name, service_id)] = encode(service_record(entry.instance, render))
+            records[layout.service(node.name, service_id)] = service_value(entry.instance)
         checks.update((check.check_id, check) for check in entry.checks)
     for check_id, check in checks.items():
         if check_id != skip_check:

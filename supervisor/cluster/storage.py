@@ -21,7 +21,7 @@ from typing import Any
 
 from supervisor.catalog.catalog import SERF_ALIVE, SERF_CHECK, SERF_NAME
 from supervisor.catalog.index import Index
-from supervisor.catalog.model import CheckResult, Entry, Node
+from supervisor.catalog.model import CheckResult, Entry, Instance, Node
 from supervisor.catalog.status import CheckStatus
 from supervisor.catalog.storage import LocalStorage
 from supervisor.cluster.etcd import Event, KeyValue
@@ -31,10 +31,12 @@ from supervisor.cluster.records import (
     BadRecord,
     Render,
     decode,
+    encode,
     host_records,
     read_check,
     read_instance,
     read_node,
+    service_record,
 )
 
 log = logging.getLogger("supervisor.cluster")
@@ -66,6 +68,7 @@ class ClusterStorage:
         self._remote: _Remote | None = None
         self._bad: set[str] = set()
         self.records: dict[str, bytes] = {}
+        self._encoded: dict[str, tuple[Instance, bytes]] = {}  # service ID -> its instance and record
         self.documents_changed = True  # intentions or queries moved since last read (first: the listing)
 
     # -- this host ------------------------------------------------------------------------------
@@ -74,10 +77,23 @@ class ClusterStorage:
         self, node: Node, entries: Mapping[str, Entry], node_checks: tuple[CheckResult, ...]
     ) -> None:
         self.local.put_local(node, entries, node_checks)
-        records = host_records(self.layout, node, entries, node_checks, self.render, skip_check=SERF_CHECK)
+        records = host_records(
+            self.layout, node, entries, node_checks, self._service_value, skip_check=SERF_CHECK
+        )
+        self._encoded = {sid: cached for sid, cached in self._encoded.items() if sid in entries}
         if records != self.records:
             self.records = records
             self.publish(records)
+
+    def _service_value(self, instance: Instance) -> bytes:
+        """An instance's record, rendered again only when the instance changed: the catalog
+        publishes on every check result, and most of them change no instance."""
+        cached = self._encoded.get(instance.service_id)
+        if cached is not None and (cached[0] is instance or cached[0] == instance):
+            return cached[1]
+        value = encode(service_record(instance, self.render))
+        self._encoded[instance.service_id] = (instance, value)
+        return value
 
     # -- the mirror (on the API loop, from the watch thread) ------------------------------------
 
