@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -15,8 +14,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.helpers.etcd import EtcdCluster, etcd_binary, kill_leftover_etcd
+from tests.helpers.ports import free_port, free_port_range
 from tests.helpers.processes import TEST_TAG_ENV, kill_tagged
 from tests.helpers.unprivileged import Unprivileged, find_unprivileged
+
+__all__ = ["free_port", "free_port_range"]  # (where tests have always imported them from)
 
 SESSION_TAG = uuid.uuid4().hex
 os.environ[TEST_TAG_ENV] = SESSION_TAG
@@ -68,20 +70,6 @@ def etcd_cluster() -> Iterator[EtcdCluster]:
 @pytest.fixture
 def etcd_prefix() -> str:
     return f"/t/{uuid.uuid4().hex[:12]}/"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def free_port_range(size: int = 16) -> tuple[int, int]:
-    """A run of ``size`` consecutive ports around an OS-chosen ephemeral port."""
-    base = free_port()
-    low = max(1024, min(base, 65535 - size))
-    return low, low + size - 1
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers.ports import free_port
 from tests.helpers.processes import TEST_TAG_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,12 +36,6 @@ def etcd_binary() -> str | None:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     return shutil.which("etcd")
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -87,8 +81,8 @@ class EtcdCluster:
         hosts = list(self.hosts) or ["127.0.0.1"] * self.size
         for number, host in enumerate(hosts, 1):
             inside = bool(self.netns)
-            client = 2379 if inside else _free_port(host)
-            peer = 2380 if inside else _free_port(host)
+            client = 2379 if inside else free_port(host)
+            peer = 2380 if inside else free_port(host)
             self.members.append(
                 Member(
                     f"m{number}",
