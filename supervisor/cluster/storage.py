@@ -84,6 +84,8 @@ class ClusterStorage:
         if records != self.records:
             self.records = records
             self.publish(records)
+            if self.layout.node(self.own_node) not in self.mirror.kvs:
+                self._remote = None  # the view shows this host from its own state until then
 
     def _service_value(self, instance: Instance) -> bytes:
         """An instance's record, rendered again only when the instance changed: the catalog
@@ -191,8 +193,18 @@ class ClusterStorage:
                 own = service_checks.get(service_id, ())
                 entry = Entry(node, instance, (*node_checks, *own), self.base + kv.mod_revision)
                 remote.entries.append(entry)
+        if self.own_node not in remote.nodes:
+            self._add_own_state(remote)
         remote.entries.sort(key=lambda entry: (entry.node.name, entry.instance.service_id))
         return remote
+
+    def _add_own_state(self, remote: _Remote) -> None:
+        """This host while its records are not in the mirror (just after joining, before the
+        watch brings them back): an agent always lists itself, as a Consul agent does."""
+        for node in self.local.nodes():
+            remote.nodes[node.name] = node
+            remote.node_checks[node.name] = self.local.node_checks(node.name)
+        remote.entries.extend(self.local.entries())
 
     def _checks_of(
         self, node: str, kvs: list[KeyValue]

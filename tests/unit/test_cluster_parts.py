@@ -233,3 +233,28 @@ def test_a_prepared_query_is_read_only_when_its_name_key_points_at_it() -> None:
         LAYOUT.query("forged"): kv(LAYOUT.query("forged"), definition, revision=3),  # no name key of its own
     }
     assert list(read_queries(kvs, LAYOUT, 0)) == ["q1"]
+
+
+def test_the_cluster_storage_lists_this_host_before_the_watch_brings_its_records() -> None:
+    from supervisor.catalog.catalog import SERF_CHECK
+    from supervisor.catalog.model import Node
+    from supervisor.catalog.status import CheckStatus
+    from supervisor.cluster.records import encode
+    from supervisor.cluster.storage import ClusterStorage
+
+    published: list[dict[str, bytes]] = []
+    storage = ClusterStorage(LAYOUT, "me", Index(), lambda _instance: {}, published.append)
+    storage.set_base(1000)
+    assert storage.mirror_reset([kv(LAYOUT.node("h2"), encode({"ID": "n2", "Address": "10.0.0.2"}), 3)], 3)
+    assert [node.name for node in storage.nodes()] == ["h2"]
+
+    serf = storage.node_checks("h2")[0]
+    own_serf = serf.__class__(SERF_CHECK, serf.name, CheckStatus.PASSING, "", "", "", "", (), 1, 1)
+    storage.put_local(Node("n1", "me", "10.0.0.1", "dc1", {}), {}, (own_serf,))
+    assert published and LAYOUT.node("me") in published[-1]
+    assert [node.name for node in storage.nodes()] == ["h2", "me"]  # before the watch has it
+    assert [check.status for check in storage.node_checks("me")] == [CheckStatus.PASSING]
+
+    record = kv(LAYOUT.node("me"), published[-1][LAYOUT.node("me")], revision=4)
+    assert storage.mirror_apply([Event("put", record)], 4)
+    assert [(node.name, node.index) for node in storage.nodes()] == [("h2", 1003), ("me", 1004)]
