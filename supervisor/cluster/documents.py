@@ -16,6 +16,7 @@ Reads come from the mirror (``read_*``); writes are blocking calls for a worker 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +97,10 @@ def read_queries(kvs: dict[str, KeyValue], layout: Layout, base: int) -> dict[st
 # -- writing -----------------------------------------------------------------------------------
 
 
+_ATTEMPTS = 5  # writes that lose a race re-read and try again, this many times in all
+UniqueOf = Callable[[bytes], "str | None"]  # a stored record's unique key (None: unreadable)
+
+
 @dataclass(frozen=True)
 class _Outcome:
     """What a guarded write did: written at ``revision``, or not because the record is gone,
@@ -128,30 +133,66 @@ class DocumentWriter:
         held = result.ranged(0)
         return _Outcome(holder=held[0].value.decode() if held else record_id)
 
-    def _update(self, record: str, seen: int, value: bytes, old: str, new: str, record_id: str) -> _Outcome:
-        """``seen``: the record's revision the caller read (its ModifyIndex minus the base)."""
-        compare = [modified_at(record, seen)]
-        success = [op_put(record, value)]
-        if new != old:
-            compare.append(created_at(new, 0))
-            success += [op_delete(old), op_put(new, record_id)]
-        result = self.client.txn(compare, success, [op_range(record), op_range(new)])
-        if result.succeeded:
-            return _Outcome(result.revision)
-        if not result.ranged(0):
-            return _Outcome(gone=True)
-        holder = result.ranged(1)
-        return _Outcome(holder=holder[0].value.decode() if new != old and holder else None)
+    def _update(
+        self, record: str, seen: int, value: bytes, old: str, new: str, record_id: str, unique_of: UniqueOf
+    ) -> _Outcome:
+        """``seen``: the record's revision the caller read (its ModifyIndex minus the base);
+        ``old``: its unique key then. A change replaces the whole record, so one that lost a
+        race to another agent's change is made again on top of it: the last writer wins, as
+        in Consul, and neither gets an error. Only a unique key held by another record refuses."""
+        for _ in range(_ATTEMPTS):
+            compare = [modified_at(record, seen)]
+            success = [op_put(record, value)]
+            if new != old:
+                compare.append(created_at(new, 0))
+                success += [op_delete(old), op_put(new, record_id)]
+            result = self.client.txn(compare, success, [op_range(record), op_range(new)])
+            if result.succeeded:
+                return _Outcome(result.revision)
+            found = result.ranged(0)
+            if not found:
+                return _Outcome(gone=True)
+            holder = result.ranged(1)
+            if new != old and holder and holder[0].value != record_id.encode():
+                return _Outcome(holder=holder[0].value.decode())
+            unique = unique_of(found[0].value)
+            if unique is None:
+                break  # (not what an agent writes: left to the operator)
+            seen, old = found[0].mod_revision, unique
+        return _Outcome()
 
-    def _delete(self, record: str, seen: int, unique: str, record_id: str) -> _Outcome:
-        result = self.client.txn(
-            [modified_at(record, seen), holds(unique, record_id)],
-            [op_delete(record), op_delete(unique)],
-            [op_range(record)],
-        )
-        if result.succeeded:
-            return _Outcome(result.revision)
-        return _Outcome(gone=not result.ranged(0))
+    def _delete(self, record: str, seen: int, unique: str, record_id: str, unique_of: UniqueOf) -> _Outcome:
+        """Deletes the record even if another agent changed it since ``seen`` (as Consul's
+        delete by ID does), with whichever unique key it holds by then."""
+        for _ in range(_ATTEMPTS):
+            result = self.client.txn(
+                [modified_at(record, seen), holds(unique, record_id)],
+                [op_delete(record), op_delete(unique)],
+                [op_range(record)],
+            )
+            if result.succeeded:
+                return _Outcome(result.revision)
+            found = result.ranged(0)
+            if not found:
+                return _Outcome(gone=True)
+            now_held = unique_of(found[0].value)
+            if now_held is None:
+                break
+            seen, unique = found[0].mod_revision, now_held
+        return _Outcome()
+
+    def _intention_pair_of(self, value: bytes) -> str | None:
+        try:
+            document = decode(value)
+            return self.layout.intention_pair(str(document["SourceName"]), str(document["DestinationName"]))
+        except (BadRecord, KeyError, TypeError, AttributeError):
+            return None
+
+    def _query_name_of(self, value: bytes) -> str | None:
+        try:
+            return self.layout.query_name(QueryDefinition.from_fields(decode(value)["Definition"]).name)
+        except (BadRecord, KeyError, TypeError, ValueError, AttributeError):
+            return None
 
     @staticmethod
     def _written(outcome: _Outcome, title: str, kind: str, record_id: str) -> int:
@@ -204,6 +245,7 @@ class DocumentWriter:
             self.layout.intention_pair(current.source_name, current.destination_name),
             self.layout.intention_pair(fields.source_name, fields.destination_name),
             current.id,
+            self._intention_pair_of,
         )
         if outcome.holder is not None:
             raise Conflict(f"duplicate intention found: {updated} (ID {outcome.holder})")
@@ -211,7 +253,9 @@ class DocumentWriter:
 
     def delete_intention(self, current: Intention, seen: int) -> int:
         pair = self.layout.intention_pair(current.source_name, current.destination_name)
-        outcome = self._delete(self.layout.intention(current.id), seen, pair, current.id)
+        outcome = self._delete(
+            self.layout.intention(current.id), seen, pair, current.id, self._intention_pair_of
+        )
         return self._written(outcome, "Intention", "intention", current.id)
 
     # prepared queries
@@ -236,6 +280,7 @@ class DocumentWriter:
             self.layout.query_name(current.definition.name),
             self.layout.query_name(definition.name),
             current.id,
+            self._query_name_of,
         )
         if outcome.holder is not None:
             raise Conflict(f"name {definition.name!r} aliases an existing query name")
@@ -243,7 +288,7 @@ class DocumentWriter:
 
     def delete_query(self, current: PreparedQuery, seen: int) -> int:
         name = self.layout.query_name(current.definition.name)
-        outcome = self._delete(self.layout.query(current.id), seen, name, current.id)
+        outcome = self._delete(self.layout.query(current.id), seen, name, current.id, self._query_name_of)
         return self._written(outcome, "Query", "query", current.id)
 
 
