@@ -159,6 +159,39 @@ def test_a_dead_host_goes_critical_everywhere_and_a_restart_takes_its_lease_back
     assert ("host-a", 4) in [(m["Name"], m["Status"]) for m in members]
 
 
+def test_check_output_alone_is_written_at_most_every_check_update_interval(
+    tmp_path: Path, etcd_cluster: EtcdCluster, etcd_prefix: str
+) -> None:
+    extra = {"node_name": "host-a", "cluster": cluster_block(etcd_cluster, etcd_prefix)}
+    a = AgentProcess(tmp_path / "host-a", extra={**extra, "check_update_interval": "4s"})
+    b = make_host(tmp_path, "host-b", etcd_cluster, etcd_prefix, [])
+    try:
+        a.start()
+        b.start()
+        a.http("PUT", "/v1/agent/check/register", {"Name": "beat", "CheckID": "beat", "TTL": "1h"})
+
+        def output_on_b() -> tuple[str, str] | None:
+            checks = [c for c in b.http("GET", "/v1/health/node/host-a")[2] if c["CheckID"] == "beat"]
+            return (checks[0]["Status"], checks[0]["Output"]) if checks else None
+
+        a.http("PUT", "/v1/agent/check/pass/beat?note=one")
+        wait_until(lambda: output_on_b() == ("passing", "one"), timeout=5, message="a status change at once")
+        a.http("PUT", "/v1/agent/check/pass/beat?note=two")
+        changed = time.monotonic()
+        assert a.get("/v1/agent/checks")["beat"]["Output"] == "two"  # the agent's own view: at once
+        while time.monotonic() < changed + 1.5:
+            assert output_on_b() == ("passing", "one")  # the output alone waits
+            time.sleep(0.1)
+        wait_until(lambda: output_on_b() == ("passing", "two"), timeout=8, message="the held-back output")
+        a.http("PUT", "/v1/agent/check/fail/beat?note=down")
+        wait_until(
+            lambda: output_on_b() == ("critical", "down"), timeout=2, message="a status change at once"
+        )
+    finally:
+        a.kill_everything()
+        b.kill_everything()
+
+
 def test_leave_deregisters_the_host_at_once(hosts: tuple[AgentProcess, AgentProcess]) -> None:
     a, b = hosts
     wait_until(lambda: service_nodes(b, "web") == ["host-a"], timeout=10, message="web on host-b")

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from supervisor.cluster.deferral import OutputDeferral
 from supervisor.cluster.etcd import (
     MAX_TXN_OPS,
     Credentials,
@@ -122,6 +123,9 @@ class ClusterMember:
         self._desired: dict[str, bytes] = {}
         self._desired_lock = threading.Lock()
         self._written: dict[str, bytes] | None = None  # what etcd holds under our name (None: unknown)
+        own_checks = layout.checks(identity.node_name)
+        self._deferral = OutputDeferral(config.check_update_interval, lambda key: key.startswith(own_checks))
+        self._deferred_due: float | None = None  # when check output held back is to be written
         self._watch: Watch | None = None
         self._threads: list[threading.Thread] = []
         self.carry: Callable[[], None] | None = None  # once, after the first join (see Cluster)
@@ -242,7 +246,7 @@ class ClusterMember:
                     next_full = now + FULL_SYNC_INTERVAL
                 self._reached()
                 retry = RETRY_MIN
-                wait = min(next_renewal, next_full) - self.clock()
+                wait = min(next_renewal, next_full, self._deferred_due or next_full) - self.clock()
                 self._wake.wait(max(0.0, wait))
                 self._wake.clear()
             except EtcdError as exc:
@@ -376,6 +380,7 @@ class ClusterMember:
             written = self._read_own()
         else:
             written = self._written
+        desired, self._deferred_due = self._deferral.select(desired, written, self.clock())
         ops = [op_put(key, value) for key, value in desired.items() if written.get(key) != value]
         ops += [op_delete(key) for key in written if key not in desired]
         for start in range(0, len(ops), MAX_TXN_OPS):

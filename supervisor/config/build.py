@@ -337,6 +337,7 @@ class _Builder(DefinitionBuilder):
         reconnect = raw.get("reconnect_timeout", ClusterConfig.reconnect_timeout)
         if reconnect < 1:
             self.problem("", f"{where}.reconnect_timeout", "must be at least 1s (Consul's default: 72h)")
+        deferral = self.doc.get("check_update_interval", ClusterConfig.check_update_interval)
         signer = raw.get("ca_signer", ClusterConfig.ca_signer)
         key_file = raw.get("ca_key_file", "")
         if signer and not key_file:
@@ -361,6 +362,7 @@ class _Builder(DefinitionBuilder):
             reconnect_timeout=reconnect,
             ca_signer=signer,
             ca_key_file=key_file,
+            check_update_interval=deferral,
         )
 
     def _check_tls(self, files: dict[str, str]) -> None:

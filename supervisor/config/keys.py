@@ -357,7 +357,7 @@ CONSUL_ONLY_TOP_LEVEL = tuple(
     acl_replication_token acl_token acl_ttl acl_enforce_version_8 advertise_addr
     advertise_addr_ipv4 advertise_addr_ipv6 advertise_addr_wan advertise_addr_wan_ipv4
     advertise_addr_wan_ipv6 advertise_addrs autopilot bootstrap bootstrap_expect ca_file
-    ca_path cert_file key_file check_update_interval config_entries
+    ca_path cert_file key_file config_entries
     disable_anonymous_signature disable_coordinates disable_host_node_id
     disable_http_unprintable_char_filter disable_keyring_file disable_remote_exec
     disable_update_check discard_check_output discovery_max_stale
@@ -524,6 +524,7 @@ AGENT = Obj(
         ),
         "acl": ACL,
         "cluster": CLUSTER,
+        "check_update_interval": Duration(),
         "acl_master_token": Str(),
         "acl_default_policy": Str(("allow", "deny")),
         "acl_datacenter": Str(),

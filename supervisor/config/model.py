@@ -222,6 +222,8 @@ class ClusterConfig:
     reconnect_timeout: float = 72 * 3600.0  # a dead host's records are reaped after this
     ca_signer: bool = False  # this host may hold the CA key and sign every host's leaves
     ca_key_file: str = ""  # signer: the CA key-encryption key (32 random bytes, hex or raw)
+    # Consul's top-level key: output-only check changes are written at most this often
+    check_update_interval: float = 300.0
 
     @property
     def enabled(self) -> bool:

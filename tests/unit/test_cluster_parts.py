@@ -3,6 +3,7 @@ the key layout, indexes from content, records, and sealing the CA key."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -258,3 +259,32 @@ def test_the_cluster_storage_lists_this_host_before_the_watch_brings_its_records
     record = kv(LAYOUT.node("me"), published[-1][LAYOUT.node("me")], revision=4)
     assert storage.mirror_apply([Event("put", record)], 4)
     assert [(node.name, node.index) for node in storage.nodes()] == [("h2", 1003), ("me", 1004)]
+
+
+def test_output_only_check_changes_wait_for_the_check_update_interval() -> None:
+    from supervisor.cluster.deferral import OutputDeferral
+
+    def check(status: str, output: str) -> bytes:
+        return json.dumps({"CheckID": "c1", "Status": status, "Output": output}).encode()
+
+    key, node = LAYOUT.check("me", "c1"), LAYOUT.node("me")
+    deferral = OutputDeferral(300.0, lambda k: k.startswith(LAYOUT.checks("me")))
+    first = {node: b"{}", key: check("passing", "ok at 1")}
+    chosen, due = deferral.select(first, {}, now=0.0)
+    assert chosen == first and due is None  # a new check: at once
+
+    later = {node: b'{"Meta": 1}', key: check("passing", "ok at 2")}
+    chosen, due = deferral.select(later, first, now=10.0)
+    assert chosen == {node: b'{"Meta": 1}', key: first[key]} and due == 300.0  # output held back
+    chosen, due = deferral.select(later, chosen, now=299.0)
+    assert chosen[key] == first[key] and due == 300.0
+    chosen, due = deferral.select(later, chosen, now=300.0)
+    assert chosen[key] == later[key] and due is None  # the latest output, once due
+
+    failing = {node: b"{}", key: check("critical", "refused")}
+    chosen, due = deferral.select(failing, chosen, now=301.0)
+    assert chosen[key] == failing[key] and due is None  # a status change: at once
+
+    at_once = OutputDeferral(0.0, lambda k: k.startswith(LAYOUT.checks("me")))
+    at_once.select(first, {}, now=0.0)
+    assert at_once.select(later, first, now=1.0) == (later, None)  # "0s": every change

@@ -520,6 +520,15 @@ def test_the_cluster_block_is_built_and_each_mistake_named(tmp_path: Path) -> No
     )
 
 
+def test_check_update_interval_is_consuls_key_and_default() -> None:
+    cluster = {"etcd_endpoints": "http://127.0.0.1:2379"}
+    assert config(cluster=cluster).cluster.check_update_interval == 300.0
+    assert config(cluster=cluster, check_update_interval="0s").cluster.check_update_interval == 0.0
+    assert config(cluster=cluster, check_update_interval="30s").cluster.check_update_interval == 30.0
+    found = problems({"data_dir": "/d", "cluster": cluster, "check_update_interval": "-1s"})
+    assert any("check_update_interval: invalid duration '-1s'" in p for p in found), found
+
+
 def test_an_upstream_in_another_datacenter_is_refused_in_a_cluster() -> None:
     web = {
         "name": "web",
