@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from supervisor.cluster.etcd import KeyValue
 from supervisor.cluster.layout import Layout
 from supervisor.cluster.records import BadRecord, decode, encode
+from supervisor.cluster.secretfile import read_secret_file
 from supervisor.config.limits import key_encryption_key
 from supervisor.connect.ca import CertificateAuthority, Root
 from supervisor.errors import SupervisorError
@@ -55,10 +56,7 @@ class SealError(SupervisorError):
 def load_kek(path: str) -> bytes:
     """32 random bytes, raw or as 64 hex digits (``openssl rand -hex 32``)."""
     try:
-        if os.stat(path).st_mode & 0o077:
-            log.warning("%s can be read by others than its owner: chmod 600 it", path)
-        with open(path, "rb") as handle:
-            data = handle.read(256)
+        data = read_secret_file(path, 256)
     except OSError as exc:
         raise SealError(f"cannot read cluster.ca_key_file {path}: {exc.strerror}") from exc
     kek = key_encryption_key(data)

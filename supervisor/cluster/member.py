@@ -43,6 +43,7 @@ from supervisor.cluster.etcd import (
 from supervisor.cluster.etcdwatch import Watch
 from supervisor.cluster.layout import Layout
 from supervisor.cluster.records import encode
+from supervisor.cluster.secretfile import read_secret_file
 from supervisor.cluster.state import ClusterState, MemberHealth
 from supervisor.cluster.storage import ClusterStorage
 from supervisor.config.model import ClusterConfig
@@ -71,10 +72,7 @@ def credentials_of(config: ClusterConfig) -> Credentials:
     password = ""
     if config.password_file:
         try:
-            if os.stat(config.password_file).st_mode & 0o077:
-                log.warning("%s can be read by others than its owner: chmod 600 it", config.password_file)
-            with open(config.password_file, encoding="utf-8") as handle:
-                password = handle.read().strip()
+            password = read_secret_file(config.password_file).decode("utf-8").strip()
         except UnicodeDecodeError:
             raise EtcdError(f"cluster.password_file {config.password_file} is not UTF-8 text") from None
         except OSError as exc:

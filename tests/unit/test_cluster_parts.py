@@ -288,3 +288,21 @@ def test_output_only_check_changes_wait_for_the_check_update_interval() -> None:
     at_once = OutputDeferral(0.0, lambda k: k.startswith(LAYOUT.checks("me")))
     at_once.select(first, {}, now=0.0)
     assert at_once.select(later, first, now=1.0) == (later, None)  # "0s": every change
+
+
+def test_a_secret_file_others_may_read_is_used_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from supervisor.cluster.secretfile import read_secret_file
+
+    secret = tmp_path / "password"
+    secret.write_bytes(b"hunter2\n")
+    secret.chmod(0o600)
+    assert read_secret_file(str(secret)) == b"hunter2\n"
+    assert not caplog.records
+    secret.chmod(0o644)
+    assert read_secret_file(str(secret), limit=4) == b"hunt"
+    assert [r.message for r in caplog.records] == [
+        f"{secret} can be read by others than its owner: chmod 600 it"
+    ]
+    assert "hunter2" not in caplog.text
