@@ -124,7 +124,7 @@ def daemonize(
     context = daemon.DaemonContext(
         detach_process=True,
         # Relative paths in the config (data_dir, drop-in dirs) keep meaning what they meant.
-        working_directory=os.getcwd(),
+        working_directory=_working_directory(),
         umask=0o027,
         files_preserve=[write_fd, output],
         stdout=output,
@@ -161,3 +161,12 @@ def _wait_for_daemon(read_fd: int, child: int, timeout: float) -> Launched:
     if received.startswith(FAILED):
         raise DaemonError(received[len(FAILED) :].decode("utf-8", "replace").strip())
     raise DaemonError("the agent exited during start-up; see its log file for why")
+
+
+def _working_directory() -> str:
+    """Where the daemon runs: here, or "/" when here was deleted (no relative path can
+    resolve in a vanished directory anyway, and a traceback about it helps no one)."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return "/"
