@@ -12,6 +12,7 @@ from supervisor.api.http import HttpError, Request, Response
 from supervisor.api.results import Results
 from supervisor.api.router import READ_METHODS, Router
 from supervisor.api.selection import Selection
+from supervisor.catalog.index import Family
 from supervisor.catalog.intentions import IntentionFields, parse_intention
 from supervisor.controlplane import ControlPlane
 from supervisor.errors import ConfigError
@@ -55,7 +56,7 @@ class IntentionEndpoints:
         data, index = await block_until_changed(
             request,
             self.plane.changes,
-            lambda: self.results.get(("intentions", selection.key), compute),
+            lambda: self.results.get(("intentions", selection.key), compute, (Family.INTENTIONS,)),
             lambda r: r[1],
             param="index",
         )
@@ -146,7 +147,7 @@ class IntentionEndpoints:
         data, index = await block_until_changed(
             request,
             self.plane.changes,
-            lambda: self.results.get(("match", by, names), compute),
+            lambda: self.results.get(("match", by, names), compute, (Family.INTENTIONS,)),
             lambda r: r[1],
             param="index",
         )

@@ -15,6 +15,7 @@ from supervisor.api.read_meta import read_headers
 from supervisor.api.results import Results
 from supervisor.api.router import READ_METHODS, Router
 from supervisor.catalog.execution import execute
+from supervisor.catalog.index import Family
 from supervisor.catalog.queries import QueryDefinition, parse_query, shuffled
 from supervisor.config.limits import parse_uint
 from supervisor.controlplane import ControlPlane
@@ -60,7 +61,9 @@ class QueryEndpoints:
         data, index = await block_until_changed(
             request,
             self.plane.changes,
-            lambda: self.results.get(("queries", show), lambda: [query_json(q, show) for q in store.list()]),
+            lambda: self.results.get(
+                ("queries", show), lambda: [query_json(q, show) for q in store.list()], (Family.QUERIES,)
+            ),
             lambda r: r[1],
             param="index",
         )
@@ -101,7 +104,9 @@ class QueryEndpoints:
         data, index = await block_until_changed(
             request,
             self.plane.changes,
-            lambda: self.results.get(("execute", name_or_id, connect), compute),
+            lambda: self.results.get(
+                ("execute", name_or_id, connect), compute, (Family.QUERIES, Family.CATALOG)
+            ),
             lambda r: r[1],
             param="index",
         )

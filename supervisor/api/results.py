@@ -10,7 +10,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from supervisor.catalog.index import Index
+from supervisor.catalog.index import Family, Index
+
+ContentIndex = Callable[[tuple[Family, ...], Any], int]
 
 
 @dataclass
@@ -30,17 +32,18 @@ class Results:
     so a thousand waiters of the same query cost one computation per change.
     """
 
-    def __init__(
-        self, index: Index, capacity: int = 4096, content_index: Callable[[Any], int] | None = None
-    ) -> None:
+    def __init__(self, index: Index, capacity: int = 4096, content_index: ContentIndex | None = None) -> None:
         """``content_index``: cluster mode's rule, an answer's index taken from its content
-        (the same on every agent), instead of the index at which this agent saw it change."""
+        and the deletions in its families (the same on every agent), instead of the index
+        at which this agent saw it change."""
         self.index = index
         self.capacity = capacity
         self.content_index = content_index
         self._cache: OrderedDict[Hashable, _Cached] = OrderedDict()
 
-    def get(self, key: Hashable, compute: Callable[[], Any]) -> tuple[Any, int]:
+    def get(
+        self, key: Hashable, compute: Callable[[], Any], families: tuple[Family, ...] = (Family.CATALOG,)
+    ) -> tuple[Any, int]:
         cached = self._cache.get(key)
         current = self.index.value
         if cached is not None and cached.at_index == current:
@@ -51,7 +54,7 @@ class Results:
         if cached is not None and cached.digest == digest:
             result_index = cached.result_index
         elif self.content_index is not None:
-            result_index = self.content_index(data)
+            result_index = self.content_index(families, data)
             if cached is not None and result_index <= cached.result_index:
                 result_index = current  # (cannot happen with a mirror's answers; never backwards)
         else:

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import enum
 import time
+
+
+class Family(enum.Enum):
+    """What an answer is made of: the records whose deletion can change it (cluster mode
+    moves an answer that lost an item to the latest deletion in its families only)."""
+
+    CATALOG = "catalog"
+    INTENTIONS = "intentions"
+    QUERIES = "queries"
 
 
 class Index:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from supervisor.catalog.index import Family
 from supervisor.cluster.etcd import Event, KeyValue
-from supervisor.cluster.layout import Kind, Layout
+from supervisor.cluster.layout import Kind, Layout, Parsed
 
 
 class Mirror:
@@ -19,7 +20,10 @@ class Mirror:
         self.kvs: dict[str, KeyValue] = {}
         self.revision = 0
         self.gone_at: dict[str, int] = {}  # node -> the revision its alive/ key went away
-        self.removed_at = 0  # the latest revision that deleted a key (answers that lost an item move to it)
+        # Per family of answers (catalog, intentions, queries): the latest revision that
+        # deleted one of its keys; an answer that lost an item moves to it. Keys no answer
+        # shows (the CA's requests, tombstones, alive/ -- seen as the serf check) move none.
+        self.removed_at: dict[Family, int] = {}
 
     def reset(self, kvs: Iterable[KeyValue], revision: int) -> set[str]:
         """Take a whole listing; returns the keys that differ from what the mirror had."""
@@ -47,10 +51,21 @@ class Mirror:
         return changed
 
     def _note_gone(self, key: str, revision: int) -> None:
-        self.removed_at = max(self.removed_at, revision)
         parsed = self.layout.parse(key)
         if parsed is not None and parsed.kind is Kind.ALIVE:
             self.gone_at[parsed.node] = revision
+        family = self._family(key, parsed)
+        if family is not None:
+            self.removed_at[family] = max(self.removed_at.get(family, 0), revision)
+
+    def _family(self, key: str, parsed: Parsed | None) -> Family | None:
+        if parsed is not None:
+            return Family.CATALOG if parsed.kind in (Kind.NODE, Kind.SERVICE, Kind.CHECK) else None
+        if key.startswith(f"{self.layout.root}intentions/"):
+            return Family.INTENTIONS
+        if key.startswith(f"{self.layout.root}queries/"):
+            return Family.QUERIES
+        return None
 
     def under(self, prefix: str) -> list[KeyValue]:
         return [kv for key, kv in self.kvs.items() if key.startswith(prefix)]

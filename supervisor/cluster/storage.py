@@ -16,11 +16,11 @@ backwards (``Index.advance``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from supervisor.catalog.catalog import SERF_ALIVE, SERF_CHECK, SERF_NAME
-from supervisor.catalog.index import Index
+from supervisor.catalog.index import Family, Index
 from supervisor.catalog.model import CheckResult, Entry, Instance, Node
 from supervisor.catalog.status import CheckStatus
 from supervisor.catalog.storage import LocalStorage
@@ -148,11 +148,12 @@ class ClusterStorage:
     def alive(self, node_name: str) -> bool:
         return self.layout.alive(node_name) in self.mirror.kvs
 
-    def content_index(self, data: Any) -> int:
+    def content_index(self, families: Collection[Family], data: Any) -> int:
         """A read's index from what it returns: the latest change among its items, or the
-        latest deletion (an answer that lost an item). Every agent has the same mirror, so
-        every agent gives the same index for the same answer."""
-        return max(latest_modify_index(data), self.base + self.mirror.removed_at)
+        latest deletion among the keys it is made of (an answer that lost an item). Every
+        agent has the same mirror, so every agent gives the same index for the same answer."""
+        removed = max((self.mirror.removed_at.get(family, 0) for family in families), default=0)
+        return max(latest_modify_index(data), self.base + removed)
 
     # -- building other hosts' view --------------------------------------------------------
 

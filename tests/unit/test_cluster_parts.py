@@ -59,8 +59,35 @@ def test_the_mirror_reports_what_changed_and_when_hosts_went() -> None:
     assert mirror.revision == 9
     gone = Event("delete", KeyValue(LAYOUT.alive("h1"), b"", 0, 12))
     assert mirror.apply([gone], 12) == {LAYOUT.alive("h1")}
-    assert mirror.gone_at["h1"] == 12 and mirror.removed_at == 12
+    assert mirror.gone_at["h1"] == 12
+    assert mirror.removed_at == {}  # (alive/ shows in the serf check's content, not as a deletion)
     assert mirror.apply([gone], 13) == set()  # (already gone)
+
+
+def test_an_answer_that_lost_an_item_moves_only_for_deletions_in_its_families() -> None:
+    from supervisor.catalog.index import Family
+    from supervisor.cluster.storage import ClusterStorage
+
+    storage = ClusterStorage(LAYOUT, "me", Index(), lambda _instance: {}, lambda _records: None)
+    storage.set_base(1000)
+    keys = [LAYOUT.service("h2", "db-1"), LAYOUT.intention("i1"), LAYOUT.tombstone("h3"), LAYOUT.query("q1")]
+    storage.mirror_reset([kv(key, revision=number + 1) for number, key in enumerate(keys)], 4)
+    answer = [{"ModifyIndex": 1002}]
+    catalog, intentions = (Family.CATALOG,), (Family.INTENTIONS,)
+    assert storage.content_index(catalog, answer) == 1002
+
+    def delete(key: str, revision: int) -> None:
+        storage.mirror_apply([Event("delete", KeyValue(key, b"", 0, revision))], revision)
+
+    delete(LAYOUT.tombstone("h3"), 5)  # (no answer shows tombstones, or the CA's requests)
+    assert storage.content_index(catalog, answer) == 1002
+    delete(LAYOUT.intention("i1"), 6)
+    assert storage.content_index(catalog, answer) == 1002
+    assert storage.content_index(intentions, []) == 1006
+    delete(LAYOUT.service("h2", "db-1"), 7)
+    assert storage.content_index(catalog, []) == 1007
+    assert storage.content_index((Family.QUERIES, Family.CATALOG), []) == 1007
+    assert storage.content_index((Family.QUERIES,), []) == 1000
 
 
 def test_an_answers_index_is_its_latest_change() -> None:
