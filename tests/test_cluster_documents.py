@@ -4,6 +4,7 @@ last writer wins, as in Consul), while a unique key held by another record still
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -60,6 +61,21 @@ def test_concurrent_changes_to_an_intention_both_land_and_the_last_one_wins(writ
     assert not writer.client.range(writer.layout.intention_pair("web", "api"))[0]
     with pytest.raises(NotFound):
         writer.delete_intention(first, created)
+
+
+def test_a_record_naming_another_records_pair_cannot_take_its_key_away(writer: DocumentWriter) -> None:
+    mine, seen = writer.create_intention(IntentionFields("web", "db", Action.ALLOW))
+    theirs, _ = writer.create_intention(IntentionFields("api", "db", Action.ALLOW))
+    current = intentions(writer)[mine]
+    record = writer.layout.intention(mine)
+    stored = json.loads(writer.client.range(record)[0][0].value)
+    writer.client.put(record, json.dumps({**stored, "SourceName": "api"}))  # written past the agents
+
+    with pytest.raises(Conflict):
+        writer.update_intention(current, seen, IntentionFields("web", "cache", Action.DENY))
+    [pair] = writer.client.range(writer.layout.intention_pair("api", "db"))[0]
+    assert pair.value == theirs.encode()  # still the other intention's
+    assert theirs in intentions(writer)
 
 
 def test_concurrent_changes_to_a_prepared_query_both_land(writer: DocumentWriter) -> None:

@@ -9,17 +9,17 @@ output waits, and the latest output is written when the interval is up.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
+
+from supervisor.cluster.records import BadRecord, decode
 
 
 def _without_output(value: bytes) -> object:
     try:
-        document = json.loads(value)
-    except ValueError:
-        return None
-    if isinstance(document, dict):
-        document.pop("Output", None)
+        document = decode(value)
+    except BadRecord:
+        return None  # (not what an agent writes: written over at once)
+    document.pop("Output", None)
     return document
 
 
@@ -33,6 +33,7 @@ class OutputDeferral:
         self.interval = interval
         self.is_check = is_check
         self._written_at: dict[str, float] = {}  # check key -> when its record was last written
+        self._writing: dict[str, float] = {}  # chosen by the last ``select``, not yet written
 
     def select(
         self, desired: Mapping[str, bytes], written: Mapping[str, bytes], now: float
@@ -59,7 +60,12 @@ class OutputDeferral:
                 chosen[key] = before
                 due = last + self.interval if due is None else min(due, last + self.interval)
                 continue
-            self._written_at[key] = now
+            self._writing[key] = now
         for key in [key for key in self._written_at if key not in desired]:
             del self._written_at[key]
         return chosen, due
+
+    def written(self) -> None:
+        """What the last ``select`` chose is in etcd now (a failed write holds nothing back)."""
+        self._written_at.update(self._writing)
+        self._writing.clear()

@@ -62,7 +62,7 @@ def read_intentions(kvs: dict[str, KeyValue], layout: Layout, base: int) -> dict
             intention = intention_from_document(
                 {**document, "CreateIndex": base + kv.create_revision, "ModifyIndex": base + kv.mod_revision}
             )
-        except (BadRecord, KeyError, TypeError, ValueError, AttributeError):
+        except (BadRecord, KeyError, TypeError, ValueError, AttributeError, OverflowError):
             continue  # (not what an agent writes; the catalog's reader logs such keys)
         # Only a record that is what its keys say: its own ID, and its pair pointing at it
         # (a record written past the transactions could otherwise shadow a real one).
@@ -82,7 +82,7 @@ def read_queries(kvs: dict[str, KeyValue], layout: Layout, base: int) -> dict[st
         try:
             document = decode(kv.value)
             definition = QueryDefinition.from_fields(document["Definition"])
-        except (BadRecord, KeyError, TypeError, ValueError, AttributeError):
+        except (BadRecord, KeyError, TypeError, ValueError, AttributeError, OverflowError):
             continue
         query_id = key[len(prefix) :]
         name = kvs.get(layout.query_name(definition.name))
@@ -144,7 +144,9 @@ class DocumentWriter:
             compare = [modified_at(record, seen)]
             success = [op_put(record, value)]
             if new != old:
-                compare.append(created_at(new, 0))
+                # (the old key must still be this record's: a value that names another
+                # record's pair or name must not delete it)
+                compare += [created_at(new, 0), holds(old, record_id)]
                 success += [op_delete(old), op_put(new, record_id)]
             result = self.client.txn(compare, success, [op_range(record), op_range(new)])
             if result.succeeded:
@@ -191,7 +193,7 @@ class DocumentWriter:
     def _query_name_of(self, value: bytes) -> str | None:
         try:
             return self.layout.query_name(QueryDefinition.from_fields(decode(value)["Definition"]).name)
-        except (BadRecord, KeyError, TypeError, ValueError, AttributeError):
+        except (BadRecord, KeyError, TypeError, ValueError, AttributeError, OverflowError):
             return None
 
     @staticmethod

@@ -383,6 +383,7 @@ class ClusterMember:
         ops += [op_delete(key) for key in written if key not in desired]
         for start in range(0, len(ops), MAX_TXN_OPS):
             self.client.txn([], ops[start : start + MAX_TXN_OPS])
+        self._deferral.written()
         self._written = desired
 
     def _read_own(self) -> dict[str, bytes]:

@@ -21,8 +21,9 @@ class Mirror:
         self.revision = 0
         self.gone_at: dict[str, int] = {}  # node -> the revision its alive/ key went away
         # Per family of answers (catalog, intentions, queries): the latest revision that
-        # deleted one of its keys; an answer that lost an item moves to it. Keys no answer
-        # shows (the CA's requests, tombstones, alive/ -- seen as the serf check) move none.
+        # deleted one of its keys; an answer that lost an item moves to it (alive/ counts
+        # for the catalog: a dead host's instances leave ?passing answers). Keys no answer
+        # shows (the CA's requests, tombstones) move none.
         self.removed_at: dict[Family, int] = {}
 
     def reset(self, kvs: Iterable[KeyValue], revision: int) -> set[str]:
@@ -60,7 +61,7 @@ class Mirror:
 
     def _family(self, key: str, parsed: Parsed | None) -> Family | None:
         if parsed is not None:
-            return Family.CATALOG if parsed.kind in (Kind.NODE, Kind.SERVICE, Kind.CHECK) else None
+            return None if parsed.kind is Kind.META else Family.CATALOG
         if key.startswith(f"{self.layout.root}intentions/"):
             return Family.INTENTIONS
         if key.startswith(f"{self.layout.root}queries/"):

@@ -70,6 +70,7 @@ class ClusterStorage:
         self.records: dict[str, bytes] = {}
         self._encoded: dict[str, tuple[Instance, bytes]] = {}  # service ID -> its instance and record
         self.documents_changed = True  # intentions or queries moved since last read (first: the listing)
+        self._overlaid = False  # the view shows this host from its own state (``_add_own_state``)
 
     # -- this host ------------------------------------------------------------------------------
 
@@ -84,8 +85,8 @@ class ClusterStorage:
         if records != self.records:
             self.records = records
             self.publish(records)
-            if self.layout.node(self.own_node) not in self.mirror.kvs:
-                self._remote = None  # the view shows this host from its own state until then
+            if self._overlaid:
+                self._remote = None  # the view shows this host from its own state: build it again
 
     def _service_value(self, instance: Instance) -> bytes:
         """An instance's record, rendered again only when the instance changed: the catalog
@@ -194,14 +195,16 @@ class ClusterStorage:
                 own = service_checks.get(service_id, ())
                 entry = Entry(node, instance, (*node_checks, *own), self.base + kv.mod_revision)
                 remote.entries.append(entry)
-        if self.own_node not in remote.nodes:
+        self._overlaid = self.own_node not in remote.nodes
+        if self._overlaid:
             self._add_own_state(remote)
         remote.entries.sort(key=lambda entry: (entry.node.name, entry.instance.service_id))
         return remote
 
     def _add_own_state(self, remote: _Remote) -> None:
-        """This host while its records are not in the mirror (just after joining, before the
-        watch brings them back): an agent always lists itself, as a Consul agent does."""
+        """This host while its node record is not in the mirror (just after joining, before
+        the watch brings it back; or a record there no agent wrote): an agent always lists
+        itself, as a Consul agent does."""
         for node in self.local.nodes():
             remote.nodes[node.name] = node
             remote.node_checks[node.name] = self.local.node_checks(node.name)

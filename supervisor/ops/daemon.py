@@ -168,5 +168,5 @@ def _working_directory() -> str:
     resolve in a vanished directory anyway, and a traceback about it helps no one)."""
     try:
         return os.getcwd()
-    except FileNotFoundError:
+    except OSError:  # (deleted, or no longer searchable)
         return "/"

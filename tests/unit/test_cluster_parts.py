@@ -52,6 +52,8 @@ def test_the_layout_names_and_parses_every_kind_of_key() -> None:
 
 
 def test_the_mirror_reports_what_changed_and_when_hosts_went() -> None:
+    from supervisor.catalog.index import Family
+
     mirror = Mirror(LAYOUT)
     first = [kv(LAYOUT.node("h1")), kv(LAYOUT.alive("h1"), lease=7)]
     assert mirror.reset(first, 5) == {LAYOUT.node("h1"), LAYOUT.alive("h1")}
@@ -60,7 +62,7 @@ def test_the_mirror_reports_what_changed_and_when_hosts_went() -> None:
     gone = Event("delete", KeyValue(LAYOUT.alive("h1"), b"", 0, 12))
     assert mirror.apply([gone], 12) == {LAYOUT.alive("h1")}
     assert mirror.gone_at["h1"] == 12
-    assert mirror.removed_at == {}  # (alive/ shows in the serf check's content, not as a deletion)
+    assert mirror.removed_at == {Family.CATALOG: 12}  # (its instances leave ?passing answers)
     assert mirror.apply([gone], 13) == set()  # (already gone)
 
 
@@ -261,6 +263,10 @@ def test_a_prepared_query_is_read_only_when_its_name_key_points_at_it() -> None:
         LAYOUT.query("forged"): kv(LAYOUT.query("forged"), definition, revision=3),  # no name key of its own
     }
     assert list(read_queries(kvs, LAYOUT, 0)) == ["q1"]
+    failover = b'{"service": "db", "failover": {"nearest_n": Infinity}}'
+    infinite = b'{"Definition": {"name": "primary", "service": ' + failover + b"}}"
+    kvs[LAYOUT.query("q1")] = kv(LAYOUT.query("q1"), infinite, revision=4)
+    assert read_queries(kvs, LAYOUT, 0) == {}  # skipped, not raised
 
 
 def test_the_cluster_storage_lists_this_host_before_the_watch_brings_its_records() -> None:
@@ -283,9 +289,15 @@ def test_the_cluster_storage_lists_this_host_before_the_watch_brings_its_records
     assert [node.name for node in storage.nodes()] == ["h2", "me"]  # before the watch has it
     assert [check.status for check in storage.node_checks("me")] == [CheckStatus.PASSING]
 
-    record = kv(LAYOUT.node("me"), published[-1][LAYOUT.node("me")], revision=4)
-    assert storage.mirror_apply([Event("put", record)], 4)
-    assert [(node.name, node.index) for node in storage.nodes()] == [("h2", 1003), ("me", 1004)]
+    # A record there that no agent wrote: this host is still shown from its own state, and kept current.
+    assert storage.mirror_apply([Event("put", kv(LAYOUT.node("me"), b"not json", revision=4))], 4)
+    assert [node.address for node in storage.nodes() if node.name == "me"] == ["10.0.0.1"]
+    storage.put_local(Node("n1", "me", "10.0.0.9", "dc1", {}), {}, (own_serf,))
+    assert [node.address for node in storage.nodes() if node.name == "me"] == ["10.0.0.9"]
+
+    record = kv(LAYOUT.node("me"), published[-1][LAYOUT.node("me")], revision=5)
+    assert storage.mirror_apply([Event("put", record)], 5)
+    assert [(node.name, node.index) for node in storage.nodes()] == [("h2", 1003), ("me", 1005)]
 
 
 def test_output_only_check_changes_wait_for_the_check_update_interval() -> None:
@@ -296,24 +308,42 @@ def test_output_only_check_changes_wait_for_the_check_update_interval() -> None:
 
     key, node = LAYOUT.check("me", "c1"), LAYOUT.node("me")
     deferral = OutputDeferral(300.0, lambda k: k.startswith(LAYOUT.checks("me")))
+
+    def sync(
+        desired: dict[str, bytes], written: dict[str, bytes], now: float
+    ) -> tuple[dict[str, bytes], float | None]:
+        chosen, due = deferral.select(desired, written, now)
+        deferral.written()  # (the sync thread's write went through)
+        return chosen, due
+
     first = {node: b"{}", key: check("passing", "ok at 1")}
-    chosen, due = deferral.select(first, {}, now=0.0)
+    chosen, due = sync(first, {}, now=0.0)
     assert chosen == first and due is None  # a new check: at once
 
     later = {node: b'{"Meta": 1}', key: check("passing", "ok at 2")}
-    chosen, due = deferral.select(later, first, now=10.0)
+    chosen, due = sync(later, first, now=10.0)
     assert chosen == {node: b'{"Meta": 1}', key: first[key]} and due == 300.0  # output held back
-    chosen, due = deferral.select(later, chosen, now=299.0)
+    chosen, due = sync(later, chosen, now=299.0)
     assert chosen[key] == first[key] and due == 300.0
-    chosen, due = deferral.select(later, chosen, now=300.0)
+    chosen, due = sync(later, chosen, now=300.0)
     assert chosen[key] == later[key] and due is None  # the latest output, once due
 
     failing = {node: b"{}", key: check("critical", "refused")}
-    chosen, due = deferral.select(failing, chosen, now=301.0)
+    chosen, due = sync(failing, chosen, now=301.0)
     assert chosen[key] == failing[key] and due is None  # a status change: at once
+    again = {node: b"{}", key: check("critical", "refused again")}
+    chosen, due = sync(again, failing, now=302.0)
+    assert chosen[key] == failing[key] and due == 601.0  # written at 301: this output waits
+
+    retried = OutputDeferral(300.0, lambda k: k.startswith(LAYOUT.checks("me")))
+    retried.select(first, {}, now=0.0)  # ... and that write failed (no ``written()``)
+    assert retried.select(later, first, now=1.0)[0] == later  # so nothing is held back for it
+    hostile = b"[" * 100_000 + b"]" * 100_000  # (what no agent writes: written over at once)
+    assert retried.select({key: check("passing", "x")}, {key: hostile}, now=2.0)[0][key] != hostile
 
     at_once = OutputDeferral(0.0, lambda k: k.startswith(LAYOUT.checks("me")))
     at_once.select(first, {}, now=0.0)
+    at_once.written()
     assert at_once.select(later, first, now=1.0) == (later, None)  # "0s": every change
 
 
