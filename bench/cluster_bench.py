@@ -254,10 +254,12 @@ class SimulatedAgent:
         self.member.want(self._records(self.services, extra=number))
 
     def flip_check(self, number: int) -> None:
-        """A check's output changes (what a flapping or chatty check does)."""
+        """A check flaps: its status changes (written at once; a change of output alone
+        would wait for check_update_interval and cost etcd nothing here)."""
         records = dict(self.member._desired)  # (a bench pokes the member directly)
         key = self.layout.check(self.name, "service:svc-0")
-        check = {**json.loads(records[key]), "Output": f"output {number}"}
+        status = "warning" if number % 2 == 0 else "passing"
+        check = {**json.loads(records[key]), "Status": status, "Output": f"output {number}"}
         records[key] = encode(check)
         self.member.want(records)
 
