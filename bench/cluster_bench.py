@@ -258,8 +258,9 @@ class SimulatedAgent:
         would wait for check_update_interval and cost etcd nothing here)."""
         records = dict(self.member._desired)  # (a bench pokes the member directly)
         key = self.layout.check(self.name, "service:svc-0")
-        status = "warning" if number % 2 == 0 else "passing"
-        check = {**json.loads(records[key]), "Status": status, "Output": f"output {number}"}
+        check = json.loads(records[key])
+        status = "warning" if check["Status"] == "passing" else "passing"
+        check = {**check, "Status": status, "Output": f"output {number}"}
         records[key] = encode(check)
         self.member.want(records)
 
