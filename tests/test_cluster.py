@@ -372,13 +372,31 @@ def test_one_ca_for_the_cluster_with_its_key_only_on_signers(
     assert status == 200, leaf
     assert verifies(leaf["CertPEM"], roots(first))
     assert leaf["ServiceURI"].startswith(f"spiffe://{roots(second)['TrustDomain']}/")
-    # Only for services registered on that host.
+    # Only for services registered on that host: the agent says so at once, and a request
+    # written past the agent (a host asking for another host's service) is refused by the signer.
     status, _, refused = plain.http("GET", "/v1/agent/connect/ca/leaf/web")
     assert status == 503 and "not registered on host plain" in str(refused)
+    from cryptography.hazmat.primitives.asymmetric import ec
 
-    # The key is sealed in etcd: nothing there holds a private key in the clear.
+    from supervisor.cluster.authority import certificate_request, request_value
+    from supervisor.cluster.layout import Layout
+
+    layout = Layout(etcd_prefix, "dc1")
     client = EtcdClient(etcd_cluster.endpoints)
     try:
+        csr = certificate_request(ec.generate_private_key(ec.SECP256R1()), "web")
+        client.put(layout.ca_request("plain", "forged"), request_value(csr, "web"))
+
+        def answer() -> bytes | None:
+            found = client.range(layout.ca_issued("plain", "forged"))[0]
+            return found[0].value if found else None
+
+        wait_until(lambda: answer() is not None, timeout=10, message="the signer's answer")
+        assert b"not registered on host plain" in (answer() or b"") and b"CERTIFICATE" not in (
+            answer() or b""
+        )
+
+        # The key is sealed in etcd: nothing there holds a private key in the clear.
         kvs, _ = client.range_all(etcd_prefix)
     finally:
         client.close()

@@ -170,6 +170,7 @@ class Cluster:
             lambda: self.member.lease if self.member is not None else 0,
             lambda: storage.mirror.kvs,
             lambda: storage.base,
+            lambda: storage.records,
         )
         self.authority = ClusterAuthority(local)
         self.leaves = ClusterLeaves(context, self.authority, local_leaves, config.datacenter, on_change)

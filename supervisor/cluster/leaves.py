@@ -5,6 +5,7 @@ has a CA, and during a switch from this host's own CA, the local leaves are serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -20,7 +21,7 @@ from supervisor.catalog.errors import Unavailable
 from supervisor.cluster.authority import ClusterAuthority, certificate_request, request_value
 from supervisor.cluster.etcd import EtcdError, op_delete
 from supervisor.cluster.records import BadRecord, decode
-from supervisor.cluster.signer import CAContext, blocking
+from supervisor.cluster.signer import CAContext, blocking, registered_on
 from supervisor.connect.ca import Leaf
 from supervisor.connect.leaves import LeafManager
 from supervisor.connect.spiffe import service_id
@@ -28,6 +29,7 @@ from supervisor.connect.spiffe import service_id
 log = logging.getLogger("supervisor.cluster")
 
 REQUEST_PATIENCE = 60.0  # seconds an unanswered leaf request is waited for before it is made again
+REGISTRATION_PATIENCE = 10.0  # seconds a request waits for its service's record to be in etcd
 
 
 # -- leaves for this host's services ----------------------------------------------------------
@@ -68,6 +70,7 @@ class ClusterLeaves:
         self._issued_by: dict[str, str] = {}  # service -> the active root ID when it was issued
         self._pending: dict[str, _Pending] = {}  # request ID -> what was asked
         self._renewals: dict[str, asyncio.TimerHandle] = {}
+        self._moved: asyncio.Event | None = None  # set by ``refresh``: the mirror moved
         self.rng = random.Random()
 
     def get(self, service: str) -> Leaf:
@@ -130,6 +133,7 @@ class ClusterLeaves:
         lease = self.context.lease()
         if not lease:
             raise Unavailable("this host has not joined the cluster yet; try again in a moment")
+        await self._until_registered(service)
         key = ec.generate_private_key(ec.SECP256R1())
         request_id = uuid.uuid4().hex
         pending = _Pending(service, key)
@@ -143,8 +147,37 @@ class ClusterLeaves:
             raise Unavailable(f"cannot ask the cluster for a leaf for {service}: {exc}") from None
         return pending
 
+    async def _until_registered(self, service: str) -> None:
+        """Until etcd has this host's registration of ``service``. The signer signs only for
+        services registered on the asking host, and its watch sees keys in revision order:
+        a request put after the registration is never refused as one that came before it
+        (just after a start, or a registration, the catalog's write may not be in yet)."""
+        context = self.context
+        layout, node = context.layout, context.node
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REGISTRATION_PATIENCE
+        while not registered_on(layout, ((k, kv.value) for k, kv in context.kvs().items()), node, service):
+            remaining = deadline - loop.time()
+            if not registered_on(layout, context.own_records().items(), node, service):
+                raise Unavailable(
+                    f"no leaf certificate for {service}: it is not registered on host {node} "
+                    "(the cluster's CA signs leaves only for services registered on the asking host)"
+                )
+            if remaining <= 0:
+                raise Unavailable(
+                    f"no leaf certificate for {service}: its registration has not reached the "
+                    f"cluster's store in {REGISTRATION_PATIENCE:.0f}s (is etcd reachable?)"
+                )
+            if self._moved is None:
+                self._moved = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._moved.wait(), remaining)
+
     def refresh(self) -> None:
         """After the mirror moved: take issued leaves; renew all after a root change."""
+        if self._moved is not None:
+            self._moved.set()
+            self._moved = None
         context = self.context
         kvs = context.kvs()
         for request_id, pending in list(self._pending.items()):

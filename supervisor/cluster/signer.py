@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ class CAContext:
     lease: LeaseOf
     kvs: Callable[[], dict[str, KeyValue]]
     base: Callable[[], int]
+    own_records: Callable[[], dict[str, bytes]] = dict  # this host's records as it publishes them
 
 
 async def blocking(call: Callable[[], Any]) -> Any:
@@ -219,7 +220,7 @@ class Signer:
     ) -> str:
         value = decode(request.value)
         service = str(value.get("service", ""))
-        if not service or not _registered_on(self.context.layout, kvs, node, service):
+        if not service or not registered_on(self.context.layout, _values(kvs), node, service):
             raise BadRecord(f"service {service!r} is not registered on host {node}")
         try:
             csr = x509.load_pem_x509_csr(str(value.get("csr", "")).encode())
@@ -232,16 +233,21 @@ class Signer:
         return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in (cert, *chain))
 
 
-def _registered_on(layout: Layout, kvs: dict[str, KeyValue], node: str, service: str) -> bool:
-    """``service`` runs on ``node``: an instance of it, or a proxy for it, is registered there."""
+def registered_on(layout: Layout, records: Iterable[tuple[str, bytes]], node: str, service: str) -> bool:
+    """``service`` runs on ``node``: an instance of it, or a proxy for it, is registered
+    there (``records``: keys and values, from the mirror or this host's own)."""
     prefix = layout.services(node)
-    for key, kv in kvs.items():
+    for key, value in records:
         if not key.startswith(prefix):
             continue
         try:
-            instance = read_instance(decode(kv.value), key[len(prefix) :])
+            instance = read_instance(decode(value), key[len(prefix) :])
         except BadRecord:
             continue
         if service in (instance.name, instance.connect_target):
             return True
     return False
+
+
+def _values(kvs: dict[str, KeyValue]) -> Iterator[tuple[str, bytes]]:
+    return ((key, kv.value) for key, kv in kvs.items())
