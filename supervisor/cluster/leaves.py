@@ -104,9 +104,10 @@ class ClusterLeaves:
         for request_id, waiting in list(self._pending.items()):
             if waiting.service == service and waiting.stale():
                 del self._pending[request_id]
-        pending = next((p for p in self._pending.values() if p.service == service), None)
+        pending = self._pending_for(service)
         if pending is None:
-            pending = await self._request(service)
+            await self._until_registered(service)
+            pending = self._pending_for(service) or await self._request(service)  # (asked meanwhile?)
         if authority.local_in_use():
             return  # (this host's own leaf is served meanwhile; the answer wakes the waiters)
         try:
@@ -123,17 +124,23 @@ class ClusterLeaves:
             if service not in self.leaves and not any(p.service == service for p in self._pending.values()):
                 asyncio.get_running_loop().create_task(self._quiet_request(service), name=f"leaf {service}")
 
+    def _pending_for(self, service: str) -> _Pending | None:
+        return next((p for p in self._pending.values() if p.service == service), None)
+
     async def _quiet_request(self, service: str) -> None:
         try:
-            await self._request(service)
+            await self._until_registered(service)
+            if self._pending_for(service) is None:
+                await self._request(service)
         except Unavailable as exc:
             log.warning("%s", exc)
 
     async def _request(self, service: str) -> _Pending:
+        """Put a CSR (the caller made sure etcd has the registration: ``_until_registered``).
+        Nothing is awaited before the request is pending, so callers asking at once share it."""
         lease = self.context.lease()
         if not lease:
             raise Unavailable("this host has not joined the cluster yet; try again in a moment")
-        await self._until_registered(service)
         key = ec.generate_private_key(ec.SECP256R1())
         request_id = uuid.uuid4().hex
         pending = _Pending(service, key)
@@ -266,6 +273,7 @@ class ClusterLeaves:
             )
 
     async def ensure_new(self, service: str) -> None:
+        await self._until_registered(service)
         pending = await self._request(service)
         await asyncio.wait_for(asyncio.shield(pending.done), 60)
 
