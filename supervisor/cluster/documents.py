@@ -27,7 +27,7 @@ from supervisor.catalog.intentions import (
     intention_document,
     intention_from_document,
 )
-from supervisor.catalog.queries import PreparedQuery, QueryDefinition
+from supervisor.catalog.queries import PreparedQuery, QueryDefinition, parse_query
 from supervisor.cluster.etcd import (
     EtcdClient,
     KeyValue,
@@ -40,6 +40,7 @@ from supervisor.cluster.etcd import (
 )
 from supervisor.cluster.layout import Layout
 from supervisor.cluster.records import BadRecord, decode, encode
+from supervisor.errors import ConfigError
 
 
 def _timestamp() -> str:
@@ -81,8 +82,10 @@ def read_queries(kvs: dict[str, KeyValue], layout: Layout, base: int) -> dict[st
             continue
         try:
             document = decode(kv.value)
-            definition = QueryDefinition.from_fields(document["Definition"])
-        except (BadRecord, KeyError, TypeError, ValueError, AttributeError, OverflowError):
+            # Checked as the API checks a definition (types, regexps that cannot backtrack
+            # for ever): a value written past the agents runs on every agent's API loop.
+            definition = parse_query(document["Definition"], key)
+        except (BadRecord, ConfigError, KeyError, TypeError, ValueError, AttributeError, OverflowError):
             continue
         query_id = key[len(prefix) :]
         name = kvs.get(layout.query_name(definition.name))
@@ -192,8 +195,8 @@ class DocumentWriter:
 
     def _query_name_of(self, value: bytes) -> str | None:
         try:
-            return self.layout.query_name(QueryDefinition.from_fields(decode(value)["Definition"]).name)
-        except (BadRecord, KeyError, TypeError, ValueError, AttributeError, OverflowError):
+            return self.layout.query_name(parse_query(decode(value)["Definition"]).name)
+        except (BadRecord, ConfigError, KeyError, TypeError, ValueError, AttributeError, OverflowError):
             return None
 
     @staticmethod

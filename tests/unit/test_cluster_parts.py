@@ -267,6 +267,15 @@ def test_a_prepared_query_is_read_only_when_its_name_key_points_at_it() -> None:
     infinite = b'{"Definition": {"name": "primary", "service": ' + failover + b"}}"
     kvs[LAYOUT.query("q1")] = kv(LAYOUT.query("q1"), infinite, revision=4)
     assert read_queries(kvs, LAYOUT, 0) == {}  # skipped, not raised
+    # Checked as the API checks them: no regexp that backtracks for ever, no tags of the wrong type.
+    template = {"type": "name_prefix_match", "regexp": "^primary-(a+)+$"}
+    for hostile in (
+        {"name": "primary", "service": {"service": "db"}, "template": template},
+        {"name": "primary", "service": {"service": "db", "tags": [1, 2]}},
+        {"name": "primary", "service": {"service": "db", "node_meta": ["ab"]}},
+    ):
+        kvs[LAYOUT.query("q1")] = kv(LAYOUT.query("q1"), encode({"Definition": hostile}), revision=5)
+        assert read_queries(kvs, LAYOUT, 0) == {}, hostile
 
 
 def test_the_cluster_storage_lists_this_host_before_the_watch_brings_its_records() -> None:
