@@ -192,6 +192,28 @@ def test_check_output_alone_is_written_at_most_every_check_update_interval(
         b.kill_everything()
 
 
+def test_records_too_large_for_one_etcd_request_are_split_or_kept_local(
+    hosts: tuple[AgentProcess, AgentProcess],
+) -> None:
+    a, b = hosts
+    wait_until(lambda: service_nodes(b, "web") == ["host-a"], timeout=10, message="web on host-b")
+    # 20 services of ~80 KB records each: more than one etcd request holds, all published.
+    for number in range(20):
+        body = {"ID": f"wide-{number}", "Name": "wide", "Port": 1000 + number, "Tags": ["t" * 2000] * 20}
+        assert a.http("PUT", "/v1/agent/service/register", body)[0] == 200
+    wait_until(lambda: len(service_nodes(b, "wide")) == 20, timeout=10, message="all 20 on host-b")
+    # One service whose record no etcd request can hold stays on its host; the rest go on.
+    huge = {"ID": "huge", "Name": "huge", "Port": 1, "Tags": ["t" * 1000] * 900}
+    assert a.http("PUT", "/v1/agent/service/register", huge)[0] == 200
+    assert a.http("PUT", "/v1/agent/service/register", {"Name": "after", "Port": 2})[0] == 200
+    wait_until(lambda: service_nodes(b, "after") == ["host-a"], timeout=10, message="the next one on host-b")
+    assert service_nodes(b, "huge") == []
+    assert "huge" in a.get("/v1/agent/services")
+    wait_until(lambda: "services/host-a/huge is not published to the cluster" in a.log(), timeout=5)
+    status, _, self_info = a.http("GET", "/v1/agent/self")
+    assert self_info["Cluster"]["State"] == "connected"
+
+
 def test_leave_deregisters_the_host_at_once(hosts: tuple[AgentProcess, AgentProcess]) -> None:
     a, b = hosts
     wait_until(lambda: service_nodes(b, "web") == ["host-a"], timeout=10, message="web on host-b")

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,10 @@ log = logging.getLogger("supervisor.cluster")
 FULL_SYNC_INTERVAL = 60.0
 BASE_MARGIN = 10**12  # the cluster's indexes start this far above the wall clock in ms
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
+# etcd refuses requests over --max-request-bytes (1.5 MiB by default), and the gateway sends
+# keys and values in base64 (4/3 larger): a transaction carries at most this much raw data.
+MAX_TXN_BYTES = 1024 * 1024
+MAX_RECORD_BYTES = MAX_TXN_BYTES - 4096
 
 Deliver = Callable[[Callable[[], None]], None]  # run on the API's loop
 
@@ -124,6 +128,7 @@ class ClusterMember:
         own_checks = layout.checks(identity.node_name)
         self._deferral = OutputDeferral(config.check_update_interval, lambda key: key.startswith(own_checks))
         self._deferred_due: float | None = None  # when check output held back is to be written
+        self._too_large: dict[str, int] = {}  # records too large for etcd (warned once per size)
         self._watch: Watch | None = None
         self._threads: list[threading.Thread] = []
         self.carry: Callable[[], None] | None = None  # once, after the first join (see Cluster)
@@ -250,7 +255,8 @@ class ClusterMember:
             except EtcdError as exc:
                 self._failed(exc)
                 self._written = None  # (after an outage: a full sync)
-                self._stop.wait(retry)
+                # Never longer than the renewal interval: a refused write must not cost the lease.
+                self._stop.wait(min(retry, self._renew_every()))
                 retry = min(retry * 2, RETRY_MAX)
             except Exception as exc:
                 log.exception("internal error in the sync thread; retrying")
@@ -379,10 +385,21 @@ class ClusterMember:
         else:
             written = self._written
         desired, self._deferred_due = self._deferral.select(desired, written, self.clock())
-        ops = [op_put(key, value) for key, value in desired.items() if written.get(key) != value]
-        ops += [op_delete(key) for key in written if key not in desired]
-        for start in range(0, len(ops), MAX_TXN_OPS):
-            self.client.txn([], ops[start : start + MAX_TXN_OPS])
+        for key in [key for key, value in desired.items() if len(key) + len(value) > MAX_RECORD_BYTES]:
+            size = len(desired.pop(key))
+            if self._too_large.get(key) != size:
+                self._too_large[key] = size
+                log.warning(
+                    "%s is not published to the cluster: its record is %d bytes, more than etcd "
+                    "takes in one request; this host keeps serving it locally",
+                    key[len(self.layout.root) :],
+                    size,
+                )
+        for batch in _batches(
+            [(key, value) for key, value in desired.items() if written.get(key) != value],
+            [key for key in written if key not in desired],
+        ):
+            self.client.txn([], batch)
         self._deferral.written()
         self._written = desired
 
@@ -473,3 +490,21 @@ class ClusterMember:
     def _apply(self, events: tuple[Event, ...], revision: int) -> None:
         if self.storage.mirror_apply(events, revision):
             self.on_change()
+
+
+def _batches(puts: list[tuple[str, bytes]], deletes: list[str]) -> Iterator[list[dict[str, Any]]]:
+    """The writes in transactions etcd takes: at most MAX_TXN_OPS operations and
+    MAX_TXN_BYTES of keys and values each."""
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for op, weight in [
+        *((op_put(k, v), len(k) + len(v)) for k, v in puts),
+        *((op_delete(k), len(k)) for k in deletes),
+    ]:
+        if batch and (len(batch) == MAX_TXN_OPS or size + weight > MAX_TXN_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(op)
+        size += weight + 64  # (each operation's own JSON)
+    if batch:
+        yield batch

@@ -372,3 +372,15 @@ def test_a_secret_file_others_may_read_is_used_with_a_warning(
         f"{secret} can be read by others than its owner: chmod 600 it"
     ]
     assert "hunter2" not in caplog.text
+
+
+def test_writes_are_split_into_transactions_etcd_takes() -> None:
+    from supervisor.cluster.etcd import MAX_TXN_OPS
+    from supervisor.cluster.member import MAX_TXN_BYTES, _batches
+
+    many = [(f"/k/{n}", b"v") for n in range(300)]
+    assert [len(batch) for batch in _batches(many, ["/gone"])] == [MAX_TXN_OPS, MAX_TXN_OPS, 45]
+    wide = [(f"/w/{n}", b"x" * (MAX_TXN_BYTES // 3)) for n in range(7)]
+    sizes = [len(batch) for batch in _batches(wide, [])]
+    assert sum(sizes) == 7 and max(sizes) <= 2  # (two records of a third fit with their keys)
+    assert list(_batches([], [])) == []
