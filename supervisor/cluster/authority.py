@@ -193,6 +193,7 @@ class ClusterAuthority:
         self.clock = clock
         self.monotonic = monotonic
         self.switch_started: float | None = None  # when the cluster's roots were first served here
+        self._refused_at = 0  # the ca/roots revision last found unreadable (logged once)
 
     def refresh(self, kvs: dict[str, KeyValue], layout: Layout, base: int) -> bool:
         """Take the roots from the mirror; True when the active root changed."""
@@ -201,8 +202,11 @@ class ClusterAuthority:
             return False
         if self.cluster is not None and self.cluster.index == base + kv.mod_revision:
             return False
+        if kv.mod_revision == self._refused_at:
+            return False  # (already refused, and said so once)
         fresh = read_roots(kv, base)
         if fresh is None:
+            self._refused_at = kv.mod_revision
             return False
         previous = self.cluster.active.id if self.cluster is not None else None
         self.cluster = fresh

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from supervisor.catalog.model import CheckResult, Entry, Instance, Node, RemoteInstance
 from supervisor.catalog.status import CheckStatus
 from supervisor.cluster.layout import Layout
+from supervisor.config.limits import MAX_DEPTH
 
 T = TypeVar("T", dict[str, Any], list[Any])
 Render = Callable[[Instance], dict[str, Any]]  # an instance as Consul's AgentService
@@ -29,14 +30,39 @@ def encode(value: Mapping[str, Any]) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
+RECORD_DEPTH = MAX_DEPTH + 8  # an API body's deepest, inside the record that carries it
+
+
 def decode(data: bytes) -> dict[str, Any]:
+    """A record's JSON object. Refused (``BadRecord``): what no agent writes, including
+    NaN/Infinity and nesting deeper than any API body may be (the readers that copy or walk
+    a record would end in a RecursionError on every agent)."""
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise BadRecord(f"not JSON an agent writes: {str(exc)[:100]}") from None
     if not isinstance(value, dict):
         raise BadRecord("not a JSON object")
+    if _nested_deeper(value, RECORD_DEPTH):
+        raise BadRecord(f"nested more than {RECORD_DEPTH} levels deep")
     return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _nested_deeper(value: dict[str, Any], limit: int) -> bool:
+    """Whether objects and lists nest deeper than ``limit`` (a walk over containers only:
+    this runs for every record of the mirror)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = container.values() if type(container) is dict else container
+        stack.extend((child, depth + 1) for child in children if type(child) is dict or type(child) is list)
+    return False
 
 
 # -- this host's records ----------------------------------------------------------------------

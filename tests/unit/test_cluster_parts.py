@@ -233,7 +233,7 @@ def test_an_intention_is_read_only_when_its_keys_agree_with_it() -> None:
     assert found["real"].modify_index == 102
 
 
-def test_forged_ca_roots_are_refused_and_the_last_good_ones_kept() -> None:
+def test_forged_ca_roots_are_refused_and_the_last_good_ones_kept(caplog: pytest.LogCaptureFixture) -> None:
     from supervisor.cluster.authority import ClusterAuthority, read_roots, roots_document
     from supervisor.cluster.records import encode
     from supervisor.config.model import CAConfig
@@ -250,6 +250,10 @@ def test_forged_ca_roots_are_refused_and_the_last_good_ones_kept() -> None:
     assert read_roots(bad, 0) is None
     assert not authority.refresh({bad.key: bad}, LAYOUT, 0)
     assert authority.trust_domain == local.trust_domain  # the last good roots stay
+    said = sum("CA roots in etcd are unreadable" in r.message for r in caplog.records)
+    for _ in range(3):  # (the mirror moves for other keys: said once, not on every move)
+        assert not authority.refresh({bad.key: bad}, LAYOUT, 0)
+    assert sum("CA roots in etcd are unreadable" in r.message for r in caplog.records) == said
 
 
 def test_a_prepared_query_is_read_only_when_its_name_key_points_at_it() -> None:
@@ -384,3 +388,17 @@ def test_writes_are_split_into_transactions_etcd_takes() -> None:
     sizes = [len(batch) for batch in _batches(wide, [])]
     assert sum(sizes) == 7 and max(sizes) <= 2  # (two records of a third fit with their keys)
     assert list(_batches([], [])) == []
+
+
+def test_a_record_nested_too_deep_or_with_infinity_is_refused_as_no_agents() -> None:
+    from supervisor.cluster.records import RECORD_DEPTH, decode, encode
+
+    deep = b'{"Service": {"Service": "db", "X": ' + b"[" * 400 + b"1" + b"]" * 400 + b"}}"
+    with pytest.raises(BadRecord, match="levels deep"):
+        decode(deep)  # (it parses; copying or walking it recursively would not)
+    with pytest.raises(BadRecord, match="not JSON an agent writes"):
+        decode(b'{"Service": {"Service": "db", "Port": Infinity}}')
+    fits: dict[str, object] = {}
+    for _ in range(RECORD_DEPTH - 1):
+        fits = {"x": fits}
+    assert decode(encode(fits))  # as deep as an API body inside its record: read
