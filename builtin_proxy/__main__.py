@@ -23,7 +23,10 @@ class _Formatter(logging.Formatter):
         moment = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         stamp = moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
         level = {logging.WARNING: "WARN", logging.ERROR: "ERROR"}.get(record.levelno, record.levelname)
-        return f"{stamp} [{level}] {record.name.rsplit('.', 1)[-1]}: {record.getMessage()}"
+        line = f"{stamp} [{level}] {record.name.rsplit('.', 1)[-1]}: {record.getMessage()}"
+        if record.exc_info:  # (an internal error's traceback: what a bug report needs)
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

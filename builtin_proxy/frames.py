@@ -194,11 +194,14 @@ class Stream:
 
     # -- starting and ending --------------------------------------------------------------
 
-    def start(self, first: bytes = b"", early: bytes = b"", ack_timeout: float = 0.0) -> None:
+    def start(
+        self, first: bytes = b"", early: bytes = b"", ack_timeout: float = 0.0, *, early_fin: bool = False
+    ) -> None:
         """Begin relaying; ``first``: frames to send before anything else (OPEN, or the
         public side's empty DATA that says the stream is up); ``early``: stream bytes that
-        arrived with the OPEN; ``ack_timeout``: how long the public side may take to say
-        the stream is up (a pooled tunnel to a hung peer must not hold the client)."""
+        arrived with the OPEN, and ``early_fin``: its FIN too (after those bytes);
+        ``ack_timeout``: how long the public side may take to say the stream is up (a
+        pooled tunnel to a hung peer must not hold the client)."""
         if self.stats is not None:
             self.stats.active += 1
         if ack_timeout:
@@ -207,6 +210,7 @@ class Stream:
             self._send(first)
         if early and not self.finished:
             self._data(memoryview(early))
+        self.got_fin = self.got_fin or early_fin
         if self.got_fin and self.plain is not None and self.to_plain is None:
             shutdown_write(self.plain)
         if not self.finished:

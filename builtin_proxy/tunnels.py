@@ -328,8 +328,11 @@ class PublicTunnel:
             runtime.loop, app, self.tls, self.reader, self._stream_done, stats, inbound_is_plain=False
         )
         self.stream = stream
-        stream.got_fin = self.early_fin
-        stream.start(first=header(Frame.DATA, 0), early=bytes(self.early))  # "the stream is up"
+        try:  # ("the stream is up", then what came with the OPEN)
+            stream.start(first=header(Frame.DATA, 0), early=bytes(self.early), early_fin=self.early_fin)
+        except ProtocolError as exc:
+            log.debug("tunnel from %s closed: %s", self.uri, exc)
+            self.close()  # (the stream's app socket with it)
 
     def _dial_failed(self, exc: OSError, timed_out: bool) -> None:
         if self.tls.fileno() < 0:

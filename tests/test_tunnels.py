@@ -166,6 +166,25 @@ def test_the_next_open_in_the_same_read_as_the_last_fin_is_served(mesh: Mesh, tm
         banner.close()
 
 
+def test_open_data_and_fin_in_one_write_are_served_and_leak_nothing(mesh: Mesh, tmp_path: Path) -> None:
+    """A peer that writes a whole short stream at once (a hostile test's find: the FIN was
+    taken before the DATA and the tunnel and the app connection stayed open for good)."""
+    pid = mesh.agent.proxies()["db-proxy"]["Pid"]
+    peer = tunnel_peer(mesh, tmp_path)
+    stream = header(Frame.OPEN) + header(Frame.DATA, 4) + b"ping" + header(Frame.FIN)
+    try:
+        for _ in range(3):
+            peer.sendall(stream)
+            assert read_stream(peer) == (b"ping|db", "FIN")  # served; the tunnel reusable after it
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        for _ in range(30):
+            peer.sendall(stream)
+            assert read_stream(peer) == (b"ping|db", "FIN")
+        wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds, timeout=5, message="no fd kept")
+    finally:
+        peer.close()
+
+
 def test_a_denied_peer_cannot_hold_a_tunnel_open(mesh: Mesh, tmp_path: Path) -> None:
     deny = {"SourceName": "web", "DestinationName": "db", "Action": "deny"}
     mesh.agent.http("POST", "/v1/connect/intentions", deny)
