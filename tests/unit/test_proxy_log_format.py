@@ -13,7 +13,7 @@ def test_a_line_names_level_and_part_and_an_internal_error_carries_its_traceback
     plain = logging.LogRecord(
         "builtin_proxy.public", logging.WARNING, __file__, 1, "denied %s", ("web",), None
     )
-    assert formatter.format(plain).endswith(" [WARN] public: denied w")
+    assert formatter.format(plain).endswith(" [WARN] public: denied web")
     try:
         raise ValueError("what went wrong")
     except ValueError:
