@@ -188,6 +188,7 @@ class PublicTunnel:
         "stream",
         "since",
         "closing",
+        "told_at",
     )
 
     def __init__(self, runtime: Runtime, tls: ssl.SSLSocket, uri: str, serial: str) -> None:
@@ -202,7 +203,8 @@ class PublicTunnel:
         self.early_reset = False
         self.stream: Stream | None = None
         self.since = 0.0
-        self.closing = False  # GOAWAY sent: no new streams wanted
+        self.closing = False  # GOAWAY wanted (sent as soon as no stream runs)
+        self.told_at: float | None = None  # when GOAWAY was sent (monotonic)
         keepalive(tls)
         runtime.tunnels.add(self)
         runtime.stats.tunnels.public += 1
@@ -214,9 +216,10 @@ class PublicTunnel:
         self.stream = None
         self.early, self.early_fin, self.early_reset = bytearray(), False, False
         loop = self.runtime.loop
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = loop.call_later(PUBLIC_IDLE_TIMEOUT, self.goaway)
+        if self.told_at is None:  # (once told, the grace's timer runs on: see goaway)
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = loop.call_later(PUBLIC_IDLE_TIMEOUT, self.goaway)
         if len(self.runtime.tunnels) > MAX_PUBLIC_TUNNELS:
             self.goaway()  # too many held open: the newest idle one is asked to go
         loop.watch(self.tls.fileno(), READ, self._readable)
@@ -224,8 +227,10 @@ class PublicTunnel:
             self._readable(self.tls.fileno(), READ)
 
     def goaway(self) -> None:
-        """Ask the upstream side to open nothing more here (it closes the tunnel)."""
-        if self.closing or self.tls.fileno() < 0:
+        """Ask the upstream side to open nothing more here (it closes the tunnel). A peer
+        that ignores it gets the streams it opens within GOAWAY_GRACE (one may have crossed
+        the GOAWAY), and then the tunnel is closed, once no stream runs."""
+        if self.tls.fileno() < 0 or self.told_at is not None:
             return
         self.closing = True
         if self.stream is None:
@@ -234,11 +239,21 @@ class PublicTunnel:
             except (OSError, ssl.SSLError):
                 self.close()
                 return
-            # The upstream side closes it; one that does not is closed for it.
+            self.told_at = time.monotonic()
             if self.timer is not None:
                 self.timer.cancel()
-            self.timer = self.runtime.loop.call_later(GOAWAY_GRACE, self.close)
+            self.timer = self.runtime.loop.call_later(GOAWAY_GRACE, self._grace_over)
         # (a busy tunnel says it when its stream is over)
+
+    def _grace_over(self) -> None:
+        self.timer = None
+        stream = self.stream
+        if stream is None or stream.finished or stream.plain is None:
+            self.close()  # (idle, or a refused stream whose RESET the peer never answers)
+        # (else closed when that stream is over: ``_stream_done``)
+
+    def _told_long_ago(self) -> bool:
+        return self.told_at is not None and time.monotonic() - self.told_at >= GOAWAY_GRACE
 
     def _readable(self, fd: int, _events: int) -> None:
         opened = False
@@ -284,9 +299,13 @@ class PublicTunnel:
 
     def _open(self, fd: int) -> None:
         runtime = self.runtime
+        if self._told_long_ago():
+            log.debug("tunnel from %s ignored GOAWAY: closed", self.uri)
+            self.close()
+            return
         runtime.loop.unwatch(fd)  # the stream's bytes wait in TLS until the app is connected
-        if self.timer is not None:
-            self.timer.cancel()
+        if self.timer is not None and self.told_at is None:
+            self.timer.cancel()  # (the idle timer; a GOAWAY's grace runs on)
             self.timer = None
         stats = runtime.stats.public
         stats.accepted += 1
@@ -303,6 +322,7 @@ class PublicTunnel:
             return
         if not allowed:
             log.info("denied %s -> %s: %s", self.uri, runtime.config.service, reason)
+            self.closing = True  # a denied peer does not keep its tunnel (GOAWAY once refused)
             self._refuse(Rejection.AUTHORIZATION)
             return
         target = runtime.config.local_service
@@ -358,15 +378,19 @@ class PublicTunnel:
         stream.start()
         if not stream.finished:
             stream.reset()
+        if not stream.finished and self.timer is None:
+            # A peer that never answers our RESET does not hold the tunnel with it.
+            self.timer = runtime.loop.call_later(GOAWAY_GRACE, self.close)
 
     def _stream_done(self, _stream: Stream, reusable: bool) -> None:
-        if not reusable or self.tls.fileno() < 0:
+        if not reusable or self.tls.fileno() < 0 or self._told_long_ago():
             self.close()
             return
-        told = self.closing
-        self.closing = False
+        if self.timer is not None and self.told_at is None:
+            self.timer.cancel()  # (an aborted stream's wait for the peer's RESET)
+            self.timer = None
         self._idle()
-        if told:
+        if self.closing:
             self.goaway()
 
     def close(self) -> None:

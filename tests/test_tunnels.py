@@ -69,7 +69,8 @@ def test_a_new_deny_stops_the_next_connection_on_an_established_tunnel(mesh: Mes
     mesh.agent.http("DELETE", f"/v1/connect/intentions/{intention['ID']}")
     wait_until(lambda: talk(mesh.upstream_port) == b"ping|db", timeout=5, message="allowed again")
     web = scrape(mesh.web_metrics)  # type: ignore[attr-defined]
-    assert web[series("proxy_supervisor_proxy_tunnel_reuses_total")] >= 5
+    # (the first denied connection rode the pooled tunnel; the denied peer was then told to go)
+    assert web[series("proxy_supervisor_proxy_tunnel_reuses_total")] >= 1
 
 
 def test_half_close_both_ways_over_a_tunnel(mesh: Mesh) -> None:
@@ -193,6 +194,22 @@ def test_a_denied_peer_cannot_hold_a_tunnel_open(mesh: Mesh, tmp_path: Path) -> 
     peer.settimeout(5)
     assert peer.recv(1) == b""  # closed by the public side without an OPEN even being sent
     peer.close()
+
+
+def test_a_peer_denied_on_an_established_tunnel_is_told_to_go(mesh: Mesh, tmp_path: Path) -> None:
+    peer = tunnel_peer(mesh, tmp_path)  # (made while web => db is allowed)
+    try:
+        peer.sendall(header(Frame.OPEN) + header(Frame.DATA, 4) + b"ping" + header(Frame.FIN))
+        assert read_stream(peer) == (b"ping|db", "FIN")
+        deny = {"SourceName": "web", "DestinationName": "db", "Action": "deny"}
+        mesh.agent.http("POST", "/v1/connect/intentions", deny)
+        wait_until(lambda: talk(mesh.upstream_port) == b"", timeout=5, message="the deny to take effect")
+        peer.sendall(header(Frame.OPEN))
+        assert read_stream(peer) == (b"", "RESET")  # refused, the app never dialled
+        peer.sendall(header(Frame.RESET))
+        assert read_stream(peer) == (b"", "GOAWAY")  # and the denied peer may not keep the tunnel
+    finally:
+        peer.close()
 
 
 def test_an_oversized_frame_closes_the_tunnel(mesh: Mesh, tmp_path: Path) -> None:
