@@ -154,7 +154,7 @@ def test_the_cluster_example_shows_cross_host_discovery_in_one_command() -> None
     binary = etcd_binary()
     if binary is None:
         pytest.skip("no etcd binary")
-    low = _free_block(200)
+    low = free_port(size=200)
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / "cluster" / "run.py"), "--check", "--base-port", str(low)],
         capture_output=True,
@@ -166,22 +166,3 @@ def test_the_cluster_example_shows_cross_host_discovery_in_one_command() -> None
     assert done.returncode == 0, done.stdout + done.stderr
     assert "host-a sees db on: ['host-b']" in done.stdout
     assert "hello from db on host-b" in done.stdout
-
-
-def _free_block(size: int) -> int:
-    """``size`` consecutive free ports below the kernel's ephemeral range (where other tests'
-    connections take theirs), at a random place."""
-    import random
-    import socket
-
-    first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
-        start = random.randrange(30000, first - size)
-        try:
-            for port in range(start, start + size):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return start
-    raise AssertionError("no free block of ports")
