@@ -127,7 +127,13 @@ def test_sidecar_for_runs_the_registered_sidecar(tmp_path: Path, app: EchoApp) -
                     )
                 )
         # (db's sidecar check ran before its proxy listened, and runs again an interval, 10 s, later)
-        wait_until(lambda: talk(upstream_port) == b"ping|db", timeout=45, message="traffic through sidecars")
+        try:
+            wait_until(
+                lambda: talk(upstream_port) == b"ping|db", timeout=45, message="traffic through sidecars"
+            )
+        except AssertionError as exc:  # (what the sidecars said, for whoever reads a failure)
+            said = {s: (tmp_path / f"{s}-sidecar.log").read_text()[-2000:] for s in ("db", "web")}
+            raise AssertionError(f"{exc}; {said}") from None
         wait_until(lambda: len(agent.get("/v1/health/connect/db?passing")) == 1, timeout=20)
         assert "Proxy ID: db-sidecar-proxy" in (tmp_path / "db-sidecar.log").read_text()
     finally:
