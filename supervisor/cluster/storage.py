@@ -121,6 +121,9 @@ class ClusterStorage:
             self.index.advance(self.base + self.mirror.revision)
         if changed:
             self._remote = None
+            for key in changed:
+                if key not in self.mirror.kvs:
+                    self._parsed.pop(key, None)  # (a deleted key's parse is never asked for again)
             shared = (f"{self.layout.root}intentions/", f"{self.layout.root}queries/")
             self.documents_changed |= any(key.startswith(shared) for key in changed)
         return bool(changed)
@@ -201,8 +204,6 @@ class ClusterStorage:
         if self._overlaid:
             self._add_own_state(remote)
         remote.entries.sort(key=lambda entry: (entry.node.name, entry.instance.service_id))
-        for key in self._parsed.keys() - self.mirror.kvs.keys():
-            del self._parsed[key]
         return remote
 
     def _read(self, kv: KeyValue, reader: Callable[[KeyValue, str], T], item: str) -> T:
