@@ -26,7 +26,7 @@ from supervisor.cluster.layout import Layout
 from supervisor.cluster.leaves import ClusterLeaves
 from supervisor.cluster.member import ClusterMember, Deliver, Identity, credentials_of
 from supervisor.cluster.reaper import Reaper
-from supervisor.cluster.records import BadRecord, Render, decode, encode
+from supervisor.cluster.records import Render, meta_record, read_index_base
 from supervisor.cluster.signer import CAContext, Signer
 from supervisor.cluster.state import ClusterState
 from supervisor.cluster.storage import ClusterStorage
@@ -214,14 +214,10 @@ class Cluster:
         key = self.layout.meta()
         held = snapshot.get(key)
         if held is None:
-            body = encode({"schema": 1, "index_base": base})
-            if self.writer.client.txn([created_at(key, 0)], [op_put(key, body)]).succeeded:
+            if self.writer.client.txn([created_at(key, 0)], [op_put(key, meta_record(base))]).succeeded:
                 log.warning("%s had been deleted: put the cluster's index base back", key)
             return
-        try:
-            theirs = int(decode(held.value).get("index_base", 0))
-        except (BadRecord, TypeError, ValueError, OverflowError):
-            theirs = 0
+        theirs = read_index_base(held.value)
         if theirs != base and not self._base_reported:
             self._base_reported = True
             log.error(

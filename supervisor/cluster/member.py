@@ -42,7 +42,7 @@ from supervisor.cluster.etcd import (
 )
 from supervisor.cluster.etcdwatch import Watch
 from supervisor.cluster.layout import Layout
-from supervisor.cluster.records import encode
+from supervisor.cluster.records import encode, meta_record, read_index_base
 from supervisor.cluster.secretfile import read_secret_file
 from supervisor.cluster.state import ClusterState, MemberHealth
 from supervisor.cluster.storage import ClusterStorage
@@ -315,17 +315,15 @@ class ClusterMember:
         held, _, _ = self.client.range(key)
         if not held:
             proposed = max(int(time.time() * 1000) + BASE_MARGIN, self.storage.index.value + 1)
-            body = encode({"schema": 1, "index_base": proposed})
-            result = self.client.txn([created_at(key, 0)], [op_put(key, body)], [op_range(key)])
+            result = self.client.txn(
+                [created_at(key, 0)], [op_put(key, meta_record(proposed))], [op_range(key)]
+            )
             if result.succeeded:
                 log.info("created the cluster under %s (index base %d)", self.layout.root, proposed)
                 return proposed
             held = result.ranged(0)
-        try:
-            base = int(loads(held[0].value).get("index_base", 0)) if held else 0
-        except (TypeError, ValueError, OverflowError):
-            base = 0
-        if base <= 0:
+        base = read_index_base(held[0].value) if held else 0
+        if not base:
             raise EtcdError(
                 f"{key} in etcd holds no usable index_base; restore it from a backup "
                 f"(or, for a new cluster, delete {self.layout.root} and restart the agents)"

@@ -68,6 +68,20 @@ def _nested_deeper(value: dict[str, Any], limit: int) -> bool:
 # -- this host's records ----------------------------------------------------------------------
 
 
+def meta_record(index_base: int) -> bytes:
+    """``meta/cluster``: the cluster's index base, written once by the first agent."""
+    return encode({"schema": 1, "index_base": index_base})
+
+
+def read_index_base(value: bytes) -> int:
+    """The index base a ``meta/cluster`` value holds (0: none usable)."""
+    try:
+        base = int(decode(value).get("index_base", 0))
+    except (BadRecord, TypeError, ValueError, OverflowError):
+        return 0
+    return max(base, 0)
+
+
 def node_record(node: Node) -> dict[str, Any]:
     return {
         "ID": node.node_id,
