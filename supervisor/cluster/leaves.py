@@ -21,7 +21,7 @@ from supervisor.catalog.errors import Unavailable
 from supervisor.cluster.authority import ClusterAuthority, certificate_request, request_value
 from supervisor.cluster.etcd import EtcdError, op_delete
 from supervisor.cluster.records import BadRecord, decode
-from supervisor.cluster.signer import CAContext, blocking, registered_on
+from supervisor.cluster.signer import CAContext, blocking, mirror_values, registered_on
 from supervisor.connect.ca import Leaf
 from supervisor.connect.leaves import LeafManager
 from supervisor.connect.spiffe import service_id
@@ -163,7 +163,7 @@ class ClusterLeaves:
         layout, node = context.layout, context.node
         loop = asyncio.get_running_loop()
         deadline = loop.time() + REGISTRATION_PATIENCE
-        while not registered_on(layout, ((k, kv.value) for k, kv in context.kvs().items()), node, service):
+        while not registered_on(layout, mirror_values(context.kvs()), node, service):
             remaining = deadline - loop.time()
             if not registered_on(layout, context.own_records().items(), node, service):
                 raise Unavailable(

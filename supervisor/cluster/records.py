@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from supervisor.catalog.model import CheckResult, Entry, Instance, Node, RemoteInstance
 from supervisor.catalog.status import CheckStatus
 from supervisor.cluster.layout import Layout
-from supervisor.config.limits import MAX_DEPTH
+from supervisor.config.limits import MAX_DEPTH, no_constant
 
 T = TypeVar("T", dict[str, Any], list[Any])
 Render = Callable[[Instance], dict[str, Any]]  # an instance as Consul's AgentService
@@ -38,7 +38,7 @@ def decode(data: bytes) -> dict[str, Any]:
     NaN/Infinity and nesting deeper than any API body may be (the readers that copy or walk
     a record would end in a RecursionError on every agent)."""
     try:
-        value = json.loads(data, parse_constant=_no_constant)
+        value = json.loads(data, parse_constant=no_constant)
     except (ValueError, RecursionError) as exc:
         raise BadRecord(f"not JSON an agent writes: {str(exc)[:100]}") from None
     if not isinstance(value, dict):
@@ -46,10 +46,6 @@ def decode(data: bytes) -> dict[str, Any]:
     if _nested_deeper(value, RECORD_DEPTH):
         raise BadRecord(f"nested more than {RECORD_DEPTH} levels deep")
     return value
-
-
-def _no_constant(text: str) -> Any:
-    raise ValueError(f"{text} is not a JSON number")
 
 
 def _nested_deeper(value: dict[str, Any], limit: int) -> bool:

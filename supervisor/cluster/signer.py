@@ -220,7 +220,7 @@ class Signer:
     ) -> str:
         value = decode(request.value)
         service = str(value.get("service", ""))
-        if not service or not registered_on(self.context.layout, _values(kvs), node, service):
+        if not service or not registered_on(self.context.layout, mirror_values(kvs), node, service):
             raise BadRecord(f"service {service!r} is not registered on host {node}")
         try:
             csr = x509.load_pem_x509_csr(str(value.get("csr", "")).encode())
@@ -249,5 +249,6 @@ def registered_on(layout: Layout, records: Iterable[tuple[str, bytes]], node: st
     return False
 
 
-def _values(kvs: dict[str, KeyValue]) -> Iterator[tuple[str, bytes]]:
+def mirror_values(kvs: dict[str, KeyValue]) -> Iterator[tuple[str, bytes]]:
+    """The mirror's keys and values, as ``registered_on`` reads them."""
     return ((key, kv.value) for key, kv in kvs.items())

@@ -63,7 +63,8 @@ def bounded_float(text: str) -> float:
     return float(text)
 
 
-def _no_constant(text: str) -> Any:
+def no_constant(text: str) -> Any:
+    """A ``parse_constant`` hook for ``json``: NaN and Infinity are no JSON numbers."""
     raise LimitExceeded("", f"{text} is not a JSON number")
 
 
@@ -71,9 +72,7 @@ def loads_json(text: str | bytes) -> Any:
     """``json.loads`` that enforces the limits; raises ``json.JSONDecodeError`` for bad
     syntax and ``LimitExceeded`` for a document past a limit (never another error)."""
     try:
-        data = json.loads(
-            text, parse_int=_bounded_int, parse_float=bounded_float, parse_constant=_no_constant
-        )
+        data = json.loads(text, parse_int=_bounded_int, parse_float=bounded_float, parse_constant=no_constant)
     except RecursionError:
         raise LimitExceeded("", f"nested more than {MAX_DEPTH} levels deep") from None
     check_document(data)
